@@ -1,0 +1,264 @@
+"""Compare ZeRO stage 1/2 optimizers on one model: DeepSpeed, torch's ZeroRedundancyOptimizer, zeroopt.
+
+    python benchmarks/bench_zero.py [--ranks 2] [--iters N] [--out docs/BENCHMARKS.md]
+
+Model: 24 x nn.Linear(1024, 1024) with ReLU between (~25M fp32 params), MSE loss on a fixed
+random batch per rank, AdamW(lr=1e-3, torch defaults otherwise). Every contender runs in its own
+fresh set of gloo/CPU processes, one after another, so they never compete for cores.
+
+Per contender: time per iteration (forward + backward + step + zero_grad, barrier before and
+after, slowest rank, after warmup) and the optimizer-state bytes this rank holds, against the
+ideal of 8 * P / W bytes (AdamW's m and v for 1/W of the params; fp32 params need no master copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)  # for _common
+sys.path.insert(1, os.path.dirname(_HERE))  # benchmark the zeroopt of this checkout
+from _common import (Config, Runner, command_line, machine_info, mib, optim_state_tensors,  # noqa: E402
+                     run_contender, tensor_bytes, write_section)
+
+# --------------------------------------------------------------------------------------------
+# Contenders. Each builds its optimizer around `model` on one rank and returns a Runner.
+
+
+def _deepspeed(model, x, y, cfg: Config, stage: int) -> Runner:
+    import deepspeed
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": cfg.batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        # torch.optim.AdamW is not on DeepSpeed's list of ZeRO-tested optimizers.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    client_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, config=ds_config)
+
+    def step():
+        loss = F.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()  # steps the inner optimizer and zeroes the grads
+        return loss.detach()
+
+    def state_bytes():
+        zero_opt = engine.optimizer  # DeepSpeedZeroOptimizer
+        return {
+            # m, v (and `step`) of the inner AdamW, which sees only this rank's flat fp32 partition.
+            "moments": tensor_bytes(optim_state_tensors(zero_opt.optimizer)),
+            # The flat fp32 partition the inner AdamW steps: a clone of this rank's slice of the
+            # params, kept even though the params are fp32 already.
+            "extra": tensor_bytes(zero_opt.single_partition_of_fp32_groups),
+        }
+
+    return Runner(step, state_bytes, f"DeepSpeed {deepspeed.__version__}, {type(engine.optimizer).__name__}"
+                                     f" over torch.optim.AdamW")
+
+
+def ds_zero1(model, x, y, cfg):
+    return _deepspeed(model, x, y, cfg, stage=1)
+
+
+def ds_zero2(model, x, y, cfg):
+    return _deepspeed(model, x, y, cfg, stage=2)
+
+
+def torch_zero_redundancy(model, x, y, cfg: Config) -> Runner:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # The pairing torch documents: DDP all-reduces the grads (bucketed, overlapping backward),
+    # ZeroRedundancyOptimizer steps this rank's params and broadcasts them to the others.
+    ddp = DDP(model)
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=cfg.lr)
+
+    def step():
+        loss = F.mse_loss(ddp(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    def state_bytes():
+        return {"moments": tensor_bytes(optim_state_tensors(opt.optim)), "extra": 0}
+
+    return Runner(step, state_bytes, "DDP + ZeroRedundancyOptimizer(torch.optim.AdamW)")
+
+
+def ddp_adamw(model, x, y, cfg: Config) -> Runner:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+
+    def step():
+        loss = F.mse_loss(ddp(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    def state_bytes():
+        return {"moments": tensor_bytes(optim_state_tensors(opt)), "extra": 0}
+
+    return Runner(step, state_bytes, "DDP + torch.optim.AdamW, unsharded")
+
+
+def _zeroopt(model, x, y, cfg: Config, stage: int) -> Runner:
+    import zeroopt
+
+    # No DDP: zeroopt reduces (reduce-scatters) and averages the grads itself.
+    opt = zeroopt.ZeroOptimizer(model.parameters(), optimizer="adamw", stage=stage, lr=cfg.lr)
+
+    def step():
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    def state_bytes():
+        return {"moments": int(opt.state_bytes()), "extra": 0}
+
+    return Runner(step, state_bytes, f"zeroopt {getattr(zeroopt, '__version__', '')}".strip())
+
+
+def zeroopt_stage1(model, x, y, cfg):
+    return _zeroopt(model, x, y, cfg, stage=1)
+
+
+def zeroopt_stage2(model, x, y, cfg):
+    return _zeroopt(model, x, y, cfg, stage=2)
+
+
+# name -> (label in the table, setup function)
+CONTENDERS = {
+    "ds1": ("DeepSpeed ZeRO-1", ds_zero1),
+    "ds2": ("DeepSpeed ZeRO-2", ds_zero2),
+    "torch_zero": ("torch ZeroRedundancyOptimizer + DDP", torch_zero_redundancy),
+    "zeroopt1": ("zeroopt stage 1", zeroopt_stage1),
+    "zeroopt2": ("zeroopt stage 2", zeroopt_stage2),
+    "ddp": ("DDP + AdamW (unsharded reference)", ddp_adamw),
+}
+BASELINE = "ds1"
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+NOTES = """\
+How the columns are counted:
+- *s/iter*: forward + backward + optimizer step + zero_grad on one batch, with a barrier before
+  and after; the slowest rank's time per iteration, median over the timed iterations (after
+  warmup). *vs DS-1* divides by DeepSpeed ZeRO-1's median from the same run.
+- *state MiB/rank*: bytes of the optimizer-state tensors the rank holds after training (the
+  largest over ranks), counting each storage once. *m, v* is the update rule's own state;
+  *extra* is state beyond it.
+  - DeepSpeed: the tensors in the inner `torch.optim.AdamW`'s `state` (m, v and `step` of the
+    flat fp32 partition it steps), plus, as *extra*, `single_partition_of_fp32_groups`: the fp32
+    copy of this rank's partition of the params, which DeepSpeed keeps even for fp32 params.
+    Gradient buffers (the averaged-gradient partition, ipg buckets) are not counted.
+  - torch ZeroRedundancyOptimizer: the tensors in `optimizer.optim.state` on that rank (it
+    assigns whole parameters to ranks, so a rank's share depends on how the tensors pack).
+  - zeroopt: `ZeroOptimizer.state_bytes()` as reported by the library.
+  - DDP + AdamW: all of `optimizer.state` (every rank holds everything).
+- *ideal*: 8 * P / W bytes (m and v in fp32 for 1/W of the params; no master copy is needed
+  because the params are fp32). *vs ideal* = (m, v + extra) / ideal.
+- *loss*: rank 0's loss at the first and last iteration, a sanity check that every contender
+  trains the same model the same way (same data, seed and hyperparameters).
+- Threads: OMP_NUM_THREADS / torch.set_num_threads per rank, given in the command line.
+"""
+
+
+def render(results: dict, cfg: Config, machine: dict, runtime_s: float) -> str:
+    params = next((r["params"] for r in results.values() if "params" in r), 0)
+    ideal = 8 * params / cfg.ranks
+    base = results.get(BASELINE, {}).get("median_s")
+    lines = [
+        "## ZeRO optimizers: time per iteration and optimizer state per rank",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram']} RAM; "
+        f"Python {machine['python']}, torch {machine['torch']}, deepspeed {machine['deepspeed']}; "
+        f"{machine['date']}.",
+        "",
+        f"Command: `{command_line()}` (total {runtime_s:.0f} s)",
+        "",
+        f"Model: {cfg.layers} x Linear({cfg.width}, {cfg.width}) + ReLU, {params / 1e6:.2f}M fp32 "
+        f"params, batch {cfg.batch} per rank, MSE loss, AdamW lr={cfg.lr}. {cfg.ranks} ranks, gloo, "
+        f"CPU, {cfg.threads} thread(s) per rank, {cfg.warmup} warmup + {cfg.iters} timed iterations.",
+        "",
+        "| contender | s/iter (median) | s/iter (mean) | vs DS-1 | m, v MiB/rank | extra MiB/rank "
+        "| ideal MiB | vs ideal | loss first → last |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in results.items():
+        label = CONTENDERS[name][0]
+        if "error" in r:
+            lines.append(f"| {label} | failed: {r['error'][:120].replace('|', '/')} |||||||| |")
+            continue
+        ratio = f"{r['median_s'] / base:.2f}" if base else "n/a"
+        total = r["moments"] + r["extra"]
+        lines.append(
+            f"| {label} | {r['median_s']:.3f} | {r['mean_s']:.3f} | {ratio} | {mib(r['moments'])} "
+            f"| {mib(r['extra'])} | {mib(ideal)} | {total / ideal:.2f} "
+            f"| {r['loss_first']:.4f} → {r['loss_last']:.4f} |")
+    lines += ["", "Implementations: " + "; ".join(
+        f"{CONTENDERS[n][0]}: {r['info']}" for n, r in results.items() if r.get("info")) + ".", "",
+        NOTES]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per contender")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--only", default=",".join(CONTENDERS),
+                   help=f"comma-separated subset of: {', '.join(CONTENDERS)}")
+    p.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown file to update ('' to skip)")
+    args = p.parse_args()
+
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        p.error(f"unknown contender(s) {unknown}; choose from {list(CONTENDERS)}")
+    cfg = Config(ranks=args.ranks, iters=args.iters, warmup=args.warmup, threads=args.threads,
+                 batch=args.batch)
+
+    # Inherited by the spawned ranks (they import torch and deepspeed fresh).
+    os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    t0 = time.perf_counter()
+    results = {}
+    for name in names:
+        print(f"== {CONTENDERS[name][0]}", flush=True)
+        results[name] = r = run_contender(CONTENDERS[name][1], cfg)
+        if "error" in r:
+            print(f"   FAILED: {r['error']}", flush=True)
+        else:
+            print(f"   {r['median_s']:.3f} s/iter (median), state {mib(r['moments'])} + {mib(r['extra'])} MiB"
+                  f"/rank, loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}, {r['wall_s']:.0f} s", flush=True)
+    runtime = time.perf_counter() - t0
+
+    report = render(results, cfg, machine_info(), runtime)
+    print("\n" + report)
+    if args.out:
+        write_section(Path(args.out), "bench_zero", report)
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

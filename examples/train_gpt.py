@@ -1,0 +1,234 @@
+"""Pretrain a small byte-level GPT on the Python standard library's source, with zeroopt.
+
+Every rank holds the whole model and trains on its own random batches (data parallel);
+zeroopt averages the gradients and keeps only 1/world_size of the optimizer state per rank.
+The model is deliberately NOT wrapped in DistributedDataParallel: ZeroOptimizer does the
+gradient reduction itself.
+
+    bash launchers/torchrun.sh                      # 2 ranks on CPU, configs/gpt_tiny.json
+    bash launchers/torchrun.sh --nproc 4 --stage 2 --optimizer lion --lr 3e-4
+    python examples/train_gpt.py --steps 10          # one process, world size 1
+
+Any key of the config file can be overridden on the command line (--steps 20, --dtype bf16,
+--grad_accum 2, ...). Rank 0 prints a line every log_interval steps and, at the end, one
+line with final_train_loss= and val_loss= ; --out_json PATH also writes a JSON summary.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import zeroopt
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # for the two helpers below
+from data import ByteBatches, load_stdlib_bytes, train_val_split  # noqa: E402
+from gpt_model import GPT, GPTConfig  # noqa: E402
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "gpt_tiny.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- config
+
+def parse_config(argv=None):
+    """Load --config (JSON), then let --<key> VALUE override any key in it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=str(DEFAULT_CONFIG))
+    known, _ = pre.parse_known_args(argv)
+    with open(known.config) as f:
+        cfg = json.load(f)
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
+    parser.add_argument("--out_json", default=None, help="write a JSON summary here (rank 0)")
+    for key, value in cfg.items():
+        # The type of each override is the type of the value in the config file.
+        kind = type(value)
+        if kind is bool:
+            kind = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
+        elif kind is int:
+            kind = lambda s: int(float(s))  # noqa: E731  (accepts 1e3)
+        parser.add_argument(f"--{key}", type=kind, default=value, metavar=type(value).__name__)
+    args = parser.parse_args(argv)
+
+    cfg = {key: getattr(args, key) for key in cfg}
+    if cfg["dtype"] not in DTYPES:
+        parser.error(f"--dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
+    if cfg["optimizer"] not in zeroopt.available_optimizers():
+        parser.error(f"--optimizer {cfg['optimizer']!r} is not in zeroopt: "
+                     f"choose one of {zeroopt.available_optimizers()}")
+    return cfg, args.out_json
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def setup_distributed():
+    """Join the process group when launched by torchrun; otherwise run as world size 1."""
+    if "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (SUM then divide: gloo has no AVG)."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def gather_ints(value: int, world: int, device) -> list:
+    """One int from every rank, in rank order."""
+    if world == 1:
+        return [value]
+    out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=device))
+    return [int(t.item()) for t in out]
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_lambda(cfg):
+    """Multiplier on the base lr: linear warmup, then cosine decay to min_lr_ratio."""
+    warmup, total, floor = cfg["warmup_steps"], cfg["steps"], cfg["min_lr_ratio"]
+
+    def f(step):  # step = number of optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+@torch.no_grad()
+def evaluate(model, batches, n_batches, device):
+    """Mean validation loss over n_batches per rank, averaged over ranks."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for _ in range(n_batches):
+        x, y = batches.next(device)
+        total += model(x, y)[1]
+    model.train()
+    return mean_over_ranks(total / n_batches).item()
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    cfg, out_json = parse_config(argv)
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+
+    def log(msg):
+        if is_main:
+            tqdm.write(msg)
+            sys.stdout.flush()
+
+    # Same seed on every rank, so all ranks build identical initial weights.
+    torch.manual_seed(cfg["seed"])
+
+    # Data: the same byte stream on every rank; different random windows per rank.
+    tokens = load_stdlib_bytes(cfg["data_max_bytes"])
+    train_tokens, val_tokens = train_val_split(tokens, cfg["val_fraction"])
+    bs, T = cfg["batch_size"], cfg["block_size"]
+    train_batches = ByteBatches(train_tokens, T, bs, seed=cfg["seed"] + rank)
+    val_batches = ByteBatches(val_tokens, T, bs, seed=cfg["seed"] + 100_000 + rank)
+
+    # Model: bf16 params if asked; zeroopt keeps the fp32 master copy of its shard.
+    model = GPT(GPTConfig(vocab_size=256, block_size=T, n_layer=cfg["n_layer"],
+                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"]))
+    model.to(device=device, dtype=DTYPES[cfg["dtype"]])
+
+    opt = zeroopt.ZeroOptimizer(
+        model.param_groups(cfg["weight_decay"]),
+        optimizer=cfg["optimizer"], stage=cfg["stage"], lr=cfg["lr"],
+        betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    accum = cfg["grad_accum"]
+    tokens_per_step = bs * T * accum * world  # summed over all ranks
+    log(f"world={world} device={device} dtype={cfg['dtype']} params={model.num_params():,} "
+        f"data={len(train_tokens):,}+{len(val_tokens):,} bytes optimizer={cfg['optimizer']} "
+        f"stage={cfg['stage']} tokens/step={tokens_per_step:,}")
+
+    # Per-step losses stay on the device and are averaged over ranks once per log window,
+    # so the loop does not sync with the host every step.
+    window, losses = [], []
+    grad_norm = torch.zeros(())
+    bar = tqdm(total=cfg["steps"], disable=not (is_main and sys.stderr.isatty()),
+               desc="train", dynamic_ncols=True)
+    t_start = t_window = time.perf_counter()
+    for step in range(1, cfg["steps"] + 1):
+        step_loss = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = train_batches.next(device)
+            # Only the last micro-step lets zeroopt reduce the gradients.
+            sync = micro == accum - 1
+            with contextlib.nullcontext() if sync else opt.no_sync():
+                _, loss = model(x, y)
+                (loss / accum).backward()
+            step_loss += loss.detach() / accum
+
+        # clip_grad_norm_ returns the global norm; max_norm=inf measures without clipping.
+        grad_norm = opt.clip_grad_norm_(cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        window.append(step_loss)
+        bar.update(1)
+
+        if step % cfg["log_interval"] == 0 or step == cfg["steps"]:
+            window_losses = mean_over_ranks(torch.stack(window)).tolist()  # also syncs
+            losses += window_losses
+            now = time.perf_counter()
+            tok_s = len(window) * tokens_per_step / (now - t_window)
+            bar.set_postfix(loss=f"{window_losses[-1]:.3f}")
+            log(f"step {step:5d} | loss {window_losses[-1]:.4f} | lr {sched.get_last_lr()[0]:.2e}"
+                f" | grad_norm {float(grad_norm):.3f} | {tok_s:,.0f} tok/s"
+                f" | opt state {opt.state_bytes() / 2**20:.2f} MB/rank")
+            window, t_window = [], time.perf_counter()
+    bar.close()
+    train_time = time.perf_counter() - t_start
+
+    val_loss = evaluate(model, val_batches, cfg["eval_batches"], device)
+    state_bytes = gather_ints(opt.state_bytes(), world, device)
+    tok_s = cfg["steps"] * tokens_per_step / train_time
+    log(f"done: steps={cfg['steps']} world={world} final_train_loss={losses[-1]:.4f} "
+        f"val_loss={val_loss:.4f} tokens_per_s={tok_s:.0f} "
+        f"state_MB_per_rank={max(state_bytes) / 2**20:.3f} train_time_s={train_time:.1f}")
+
+    if is_main and out_json:
+        summary = {
+            "config": cfg, "world_size": world, "device": str(device),
+            "num_params": model.num_params(),
+            "final_train_loss": losses[-1], "val_loss": val_loss,
+            "tokens_per_s": tok_s, "train_time_s": train_time,
+            "state_bytes_per_rank": state_bytes, "train_losses": losses,
+        }
+        pathlib.Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        with open(out_json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""zeroopt: ZeRO-style optimizer-state sharding for data-parallel PyTorch training."""
+
+from .algorithms import ReferenceOptimizer, available_optimizers
+from .optimizer import ZeroOptimizer
+from .wrap import wrap
+
+__version__ = "0.1.0"
+
+__all__ = ["ReferenceOptimizer", "ZeroOptimizer", "available_optimizers", "wrap"]

@@ -1,0 +1,42 @@
+"""An unsharded, eager optimizer that runs a rule's reference step param by param.
+
+It is the yardstick the fused, sharded step is tested against, and a readable statement of
+what each rule computes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import resolve_defaults
+
+
+class ReferenceOptimizer(torch.optim.Optimizer):
+    """``ReferenceOptimizer(params, optimizer="lion", lr=1e-4)``: plain per-tensor updates."""
+
+    def __init__(self, params, optimizer: str = "adamw", **hyperparameters):
+        from . import get_rule
+
+        self.rule = get_rule(optimizer)
+        super().__init__(params, resolve_defaults(self.rule, hyperparameters))
+        for group in self.param_groups:
+            self.rule.validate(group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    for name in self.rule.state_names:
+                        state[name] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                self.rule.reference_step(group, p, p.grad, state, state["step"])
+        return loss

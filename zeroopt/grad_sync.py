@@ -1,0 +1,212 @@
+"""How gradients get from backward into this rank's fp32 gradient shard.
+
+``BucketedReducer`` (the default): a hook on every param copies its gradient into its bucket's
+staging buffer as soon as autograd has accumulated it, and frees ``param.grad``. A full bucket is
+reduced across ranks right away, asynchronously, while backward goes on with the earlier layers.
+Buckets are always launched in bucket order (a bucket whose params got no gradient on this rank
+is launched, with zeros, at the end of backward), so every rank issues the same collectives in
+the same order. When the reduction is harvested, this rank's chunk, divided by the world size,
+is written (or, when accumulating, added) into the shard.
+
+- stage 1 keeps every bucket's staging buffer for the life of the optimizer (a full-size
+  gradient buffer, as data parallelism has);
+- stage 2 takes staging buffers from a small pool and gives each back once its bucket is
+  harvested, so gradient memory is the shard plus the buckets in flight.
+
+Gradient accumulation: each synchronised backward adds its averaged gradient into the shard;
+inside ``no_sync()`` backward only accumulates into the staging buffers, and the next
+synchronised backward reduces the sum once (stage 2 then holds full staging buffers until it).
+
+``LocalGradients``: for a model already wrapped in DistributedDataParallel, whose ``param.grad``
+is already averaged: step() copies the owned pieces of ``param.grad`` into the shard.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+
+from .comm import Collectives, Handle
+from .layout import Bucket, Layout, ParamSlot
+
+
+class BucketedReducer:
+    def __init__(self, layout: Layout, comm: Collectives, keep_staging: bool,
+                 reduce_dtype: torch.dtype, device: torch.device):
+        self.layout, self.comm = layout, comm
+        self.keep_staging = keep_staging
+        self.reduce_dtype, self.device = reduce_dtype, device
+        self.shard = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
+        self.received = False  # any gradient since the last zero()
+        self.sync = True
+        n = len(layout.buckets)
+        self._staging: list[torch.Tensor | None] = [None] * n
+        self._written: list[set[ParamSlot]] = [set() for _ in range(n)]  # staged, not launched
+        self._arrived = [0] * n  # gradients seen in the current backward pass
+        self._work: list[Handle | None] = [None] * n
+        self._shard_filled = [False] * n
+        self._next_launch = 0
+        self._pool: list[torch.Tensor] = []
+        self._in_backward = False
+        self._hooks = [slot.param.register_post_accumulate_grad_hook(partial(self._on_grad, slot))
+                       for slot in layout.slots]
+
+    # -- backward ------------------------------------------------------------------------
+
+    def _on_grad(self, slot: ParamSlot, param: torch.Tensor) -> None:
+        if not self._in_backward:
+            self._in_backward = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        b = slot.bucket
+        if self._work[b] is not None:  # the previous pass's reduction still owns the buffer
+            self._harvest(b)
+        staging = self._staging_of(b)
+        bucket = self.layout.buckets[b]
+        view = staging[slot.start - bucket.start:slot.end - bucket.start]
+        if slot in self._written[b]:
+            view.add_(param.grad.reshape(-1))
+        else:
+            view.copy_(param.grad.reshape(-1))
+            self._written[b].add(slot)
+        param.grad = None
+        self.received = True
+        self._arrived[b] += 1
+        if self.sync:
+            while (self._next_launch < len(self._arrived) and self._arrived[self._next_launch]
+                   == len(self.layout.buckets[self._next_launch].slots)):
+                self._launch(self._next_launch)
+
+    def _on_backward_end(self) -> None:
+        self._in_backward = False
+        if self.sync:
+            while self._next_launch < len(self._arrived):
+                self._launch(self._next_launch)
+        self._arrived = [0] * len(self._arrived)
+        self._next_launch = 0
+
+    def _staging_of(self, b: int) -> torch.Tensor:
+        if self._staging[b] is None:
+            numel = self.layout.buckets[b].numel
+            reuse = next((t for t in self._pool if t.numel() == numel), None)
+            if reuse is not None:
+                self._pool.remove(reuse)
+            self._staging[b] = reuse if reuse is not None else torch.empty(
+                numel, dtype=self.reduce_dtype, device=self.device)
+        return self._staging[b]
+
+    def _launch(self, b: int) -> None:
+        bucket = self.layout.buckets[b]
+        staging = self._staging_of(b)
+        self._zero_unwritten(bucket, staging, self._written[b])
+        self._written[b] = set()
+        self._work[b] = self.comm.reduce_bucket(staging)
+        self._next_launch = b + 1
+        if not self.keep_staging:  # give finished buckets' memory back early
+            for earlier in range(b):
+                work = self._work[earlier]
+                if work is not None and work.is_completed():
+                    self._harvest(earlier)
+
+    @staticmethod
+    def _zero_unwritten(bucket: Bucket, staging: torch.Tensor, written: set) -> None:
+        """Params with no gradient on this rank contribute zeros; so does the padding."""
+        for slot in bucket.slots:
+            if slot not in written:
+                staging[slot.start - bucket.start:slot.end - bucket.start].zero_()
+        staging[bucket.slots[-1].end - bucket.start:].zero_()
+
+    def _harvest(self, b: int) -> None:
+        self._work[b].wait()
+        self._work[b] = None
+        bucket = self.layout.buckets[b]
+        mine = bucket_chunk(self._staging[b], self.comm)
+        dst = self.shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel]
+        if self._shard_filled[b]:
+            dst.add_(mine, alpha=1.0 / self.comm.world_size)
+        else:
+            torch.mul(mine, 1.0 / self.comm.world_size, out=dst)
+            self._shard_filled[b] = True
+        if not self.keep_staging:
+            self._pool.append(self._staging[b])
+            self._staging[b] = None
+
+    # -- step ----------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Reduce whatever is still staged (in bucket order) and harvest every bucket."""
+        for b in range(len(self._written)):
+            if self._written[b]:
+                self._launch(b)
+        for b, work in enumerate(self._work):
+            if work is not None:
+                self._harvest(b)
+        if self.received:  # unfilled buckets (no gradient anywhere) hold stale values
+            for b, filled in enumerate(self._shard_filled):
+                if not filled:
+                    bucket = self.layout.buckets[b]
+                    self.shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel].zero_()
+                    self._shard_filled[b] = True
+
+    def zero(self, set_to_none: bool = True) -> None:
+        for b, work in enumerate(self._work):
+            if work is not None:
+                work.wait()
+                self._work[b] = None
+        self._written = [set() for _ in self._written]
+        self._shard_filled = [False] * len(self._shard_filled)
+        self.received = False
+        for slot in self.layout.slots:
+            slot.param.grad = None
+
+    @contextmanager
+    def no_sync(self):
+        previous, self.sync = self.sync, False
+        try:
+            yield
+        finally:
+            self.sync = previous
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+class LocalGradients:
+    """Gradients that are already averaged across ranks (the model is wrapped in DDP)."""
+
+    def __init__(self, layout: Layout, device: torch.device):
+        self.layout = layout
+        self.shard = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
+
+    @property
+    def received(self) -> bool:
+        return any(slot.param.grad is not None for slot in self.layout.slots)
+
+    def finish(self) -> None:
+        for piece in self.layout.pieces:
+            dst = self.shard[piece.shard_offset:piece.shard_offset + piece.numel]
+            grad = piece.slot.param.grad
+            if grad is None:
+                dst.zero_()
+            else:
+                dst.copy_(grad.reshape(-1)[piece.param_offset:piece.param_offset + piece.numel])
+
+    def zero(self, set_to_none: bool = True) -> None:
+        for slot in self.layout.slots:
+            if set_to_none:
+                slot.param.grad = None
+            elif slot.param.grad is not None:
+                slot.param.grad.zero_()
+
+    @contextmanager
+    def no_sync(self):
+        yield  # DistributedDataParallel.no_sync() is the one that matters here
+
+    def remove_hooks(self) -> None:
+        pass
+
+
+def bucket_chunk(bucket: torch.Tensor, comm: Collectives) -> torch.Tensor:
+    return bucket.chunk(comm.world_size)[comm.rank]

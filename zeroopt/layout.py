@@ -1,0 +1,199 @@
+"""Where every element lives: flat buffers, buckets, and the slice of each param a rank owns.
+
+Trainable params of one dtype are packed, in reverse registration order (roughly the order
+backward produces their gradients), into one contiguous flat buffer; the model's params become
+views into it. The buffer is cut into buckets, and every bucket is padded to a multiple of
+``world_size * pad_multiple`` and split into ``world_size`` equal chunks: rank r owns chunk r of
+every bucket. So each bucket's gradient reduction and param gather is one equal-chunk
+collective, and a param may straddle chunk (shard) boundaries freely.
+
+A rank's *shard* is its chunks of all buckets, laid end to end. Optimizer state, fp32 master
+weights and the averaged gradient live in shard space; the ``ShardPiece`` map says which part of
+which param each stretch of the shard belongs to. Ranges are named for what they index:
+
+- buffer offsets (``start``) index a flat buffer,
+- param offsets index one flattened param,
+- shard offsets index this rank's shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_BUCKET_NUMEL = 4_000_000  # gloo on CPU moves 4M-element buckets at full speed
+DEFAULT_PAD_MULTIPLE = 256  # chunks stay multiples of 256 elements: quantization blocks never straddle ranks
+
+
+@dataclass(eq=False)
+class ParamSlot:
+    """One trainable param's place in a flat buffer."""
+
+    param: torch.nn.Parameter
+    index: int  # position in the optimizer's param_groups order (the state_dict key)
+    group: int
+    buffer: int
+    bucket: int
+    start: int  # buffer offset of the param's first element
+    numel: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.numel
+
+
+@dataclass(eq=False)
+class Bucket:
+    """A contiguous range of one buffer that is reduced and gathered as one collective."""
+
+    index: int
+    buffer: int
+    start: int
+    numel: int  # padded: a multiple of world_size * pad_multiple
+    world_size: int
+    slots: list[ParamSlot] = field(default_factory=list)
+    shard_offset: int = 0  # where the owned chunk sits in the owning rank's shard
+
+    @property
+    def chunk_numel(self) -> int:
+        return self.numel // self.world_size
+
+    def owned_range(self, rank: int) -> tuple[int, int]:
+        """Buffer offsets [lo, hi) of the chunk that ``rank`` owns."""
+        lo = self.start + rank * self.chunk_numel
+        return lo, lo + self.chunk_numel
+
+
+@dataclass(eq=False)
+class FlatBuffer:
+    """The packed params of one dtype, and the range of the shard their chunks occupy."""
+
+    index: int
+    dtype: torch.dtype
+    device: torch.device
+    numel: int = 0
+    data: torch.Tensor | None = None
+    buckets: list[Bucket] = field(default_factory=list)
+    shard_offset: int = 0
+    shard_numel: int = 0
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """The part of one param that this rank owns: ``numel`` elements starting at
+    ``param_offset`` of the flattened param, stored at ``shard_offset`` of the shard."""
+
+    slot: ParamSlot
+    param_offset: int
+    shard_offset: int
+    numel: int
+
+    @property
+    def buffer_start(self) -> int:
+        return self.slot.start + self.param_offset
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Layout:
+    """Packs ``groups`` (lists of trainable params, one list per param group) into flat buffers."""
+
+    def __init__(
+        self,
+        groups: list[list[tuple[int, torch.nn.Parameter]]],
+        world_size: int,
+        rank: int,
+        bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+        pad_multiple: int = DEFAULT_PAD_MULTIPLE,
+    ):
+        self.world_size = world_size
+        self.rank = rank
+        self.buffers: list[FlatBuffer] = []
+        self.buckets: list[Bucket] = []
+        self.slots: list[ParamSlot] = []
+        align = world_size * pad_multiple
+
+        # Reverse order: the last params get their gradients first in backward.
+        ordered = [(g, i, p) for g, group in enumerate(groups) for i, p in group][::-1]
+        for dtype, device in dict.fromkeys((p.dtype, p.device) for _, _, p in ordered):
+            buffer = FlatBuffer(index=len(self.buffers), dtype=dtype, device=device)
+            self.buffers.append(buffer)
+            bucket = None
+            for group, index, param in ordered:
+                if (param.dtype, param.device) != (dtype, device):
+                    continue
+                if bucket is None:
+                    bucket = Bucket(len(self.buckets), buffer.index, buffer.numel, 0, world_size)
+                slot = ParamSlot(param, index, group, buffer.index, bucket.index,
+                                 bucket.start + bucket.numel, param.numel())
+                bucket.slots.append(slot)
+                bucket.numel += slot.numel
+                self.slots.append(slot)
+                if bucket.numel >= bucket_numel:
+                    self._close(bucket, buffer, align)
+                    bucket = None
+            if bucket is not None:
+                self._close(bucket, buffer, align)
+
+        shard_offset = 0
+        for buffer in self.buffers:
+            buffer.shard_offset = shard_offset
+            for bucket in buffer.buckets:
+                bucket.shard_offset = shard_offset
+                shard_offset += bucket.chunk_numel
+            buffer.shard_numel = shard_offset - buffer.shard_offset
+        self.shard_numel = shard_offset
+        self.pieces = self.pieces_of(rank)
+
+    def _close(self, bucket: Bucket, buffer: FlatBuffer, align: int) -> None:
+        bucket.numel = _round_up(bucket.numel, align)
+        buffer.numel += bucket.numel
+        buffer.buckets.append(bucket)
+        self.buckets.append(bucket)
+
+    def pieces_of(self, rank: int) -> list[ShardPiece]:
+        """Every (param, range) that ``rank`` owns, in shard order."""
+        pieces = []
+        for bucket in self.buckets:
+            lo, hi = bucket.owned_range(rank)
+            for slot in bucket.slots:
+                start, end = max(slot.start, lo), min(slot.end, hi)
+                if start < end:
+                    pieces.append(ShardPiece(slot, start - slot.start,
+                                             bucket.shard_offset + start - lo, end - start))
+        return pieces
+
+    def runs(self) -> list[tuple[int, Bucket, int, int]]:
+        """This rank's pieces merged into maximal runs ``(group, bucket, shard_offset, numel)``
+        that lie in one bucket's chunk and one param group: the tensors an element-wise update
+        steps over."""
+        runs: list[list] = []
+        for piece in self.pieces:
+            group, bucket = piece.slot.group, self.buckets[piece.slot.bucket]
+            last = runs[-1] if runs else None
+            if last and last[0] == group and last[1] is bucket \
+                    and last[2] + last[3] == piece.shard_offset:
+                last[3] += piece.numel
+            else:
+                runs.append([group, bucket, piece.shard_offset, piece.numel])
+        return [tuple(r) for r in runs]
+
+    def allocate_param_buffers(self) -> None:
+        """Move the params into their flat buffers; each param becomes a view of its buffer."""
+        for buffer in self.buffers:
+            buffer.data = torch.zeros(buffer.numel, dtype=buffer.dtype, device=buffer.device)
+        for slot in self.slots:
+            flat = self.buffers[slot.buffer].data[slot.start:slot.end]
+            flat.copy_(slot.param.detach().reshape(-1))
+            slot.param.data = flat.view(slot.param.shape)
+
+    def bucket_view(self, bucket: Bucket) -> torch.Tensor:
+        return self.buffers[bucket.buffer].data[bucket.start:bucket.start + bucket.numel]
+
+    def owned_view(self, data: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+        """This rank's chunk of ``bucket`` in ``data`` (a tensor shaped like its buffer)."""
+        lo, hi = bucket.owned_range(self.rank)
+        return data[lo:hi]

@@ -1,0 +1,230 @@
+"""ZeroOptimizer: optimizer state sharded across data-parallel ranks (ZeRO stage 1 and 2).
+
+Example (``torchrun --nproc_per_node 2 train.py``; also runs as plain ``python train.py``)::
+
+    import torch, zeroopt
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    opt = zeroopt.ZeroOptimizer(model.parameters(), optimizer="adamw", stage=2, lr=1e-3)
+    for x, y in batches:                       # each rank its own data
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()                        # gradients reduced bucket by bucket, overlapped
+        opt.clip_grad_norm_(1.0)               # global norm over every rank's shard
+        opt.step()                             # fused update of this rank's shard, params gathered
+        opt.zero_grad()
+
+What happens, per step: backward's gradients are averaged across ranks into each rank's fp32
+gradient shard (``grad_sync``); step() updates only that shard (fp32 master weights and states,
+``algorithms``), then all-gathers the updated params back into the model (``layout`` says who
+owns what). The model must not be wrapped in DistributedDataParallel: the optimizer averages the
+gradients itself. For a model that is (stage 1 only), pass ``average_grads=False``.
+
+Notes for users:
+- Construct the optimizer after moving the model to its device and dtype: the model's trainable
+  params become views into flat buffers (``model.to(...)`` afterwards would detach them).
+- ``param.grad`` is consumed during backward (it is None afterwards); use
+  ``opt.clip_grad_norm_`` rather than ``torch.nn.utils.clip_grad_norm_``.
+- A param with no gradient on a rank counts as a zero gradient there (as in DistributedDataParallel).
+- ``state_dict()`` is a collective: call it on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import state_dict as state_io
+from .algorithms import ShardTensors, get_rule
+from .algorithms.base import resolve_defaults
+from .checks import check_ranks_agree, describe_params
+from .comm import collectives_for
+from .grad_sync import BucketedReducer, LocalGradients
+from .layout import DEFAULT_BUCKET_NUMEL, Layout
+
+log = logging.getLogger("zeroopt")
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    def __init__(self, params, optimizer: str = "adamw", *, stage: int = 1,
+                 process_group=None, average_grads: bool = True,
+                 bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+                 reduce_dtype: torch.dtype = torch.float32, skip_nonfinite: bool = True,
+                 **hyperparameters):
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 (shard optimizer states) or 2 (states and "
+                             f"gradients), got {stage!r}")
+        if stage == 2 and not average_grads:
+            raise ValueError("average_grads=False (a model wrapped in DDP) works with stage=1 "
+                             "only: DDP keeps full gradients, which stage 2 exists to avoid")
+        if bucket_numel < 1:
+            raise ValueError(f"bucket_numel must be positive, got {bucket_numel}")
+        self.rule = get_rule(optimizer)
+        self.stage, self.skip_nonfinite = stage, skip_nonfinite
+        self._constructed = False
+        super().__init__(params, resolve_defaults(self.rule, hyperparameters))
+        for group in self.param_groups:
+            self.rule.validate(group)
+
+        trainable = [[(i, p) for i, p in _indexed(self.param_groups, g) if p.requires_grad]
+                     for g in range(len(self.param_groups))]
+        if not any(trainable):
+            raise ValueError("ZeroOptimizer got no trainable params (all have requires_grad=False)")
+        self.device = next(p for group in trainable for _, p in group).device
+        self.comm = collectives_for(self.device, process_group)
+        check_ranks_agree(self.comm, describe_params(self.param_groups), dict(
+            optimizer=self.rule.name, stage=stage, average_grads=average_grads,
+            bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype)))
+
+        self.layout = Layout(trainable, self.comm.world_size, self.comm.rank, bucket_numel)
+        self.layout.allocate_param_buffers()
+        for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
+            self.comm.broadcast(buffer.data, src=0)
+        self._masters = self._make_masters()
+        self._states = {name: torch.zeros(self.layout.shard_numel, device=self.device)
+                        for name in self.rule.state_names}
+        self._steps = [torch.zeros((), dtype=torch.float32) for _ in self.param_groups]
+        self.grads = (BucketedReducer(self.layout, self.comm, keep_staging=stage == 1,
+                                      reduce_dtype=reduce_dtype, device=self.device)
+                      if average_grads else LocalGradients(self.layout, self.device))
+        self._shards = self._shard_tensors_per_group()
+        self._grad_norm: torch.Tensor | None = None  # from clip_grad_norm_, reused by step()
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        self._constructed = True
+
+    # -- construction helpers -------------------------------------------------------------
+
+    def _make_masters(self) -> dict[int, torch.Tensor]:
+        """fp32 master copies of the owned chunks of 16-bit buffers (fp32 buffers are their
+        own masters: the update writes straight into the model's params)."""
+        masters = {}
+        for buffer in self.layout.buffers:
+            if buffer.dtype == torch.float32:
+                continue
+            master = torch.empty(buffer.shard_numel, dtype=torch.float32, device=self.device)
+            for bucket in buffer.buckets:
+                offset = bucket.shard_offset - buffer.shard_offset
+                master[offset:offset + bucket.chunk_numel].copy_(
+                    self.layout.owned_view(buffer.data, bucket))
+            masters[buffer.index] = master
+        return masters
+
+    def _shard_tensors_per_group(self) -> list[ShardTensors]:
+        shards = [ShardTensors([], [], {name: [] for name in self.rule.state_names})
+                  for _ in self.param_groups]
+        for group, bucket, offset, numel in self.layout.runs():
+            buffer = self.layout.buffers[bucket.buffer]
+            if buffer.index in self._masters:
+                at = offset - buffer.shard_offset
+                param = self._masters[buffer.index][at:at + numel]
+            else:
+                at = bucket.owned_range(self.comm.rank)[0] + offset - bucket.shard_offset
+                param = buffer.data[at:at + numel]
+            shards[group].params.append(param)
+            shards[group].grads.append(self.grads.shard[offset:offset + numel])
+            for name, state in self._states.items():
+                shards[group].states[name].append(state[offset:offset + numel])
+        return shards
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_constructed", False):
+            raise RuntimeError("ZeroOptimizer cannot add a param group after construction: the "
+                               "flat buffers are laid out once. Build a new ZeroOptimizer with "
+                               "every group instead.")
+        super().add_param_group(param_group)
+
+    # -- the training-loop API ------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_gradients()
+        norm, self._grad_norm = self._grad_norm, None
+        if norm is None and self.skip_nonfinite:
+            norm = self._global_grad_norm(2.0)
+        self.last_step_skipped = norm is not None and not bool(torch.isfinite(norm))
+        if self.last_step_skipped:
+            self.skipped_steps += 1
+            if self.comm.rank == 0:
+                log.warning("zeroopt: gradient norm is %s; step skipped, states untouched "
+                            "(%d skipped so far)", norm.item(), self.skipped_steps)
+            return loss
+        for group, shard, step in zip(self.param_groups, self._shards, self._steps):
+            step += 1
+            if shard.params:
+                self.rule.fused_step(group, shard, step)
+        self._publish_params()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.grads.zero(set_to_none)
+        self._grad_norm = None
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the averaged gradients by their global norm over all ranks' shards (as
+        torch.nn.utils.clip_grad_norm_ over the whole model) and return that norm."""
+        self._sync_gradients()
+        norm = self._global_grad_norm(float(norm_type))
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        self.grads.shard.mul_(coef)
+        self._grad_norm = norm
+        return norm
+
+    def no_sync(self):
+        """Context for gradient-accumulation micro-steps: backward accumulates locally and the
+        next backward outside the context reduces the sum once."""
+        return self.grads.no_sync()
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds: its states and fp32 masters."""
+        tensors = [*self._states.values(), *self._masters.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def state_dict(self) -> dict:
+        """The full optimizer state, per param and in its shape, as torch.optim lays it out.
+        A collective: every rank must call it; every rank gets the whole dict."""
+        return state_io.gather_state_dict(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_io.load_state_dict(self, state_dict)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _sync_gradients(self) -> None:
+        self.grads.finish()
+        if not self.grads.received:
+            raise RuntimeError("ZeroOptimizer.step() found no gradients: call loss.backward() "
+                               "before step() (and zero_grad() after it, not before it)")
+
+    def _global_grad_norm(self, norm_type: float) -> torch.Tensor:
+        shard = self.grads.shard
+        if norm_type == float("inf"):
+            norm = shard.abs().max() if shard.numel() else shard.new_zeros(())
+            self.comm.all_reduce(norm, op="max")
+            return norm
+        total = torch.linalg.vector_norm(shard, norm_type) ** norm_type
+        self.comm.all_reduce(total)
+        return total ** (1.0 / norm_type)
+
+    def _publish_params(self) -> None:
+        """Copy 16-bit masters into the model's buffers, then all-gather every bucket."""
+        for index, master in self._masters.items():
+            buffer = self.layout.buffers[index]
+            for bucket in buffer.buckets:
+                offset = bucket.shard_offset - buffer.shard_offset
+                self.layout.owned_view(buffer.data, bucket).copy_(
+                    master[offset:offset + bucket.chunk_numel])
+        handles = [self.comm.gather_bucket(self.layout.bucket_view(bucket))
+                   for bucket in self.layout.buckets]
+        for handle in handles:
+            handle.wait()
+
+
+def _indexed(param_groups: list[dict], group: int):
+    """(state_dict index, param) for one group: indices run on across groups, as in torch."""
+    start = sum(len(g["params"]) for g in param_groups[:group])
+    return enumerate(param_groups[group]["params"], start=start)
