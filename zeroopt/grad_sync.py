@@ -89,10 +89,8 @@ class BucketedReducer:
     def _staging_of(self, b: int) -> torch.Tensor:
         if self._staging[b] is None:
             numel = self.layout.buckets[b].numel
-            reuse = next((t for t in self._pool if t.numel() == numel), None)
-            if reuse is not None:
-                self._pool.remove(reuse)
-            self._staging[b] = reuse if reuse is not None else torch.empty(
+            fits = [i for i, t in enumerate(self._pool) if t.numel() == numel]
+            self._staging[b] = self._pool.pop(fits[0]) if fits else torch.empty(
                 numel, dtype=self.reduce_dtype, device=self.device)
         return self._staging[b]
 

@@ -1,0 +1,332 @@
+"""Training scenarios that run on every rank: zeroopt sharded against an unsharded reference.
+
+Each rank trains the zeroopt model on its own batch; alongside, it trains a reference model
+unsharded on every rank's batch, with the loss divided by the world size so its gradient is
+the average that zeroopt reduces. The functions return the largest relative error
+``max|zeroopt - reference| / max|reference|`` over the params, so the test process can assert
+on it (and print it).
+
+The model has odd-sized layers (no size divides by the world size or the 256-element padding),
+a 0-d param, and small buckets, so params straddle shard and bucket boundaries at every world
+size from 1 to 4.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import zeroopt
+
+BUCKET = 700  # several buckets for a ~3,000-param model
+# Sum ranks' fp32 gradients in fp64: exact, so the average does not depend on the order in which
+# a backend adds them, and the reference can reproduce it bit for bit (see test_equivalence.py).
+EXACT = dict(bucket_numel=BUCKET, reduce_dtype=torch.float64)
+
+
+class OddModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(37, 41)
+        self.mid = nn.Linear(41, 29)
+        self.norm = nn.LayerNorm(29)
+        self.out = nn.Linear(29, 5)
+        self.scale = nn.Parameter(torch.tensor(0.75))
+
+    def forward(self, x):
+        return self.out(self.norm(torch.tanh(self.mid(torch.tanh(self.inp(x)))))) * self.scale
+
+
+def world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def models(dtype=torch.float32):
+    torch.manual_seed(1234)
+    model = OddModel()
+    return model.to(dtype), copy.deepcopy(model).float()
+
+
+def batch(step: int, rank: int, micro: int = 0):
+    g = torch.Generator().manual_seed(10_000 * step + 100 * rank + micro)
+    return torch.randn(6, 37, generator=g), torch.randn(6, 5, generator=g)
+
+
+def loss_of(model, x, y):
+    return nn.functional.mse_loss(model(x.to(next(model.parameters()).dtype)).float(), y)
+
+
+def reference_backward(ref, step: int, world_size: int, micro: int = 0, accum: int = 1):
+    """Give ``ref`` the average over ranks of their gradients, summed exactly (fp64) and
+    rounded once to fp32: the gradient zeroopt reduces with ``reduce_dtype=torch.float64``.
+    Gradients accumulate across calls, as backward's do."""
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in ref.parameters()]
+    for r in range(world_size):
+        for p in ref.parameters():
+            p.grad, p.saved_grad = None, p.grad
+        (loss_of(ref, *batch(step, r, micro)) / accum).backward()
+        for t, p in zip(total, ref.parameters()):
+            if p.grad is not None:
+                t += p.grad.double()
+            p.grad = p.saved_grad
+    for t, p in zip(total, ref.parameters()):
+        if p.requires_grad:
+            avg = (t * (1.0 / world_size)).float()
+            p.grad = avg if p.grad is None else p.grad + avg
+    for p in ref.parameters():
+        del p.saved_grad
+
+
+def max_rel_err(model, ref) -> float:
+    return max(((a.detach().float() - b.detach()).abs().max() / b.detach().abs().max()).item()
+               for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def reference_optimizer(name, params, hp):
+    torch_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    if name in torch_cls:
+        return torch_cls[name](params, **hp)
+    return zeroopt.ReferenceOptimizer(params, optimizer=name, **hp)
+
+
+def equivalence(name: str, hp: dict, stage: int, steps: int = 6,
+                eager_reference: bool = False, options: dict = EXACT) -> float:
+    """Plain training: zeroopt vs torch.optim (or the rule's eager reference)."""
+    rank, world_size = world()
+    model, ref = models()
+    opt = zeroopt.ZeroOptimizer(model.parameters(), name, stage=stage, **options, **hp)
+    ref_opt = (zeroopt.ReferenceOptimizer(ref.parameters(), name, **hp) if eager_reference
+               else reference_optimizer(name, ref.parameters(), hp))
+    for step in range(steps):
+        loss_of(model, *batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+        reference_backward(ref, step, world_size)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return max_rel_err(model, ref)
+
+
+def param_groups_frozen_clip_schedule(stage: int) -> dict:
+    """Two groups (no decay and a higher lr for biases/norms), a frozen layer, gradient
+    clipping by the global norm, and an LR schedule driving param_groups."""
+    rank, world_size = world()
+    model, ref = models()
+
+    def groups(m):
+        m.inp.requires_grad_(False)
+        decay = [p for n, p in m.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in m.named_parameters() if p.ndim < 2]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lr": 2e-2}]
+
+    opt = zeroopt.ZeroOptimizer(groups(model), "adamw", stage=stage, **EXACT, lr=1e-2, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, weight_decay=0.1)
+    warm = lambda s: min(1.0, (s + 1) / 3)  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, warm)
+    frozen_before = model.inp.weight.detach().clone()
+    norm_err = 0.0
+    for step in range(6):
+        loss_of(model, *batch(step, rank)).backward()
+        norm = opt.clip_grad_norm_(0.05)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        reference_backward(ref, step, world_size)
+        ref_norm = torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad],
+                                                  0.05)
+        norm_err = max(norm_err, abs(norm.item() - ref_norm.item()) / ref_norm.item())
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_sched.step()
+    return {"params": max_rel_err(model, ref), "norm": norm_err,
+            "frozen_unchanged": bool(torch.equal(model.inp.weight, frozen_before)),
+            "lr": opt.param_groups[1]["lr"], "ref_lr": ref_opt.param_groups[1]["lr"]}
+
+
+def accumulation(stage: int, use_no_sync: bool, accum: int = 3) -> float:
+    """Gradient accumulation over ``accum`` micro-batches per step."""
+    rank, world_size = world()
+    model, ref = models()
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw", stage=stage, **EXACT, lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for step in range(4):
+        for micro in range(accum):
+            loss = loss_of(model, *batch(step, rank, micro)) / accum
+            if use_no_sync and micro < accum - 1:
+                with opt.no_sync():
+                    loss.backward()
+            else:
+                loss.backward()
+            reference_backward(ref, step, world_size, micro, accum)
+        opt.step()
+        opt.zero_grad()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return max_rel_err(model, ref)
+
+
+def bf16_masters(stage: int) -> dict:
+    """bf16 model params, fp32 masters: the masters follow torch.optim.AdamW run in fp32 on the
+    same bf16 gradients, and the model holds the masters rounded to bf16."""
+    rank, world_size = world()
+    model, master_ref = models(torch.bfloat16)
+    grad_model = copy.deepcopy(model)  # bf16 replica that computes the reference's gradients
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw", stage=stage, **EXACT, lr=1e-2)
+    ref_opt = torch.optim.AdamW(master_ref.parameters(), lr=1e-2)
+    for step in range(5):
+        loss_of(model, *batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+        sums = [torch.zeros_like(p, dtype=torch.float64) for p in master_ref.parameters()]
+        for r in range(world_size):
+            grad_model.zero_grad()
+            loss_of(grad_model, *batch(step, r)).backward()
+            for s, p in zip(sums, grad_model.parameters()):
+                s += p.grad.double()
+        for p, s in zip(master_ref.parameters(), sums):
+            p.grad = (s * (1.0 / world_size)).float()
+        ref_opt.step()
+        with torch.no_grad():
+            for g, p in zip(grad_model.parameters(), master_ref.parameters()):
+                g.copy_(p)
+    masters = opt.state_dict()["state"]
+    master_err = max(((masters[i]["master_param"] - p.detach()).abs().max()
+                      / p.detach().abs().max()).item()
+                     for i, p in enumerate(master_ref.parameters()))
+    rounded = all(torch.equal(p, masters[i]["master_param"].to(torch.bfloat16))
+                  for i, p in enumerate(model.parameters()))
+    return {"master": master_err, "model_is_rounded_master": rounded,
+            "dtype": str(next(model.parameters()).dtype)}
+
+
+def save_load_continues_identically(name: str, hp: dict, stage: int) -> bool:
+    """Save after 3 steps, load into a fresh model and optimizer, continue 3 steps: the params
+    equal (bit for bit) those of the run that never stopped."""
+    rank, _ = world()
+    model, _ = models()
+    opt = zeroopt.ZeroOptimizer(model.parameters(), name, stage=stage, bucket_numel=BUCKET, **hp)
+
+    def train(m, o, steps):
+        for step in steps:
+            loss_of(m, *batch(step, rank)).backward()
+            o.step()
+            o.zero_grad()
+
+    train(model, opt, range(3))
+    blob = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
+    train(model, opt, range(3, 6))
+
+    blob.seek(0)
+    saved = torch.load(blob)
+    resumed, _ = models()
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = zeroopt.ZeroOptimizer(resumed.parameters(), name, stage=stage,
+                                        bucket_numel=BUCKET, **hp)
+    resumed_opt.load_state_dict(saved["opt"])
+    train(resumed, resumed_opt, range(3, 6))
+    return all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+def wrapped_matches_direct(stage: int) -> float:
+    rank, _ = world()
+    a, _ = models()
+    b = copy.deepcopy(a)
+    groups = lambda m: [{"params": [m.inp.weight, m.mid.weight]},  # noqa: E731
+                        {"params": [p for n, p in m.named_parameters()
+                                    if n not in ("inp.weight", "mid.weight")],
+                         "weight_decay": 0.0}]
+    direct = zeroopt.ZeroOptimizer(groups(a), "sgd", stage=stage, lr=0.05, momentum=0.9,
+                                   weight_decay=1e-3, nesterov=True)
+    wrapped = zeroopt.wrap(torch.optim.SGD(groups(b), lr=0.05, momentum=0.9, weight_decay=1e-3,
+                                           nesterov=True), stage=stage)
+    for step in range(4):
+        for m, o in ((a, direct), (b, wrapped)):
+            loss_of(m, *batch(step, rank)).backward()
+            o.step()
+            o.zero_grad()
+    return max_rel_err(a, b)
+
+
+def params_agree_across_ranks(stage: int) -> list:
+    """After training, every rank holds the same model (a checksum per rank)."""
+    rank, _ = world()
+    model, _ = models()
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "lion", stage=stage, bucket_numel=BUCKET)
+    for step in range(3):
+        loss_of(model, *batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def fp32_reduction_within_bound(stage: int) -> float:
+    """The default fp32 reduction: every element of this rank's averaged gradient is within
+    the recursive-summation error bound of the exact average,
+        |got - avg| <= (W-1) u sum_r |g_r| / W + 2 u |avg|      (u = 2**-24),
+    (the sum's rounding, then the scaling by 1/W). Returns the worst ratio of error to bound."""
+    rank, world_size = world()
+    model, ref = models()
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "sgd", stage=stage, bucket_numel=BUCKET,
+                                lr=0.05)
+    loss_of(model, *batch(0, rank)).backward()
+    opt.grads.finish()
+    exact = [torch.zeros_like(p, dtype=torch.float64) for p in ref.parameters()]
+    magnitude = [torch.zeros_like(e) for e in exact]
+    for r in range(world_size):
+        ref.zero_grad()
+        loss_of(ref, *batch(0, r)).backward()
+        for e, m, p in zip(exact, magnitude, ref.parameters()):
+            e += p.grad.double() / world_size
+            m += p.grad.double().abs() / world_size
+    u, worst = 2.0**-24, 0.0
+    for piece in opt.layout.pieces:
+        lo, hi = piece.param_offset, piece.param_offset + piece.numel
+        want = exact[piece.slot.index].reshape(-1)[lo:hi]
+        scale = magnitude[piece.slot.index].reshape(-1)[lo:hi]
+        got = opt.grads.shard[piece.shard_offset:piece.shard_offset + piece.numel].double()
+        bound = (world_size - 1) * u * scale + 2 * u * want.abs() + 1e-300
+        worst = max(worst, ((got - want).abs() / bound).max().item())
+    return worst
+
+
+RULES = {
+    "adamw": dict(lr=1e-2, weight_decay=0.1),
+    "adam": dict(lr=1e-2, weight_decay=0.01),
+    "sgd": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3),
+    "sgd_nesterov": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "lion": dict(lr=1e-3, weight_decay=0.1),
+}
+
+
+def rule_of(case: str) -> str:
+    return case.split("_")[0]
+
+
+def suite() -> dict:
+    """Every scenario, at this world size, in one set of processes (spawning is the slow part)."""
+    out = {}
+    for stage in (1, 2):
+        for case, hp in RULES.items():
+            out["torch", case, stage] = equivalence(rule_of(case), hp, stage)
+            out["eager", case, stage] = equivalence(rule_of(case), hp, stage,
+                                                    eager_reference=True)
+            out["resume", case, stage] = save_load_continues_identically(rule_of(case), hp,
+                                                                         stage)
+        out["fp32_reduction", stage] = fp32_reduction_within_bound(stage)
+        out["default_reduce_sgd", stage] = equivalence("sgd", RULES["sgd"], stage,
+                                                       options=dict(bucket_numel=BUCKET))
+        out["groups", stage] = param_groups_frozen_clip_schedule(stage)
+        out["accum_no_sync", stage] = accumulation(stage, use_no_sync=True)
+        out["accum_plain", stage] = accumulation(stage, use_no_sync=False)
+        out["bf16", stage] = bf16_masters(stage)
+        out["wrap", stage] = wrapped_matches_direct(stage)
+        out["agree", stage] = params_agree_across_ranks(stage)
+    return out

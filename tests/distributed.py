@@ -1,0 +1,82 @@
+"""Run a function on W real processes joined by a gloo process group.
+
+``run_ranks(world_size, fn, *args)`` spawns the ranks, calls ``fn(*args)`` on each and returns
+the list of results by rank. A rank that raises has its traceback re-raised here; ranks that
+have not finished within ``timeout`` seconds (a hang) are killed and the test fails, so a
+deadlock can never stall the suite. World size 1 runs without any process group, as a
+notebook user would.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+class RankFailed(AssertionError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn, args, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        if world_size > 1:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # Bytes, not tensors: shared-memory tensors would die with this process.
+        blob = io.BytesIO()
+        torch.save(fn(*args), blob)
+        results.put((rank, True, blob.getvalue()))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(world_size: int, fn, *args, timeout: float = 240.0) -> list:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    outputs: dict[int, object] = {}
+    errors: dict[int, str] = {}
+    try:
+        for _ in range(world_size):
+            rank, ok, value = results.get(timeout=timeout)
+            (outputs if ok else errors)[rank] = value
+    except queue.Empty:
+        missing = sorted(set(range(world_size)) - set(outputs) - set(errors))
+        raise RankFailed(f"ranks {missing} did not finish within {timeout}s (a hang?)"
+                         + _format(errors)) from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RankFailed(_format(errors))
+    import torch
+
+    return [torch.load(io.BytesIO(outputs[r]), weights_only=False) for r in range(world_size)]
+
+
+def _format(errors: dict[int, str]) -> str:
+    return "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
