@@ -330,3 +330,31 @@ def suite() -> dict:
         out["wrap", stage] = wrapped_matches_direct(stage)
         out["agree", stage] = params_agree_across_ranks(stage)
     return out
+
+
+def mismatched_params(kind: str) -> str:
+    """Rank 1 builds a different model; every rank must get the same clear error (no hang)."""
+    rank, _ = world()
+    model, _ = models()
+    params = list(model.parameters())
+    if rank == 1 and kind == "shape":
+        params[2] = torch.nn.Parameter(torch.zeros(29, 40))
+    if rank == 1 and kind == "count":
+        params = params[:-1]
+    if rank == 1 and kind == "dtype":
+        params[0] = torch.nn.Parameter(params[0].detach().double())
+    try:
+        zeroopt.ZeroOptimizer(params, "adamw", stage=1)
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def mismatched_settings() -> str:
+    rank, _ = world()
+    model, _ = models()
+    try:
+        zeroopt.ZeroOptimizer(model.parameters(), "adamw", stage=1 + rank % 2)
+    except RuntimeError as error:
+        return str(error)
+    return "no error"

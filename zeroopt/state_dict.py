@@ -102,7 +102,7 @@ def _check_compatible(opt: ZeroOptimizer, state_dict: dict) -> None:
     state = state_dict["state"]
     if not state:
         return
-    for slot in opt.layout.slots:
+    for slot in sorted(opt.layout.slots, key=lambda s: s.index):  # report the first mismatch
         if slot.index not in state:
             fail(f"it has no state for param {slot.index} (shape {list(slot.param.shape)})")
         entry = state[slot.index]

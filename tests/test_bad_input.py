@@ -1,0 +1,150 @@
+"""Bad input gets an error that names the cause and the fix."""
+
+import re
+
+import pytest
+import torch
+
+import cases
+import zeroopt
+from distributed import run_ranks
+
+
+def model():
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+
+
+def test_unknown_optimizer_suggests_the_closest_name():
+    with pytest.raises(ValueError, match=r"Unknown optimizer 'adamww'\. Did you mean 'adamw'\?"):
+        zeroopt.ZeroOptimizer(model().parameters(), "adamww")
+    with pytest.raises(ValueError, match="Available: adam, adamw"):
+        zeroopt.ZeroOptimizer(model().parameters(), "shampoo")
+
+
+def test_unknown_hyperparameter_suggests_the_closest_name():
+    with pytest.raises(TypeError, match=r"unexpected hyperparameter 'beta'\. Did you mean 'betas'"):
+        zeroopt.ZeroOptimizer(model().parameters(), "adamw", beta=(0.9, 0.99))
+
+
+@pytest.mark.parametrize("name, hp, message", [
+    ("adamw", dict(lr=-1e-3), r"Invalid lr: -0.001 \(it must be >= 0\)"),
+    ("adamw", dict(betas=(0.9, 1.0)), r"Invalid beta at index 1: 1.0 \(each beta must be in \[0, 1\)\)"),
+    ("adamw", dict(betas=(0.9,)), r"betas must be a tuple of 2 numbers"),
+    ("adam", dict(eps=-1.0), r"Invalid eps"),
+    ("adamw", dict(weight_decay=-0.1), r"Invalid weight_decay"),
+    ("adamw", dict(amsgrad=True), r"amsgrad=True is not supported by zeroopt; use amsgrad=False"),
+    ("sgd", dict(momentum=-0.5), r"Invalid momentum"),
+    ("sgd", dict(nesterov=True), r"Nesterov momentum requires momentum > 0 and dampening = 0"),
+    ("lion", dict(betas=(-0.1, 0.99)), r"Invalid beta at index 0"),
+    ("lion", dict(lr=float("nan")), r"lr must be a number"),
+])
+def test_invalid_hyperparameters(name, hp, message):
+    with pytest.raises(ValueError, match=message):
+        zeroopt.ZeroOptimizer(model().parameters(), name, **hp)
+
+
+def test_invalid_hyperparameter_in_a_param_group():
+    m = model()
+    groups = [{"params": m[0].parameters()}, {"params": m[1].parameters(), "lr": -1.0}]
+    with pytest.raises(ValueError, match="Invalid lr: -1.0"):
+        zeroopt.ZeroOptimizer(groups, "adamw")
+
+
+def test_invalid_stage_and_options():
+    with pytest.raises(ValueError, match=r"stage must be 1 .* or 2 .*, got 3"):
+        zeroopt.ZeroOptimizer(model().parameters(), stage=3)
+    with pytest.raises(ValueError, match="average_grads=False .* works with stage=1 only"):
+        zeroopt.ZeroOptimizer(model().parameters(), stage=2, average_grads=False)
+    with pytest.raises(ValueError, match="no trainable params"):
+        zeroopt.ZeroOptimizer(model().requires_grad_(False).parameters())
+
+
+def test_step_before_backward():
+    opt = zeroopt.ZeroOptimizer(model().parameters())
+    with pytest.raises(RuntimeError, match=r"found no gradients: call loss.backward\(\) before step\(\)"):
+        opt.step()
+
+
+def test_add_param_group_after_construction():
+    m = model()
+    opt = zeroopt.ZeroOptimizer(m[0].parameters())
+    with pytest.raises(RuntimeError, match="cannot add a param group after construction"):
+        opt.add_param_group({"params": m[1].parameters()})
+
+
+def test_wrap_rejects_what_it_cannot_map():
+    with pytest.raises(TypeError, match=r"cannot map torch.optim.rmsprop.RMSprop.*available_optimizers"):
+        zeroopt.wrap(torch.optim.RMSprop(model().parameters()))
+    m = model()
+    stepped = torch.optim.AdamW(m.parameters())
+    m(torch.randn(2, 4)).sum().backward()
+    stepped.step()
+    with pytest.raises(ValueError, match="has not stepped yet"):
+        zeroopt.wrap(stepped)
+
+
+def test_wrap_maps_torch_adam_with_decoupled_weight_decay_to_adamw():
+    opt = zeroopt.wrap(torch.optim.Adam(model().parameters(), lr=0.1, decoupled_weight_decay=True,
+                                        weight_decay=0.2))
+    assert opt.rule.name == "adamw" and opt.param_groups[0]["weight_decay"] == 0.2
+
+
+def test_load_state_dict_mismatches():
+    m = model()
+    opt = zeroopt.ZeroOptimizer(m.parameters(), "adamw")
+    m(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    lion = zeroopt.ZeroOptimizer(model().parameters(), "lion")
+    with pytest.raises(ValueError, match="saved by optimizer 'adamw', and this one is 'lion'"):
+        lion.load_state_dict(saved)
+    fewer = zeroopt.ZeroOptimizer(model()[0].parameters(), "adamw")
+    with pytest.raises(ValueError, match="param group 0 has 4 params there and 2 here"):
+        fewer.load_state_dict(saved)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 5))
+    with pytest.raises(ValueError, match=r"param 2's 'exp_avg' has shape \[2, 3\], the param has shape \[5, 3\]"):
+        zeroopt.ZeroOptimizer(other.parameters(), "adamw").load_state_dict(saved)
+    del saved["state"][1]["exp_avg_sq"]
+    with pytest.raises(ValueError, match="param 1 has no 'exp_avg_sq'"):
+        zeroopt.ZeroOptimizer(model().parameters(), "adamw").load_state_dict(saved)
+    with pytest.raises(ValueError, match="not an optimizer state dict"):
+        opt.load_state_dict({"weights": 1})
+
+
+def test_load_state_dict_from_torch_optim():
+    """torch.optim.AdamW's own state dict loads, and both continue identically."""
+    torch.manual_seed(0)
+    a = model()
+    b = torch.nn.Sequential(*[torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)])
+    b.load_state_dict(a.state_dict())
+    ref = torch.optim.AdamW(a.parameters(), lr=0.1)
+    x = torch.randn(5, 4)
+    a(x).square().sum().backward()
+    ref.step()
+    ref.zero_grad()
+    b.load_state_dict(a.state_dict())
+    opt = zeroopt.ZeroOptimizer(b.parameters(), "adamw", lr=0.1)
+    opt.load_state_dict(ref.state_dict())
+    for m, o in ((a, ref), (b, opt)):
+        m(x).square().sum().backward()
+        o.step()
+        o.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("shape", r"param 2 is shape \[41\] float32 in group 0 on rank 0 but shape \[29, 40\] float32 in group 0 on rank 1"),
+    ("count", r"rank 0 has 9 params, rank 1 has 8"),
+    ("dtype", r"param 0 is shape \[\] float32 in group 0 on rank 0 but shape \[\] float64"),
+])
+def test_ranks_that_disagree_about_params_all_get_the_error(kind, message):
+    errors = run_ranks(2, cases.mismatched_params, kind, timeout=120)
+    for error in errors:
+        assert "ranks disagree about the parameters" in error
+        assert re.search(message, error), error
+
+
+def test_ranks_that_disagree_about_settings_all_get_the_error():
+    for error in run_ranks(2, cases.mismatched_settings, timeout=120):
+        assert "ranks disagree about stage: rank 0 has 1, rank 1 has 2" in error
