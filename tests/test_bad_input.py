@@ -148,3 +148,32 @@ def test_ranks_that_disagree_about_params_all_get_the_error(kind, message):
 def test_ranks_that_disagree_about_settings_all_get_the_error():
     for error in run_ranks(2, cases.mismatched_settings, timeout=120):
         assert "ranks disagree about stage: rank 0 has 1, rank 1 has 2" in error
+
+
+def test_a_param_belongs_to_one_optimizer_at_a_time():
+    m = model()
+    first = zeroopt.ZeroOptimizer(m.parameters())
+    with pytest.raises(RuntimeError, match="already belongs to another ZeroOptimizer"):
+        zeroopt.ZeroOptimizer(m.parameters())
+    del first
+    import gc
+
+    gc.collect()
+    second = zeroopt.ZeroOptimizer(m.parameters(), "sgd", lr=0.1)  # the old hooks are gone
+    m(torch.randn(2, 4)).sum().backward()
+    second.step()
+
+
+def test_step_with_closure_returns_the_loss():
+    m = model()
+    opt = zeroopt.ZeroOptimizer(m.parameters(), "sgd", lr=0.1)
+    x = torch.randn(3, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = m(x).square().mean()
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    assert opt.step(closure) < first

@@ -30,6 +30,7 @@ Notes for users:
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -75,6 +76,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             optimizer=self.rule.name, stage=stage, average_grads=average_grads,
             bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype)))
 
+        self._claim(p for group in trainable for _, p in group)
         self.layout = Layout(trainable, self.comm.world_size, self.comm.rank, bucket_numel)
         self.layout.allocate_param_buffers()
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
@@ -86,6 +88,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.grads = (BucketedReducer(self.layout, self.comm, keep_staging=stage == 1,
                                       reduce_dtype=reduce_dtype, device=self.device)
                       if average_grads else LocalGradients(self.layout, self.device))
+        weakref.finalize(self, self.grads.remove_hooks)  # a dead optimizer takes no more grads
         self._shards = self._shard_tensors_per_group()
         self._grad_norm: torch.Tensor | None = None  # from clip_grad_norm_, reused by step()
         self.skipped_steps = 0
@@ -93,6 +96,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._constructed = True
 
     # -- construction helpers -------------------------------------------------------------
+
+    def _claim(self, params) -> None:
+        """Each param can feed one ZeroOptimizer: a second one's hooks would find its
+        gradient already taken."""
+        params = list(params)
+        for p in params:
+            owner = getattr(p, "_zeroopt_owner", None)
+            if owner is not None and owner() is not None:
+                raise RuntimeError(
+                    f"a param of shape {list(p.shape)} already belongs to another ZeroOptimizer; "
+                    "give each param to one optimizer (delete the old one first, or put both "
+                    "sets of params in one optimizer as param groups)")
+        for p in params:
+            p._zeroopt_owner = weakref.ref(self)
 
     def _make_masters(self) -> dict[int, torch.Tensor]:
         """fp32 master copies of the owned chunks of 16-bit buffers (fp32 buffers are their
