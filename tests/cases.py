@@ -329,6 +329,8 @@ def suite() -> dict:
         out["bf16", stage] = bf16_masters(stage)
         out["wrap", stage] = wrapped_matches_direct(stage)
         out["agree", stage] = params_agree_across_ranks(stage)
+        out["nonfinite", stage] = nonfinite_gradient_skips_the_step(stage)
+    out["ddp"] = ddp_wrapped_model()
     return out
 
 
@@ -358,3 +360,64 @@ def mismatched_settings() -> str:
     except RuntimeError as error:
         return str(error)
     return "no error"
+
+
+def ddp_wrapped_model(steps: int = 4) -> float:
+    """average_grads=False: the model is in DistributedDataParallel, which averages the grads;
+    zeroopt must not average them again. SGD, linear in the gradient (see test_equivalence)."""
+    rank, world_size = world()
+    model, ref = models()
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    hp = RULES["sgd"]
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "sgd", stage=1, average_grads=False, **hp)
+    ref_opt = torch.optim.SGD(ref.parameters(), **hp)
+    for step in range(steps):
+        loss_of(ddp, *batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+        reference_backward(ref, step, world_size)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return max_rel_err(model, ref)
+
+
+def nonfinite_gradient_skips_the_step(stage: int) -> dict:
+    """A NaN in one rank's gradient: every rank skips the step and leaves params and states as
+    they were; training then goes on."""
+    rank, world_size = world()
+    model, _ = models()
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw", stage=stage, bucket_numel=BUCKET)
+    loss_of(model, *batch(0, rank)).backward()
+    opt.step()
+    opt.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    states_before = opt.state_dict()["state"]
+    x, y = batch(1, rank)
+    if rank == world_size - 1:
+        x[0, 0] = float("nan")
+    loss_of(model, x, y).backward()
+    opt.step()
+    opt.zero_grad()
+    unchanged = all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    states_after = opt.state_dict()["state"]
+    states_unchanged = all(torch.equal(states_before[i][k], states_after[i][k])
+                           for i in states_before for k in states_before[i])
+    skipped = (opt.skipped_steps, opt.last_step_skipped)
+    loss_of(model, *batch(2, rank)).backward()
+    opt.step()
+    moved = not all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    return {"unchanged": unchanged, "states_unchanged": states_unchanged, "skipped": skipped,
+            "moved_after": moved, "finite": all(torch.isfinite(p).all() for p in model.parameters())}
+
+
+def with_reduce_scatter_collectives() -> dict:
+    """The NCCL-style bucket collectives (in-place reduce_scatter / all_gather into one
+    tensor), run over gloo, give the same training as torch.optim."""
+    import os
+
+    os.environ["ZEROOPT_BUCKET_COLLECTIVES"] = "reduce_scatter"
+    try:
+        return {(name, stage): equivalence(name, RULES[name], stage)
+                for name in ("adamw", "sgd") for stage in (1, 2)}
+    finally:
+        del os.environ["ZEROOPT_BUCKET_COLLECTIVES"]

@@ -114,3 +114,25 @@ def test_default_fp32_reduction_is_within_the_summation_error_bound(results, sta
 def test_default_fp32_reduction_end_to_end_sgd(results, stage):
     _, per_rank = results
     assert worst(per_rank, ("default_reduce_sgd", stage)) < TOL
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_nonfinite_gradient_skips_the_step_on_every_rank(results, stage):
+    _, per_rank = results
+    for r in per_rank:
+        got = r[("nonfinite", stage)]
+        assert got == {"unchanged": True, "states_unchanged": True, "skipped": (1, True),
+                       "moved_after": True, "finite": True}
+
+
+def test_model_wrapped_in_ddp_is_not_averaged_twice(results):
+    _, per_rank = results
+    assert worst(per_rank, "ddp") < TOL
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_reduce_scatter_and_all_gather_path(world_size):
+    """The collectives NCCL uses, exercised over gloo (no GPUs here)."""
+    for errors in run_ranks(world_size, cases.with_reduce_scatter_collectives):
+        for key, err in errors.items():
+            assert err < TOL, (key, err)

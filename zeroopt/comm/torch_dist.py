@@ -20,6 +20,10 @@ from .base import Handle
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
+# torch 2.13 renamed the equal-chunk collectives; older versions have only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 # Backends whose all_reduce beats their reduce_scatter / all_gather_into_tensor.
 _ALL_REDUCE_BACKENDS = {"gloo"}
 
@@ -30,20 +34,26 @@ class TorchDistributed:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.backend = str(dist.get_backend(group))
-        self._chunked = self.backend in _ALL_REDUCE_BACKENDS
+        # ZEROOPT_BUCKET_COLLECTIVES=reduce_scatter|all_reduce overrides the measured choice
+        # (the tests use it to run the NCCL-style in-place collectives over gloo).
+        choice = os.environ.get("ZEROOPT_BUCKET_COLLECTIVES", "auto")
+        if choice not in ("auto", "reduce_scatter", "all_reduce"):
+            raise ValueError(f"ZEROOPT_BUCKET_COLLECTIVES={choice!r}: use auto, reduce_scatter "
+                             "or all_reduce")
+        self._chunked = (self.backend in _ALL_REDUCE_BACKENDS if choice == "auto"
+                         else choice == "all_reduce")
 
     def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
         if self._chunked:
             return dist.all_reduce(bucket, group=self.group, async_op=True)
         mine = bucket.chunk(self.world_size)[self.rank]
-        return dist.reduce_scatter_tensor(mine, bucket, group=self.group, async_op=True)
+        return _reduce_scatter_single(mine, bucket, group=self.group, async_op=True)
 
     def gather_bucket(self, bucket: torch.Tensor) -> Handle:
         chunks = list(bucket.chunk(self.world_size))
         if self._chunked:
             return dist.all_gather(chunks, chunks[self.rank], group=self.group, async_op=True)
-        return dist.all_gather_into_tensor(bucket, chunks[self.rank], group=self.group,
-                                           async_op=True)
+        return _all_gather_single(bucket, chunks[self.rank], group=self.group, async_op=True)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
         dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group)
