@@ -10,13 +10,15 @@ import json
 import os
 import platform
 import re
+import resource
+import shlex
 import socket
 import statistics
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -101,6 +103,7 @@ class Config:
     batch: int = 32
     lr: float = 1e-3
     seed: int = 0
+    ds_optimizer: str = "torch"  # "torch": torch.optim.AdamW as client optimizer; "deepspeed": its own
 
 
 def time_steps(runner: Runner, cfg: Config) -> tuple[list[float], list[float]]:
@@ -148,11 +151,28 @@ def _worker(rank: int, setup: Callable, cfg: Config, port: int, out_path: str) -
         dist.destroy_process_group()
 
 
+def _busy_cpu_s() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds used by our reaped children)."""
+    busy = float("nan")
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy, ru.ru_utime + ru.ru_stime
+
+
 def run_contender(setup: Callable, cfg: Config) -> dict:
-    """Spawn cfg.ranks processes running `setup`'s contender; return the summary or the error."""
+    """Spawn cfg.ranks processes running `setup`'s contender; return the summary or the error.
+
+    Also measures `other_cores`: the mean number of cores kept busy by processes other than
+    this contender's during its run (0 on an otherwise idle machine).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "result.json")
-        t0 = time.perf_counter()
+        t0, (busy0, ours0) = time.perf_counter(), _busy_cpu_s()
         try:
             mp.spawn(_worker, args=(setup, cfg, _free_port(), out_path), nprocs=cfg.ranks)
         except Exception as exc:  # a contender that fails must not stop the others
@@ -160,8 +180,52 @@ def run_contender(setup: Callable, cfg: Config) -> dict:
             tail = [line for line in msg if line.strip()][-1] if msg else repr(exc)
             traceback.print_exc()
             return dict(error=tail, wall_s=time.perf_counter() - t0)
+        wall, (busy1, ours1) = time.perf_counter() - t0, _busy_cpu_s()
         per_rank = json.loads(Path(out_path).read_text())
-    return summarize(per_rank, time.perf_counter() - t0)
+    result = summarize(per_rank, wall)
+    result["other_cores"] = max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / wall)
+    return result
+
+
+def wait_for_idle(max_wait_s: float, threshold: float = 0.3, sample_s: float = 2.0) -> float:
+    """Wait (up to max_wait_s) until other processes use under `threshold` cores; return that use."""
+    t0 = time.perf_counter()
+    while True:
+        busy0, _ = _busy_cpu_s()
+        time.sleep(sample_s)
+        used = (_busy_cpu_s()[0] - busy0) / sample_s
+        waited = time.perf_counter() - t0
+        if used < threshold or waited >= max_wait_s:
+            if waited > 1.5 * sample_s:
+                print(f"   waited {waited:.0f} s for idle cores ({used:.2f} busy elsewhere now)", flush=True)
+            return used
+
+
+def run_all(setups: dict[str, Callable], cfg: Config, rounds: int = 1,
+            wait_idle_s: float = 0.0) -> dict[str, dict]:
+    """Run every contender `rounds` times, round-robin; keep each one's fastest round.
+
+    Other work on the machine only ever slows a round down, so the fastest round is the one
+    least disturbed. The 1-minute load average before each run is recorded to show how busy the
+    machine was.
+    """
+    best: dict[str, dict] = {}
+    for rnd in range(rounds):
+        for name, setup in setups.items():
+            print(f"== {name} (round {rnd + 1}/{rounds})", flush=True)
+            if wait_idle_s > 0:
+                wait_for_idle(wait_idle_s)
+            r = run_contender(setup, cfg)
+            if "error" in r:
+                print(f"   FAILED: {r['error']}", flush=True)
+            else:
+                print(f"   {r['median_s']:.3f} s/iter (median), state {mib(r['moments'])} + "
+                      f"{mib(r['extra'])} MiB/rank, loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}, "
+                      f"{r['wall_s']:.0f} s, other work on {r['other_cores']:.2f} cores", flush=True)
+            prev = best.get(name)
+            if prev is None or "error" in prev or ("error" not in r and r["median_s"] < prev["median_s"]):
+                best[name] = r
+    return best
 
 
 def summarize(per_rank: list[dict], wall_s: float) -> dict:
@@ -230,4 +294,4 @@ def write_section(path: Path, name: str, body: str, title: str = "# Benchmarks")
 
 
 def command_line() -> str:
-    return " ".join(["python"] + [a if " " not in a else repr(a) for a in sys.argv])
+    return shlex.join(["python"] + sys.argv)

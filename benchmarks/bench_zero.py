@@ -26,7 +26,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)  # for _common
 sys.path.insert(1, os.path.dirname(_HERE))  # benchmark the zeroopt of this checkout
 from _common import (Config, Runner, command_line, machine_info, mib, optim_state_tensors,  # noqa: E402
-                     run_contender, tensor_bytes, write_section)
+                     run_all, tensor_bytes, write_section)
 
 # --------------------------------------------------------------------------------------------
 # Contenders. Each builds its optimizer around `model` on one rank and returns a Runner.
@@ -43,8 +43,14 @@ def _deepspeed(model, x, y, cfg: Config, stage: int) -> Runner:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
-    client_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, config=ds_config)
+    if cfg.ds_optimizer == "deepspeed":
+        # DeepSpeed builds its own AdamW (FusedAdam; on the CPU accelerator, a JIT-built C++ op).
+        ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": 0.01}}
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=ds_config)
+    else:
+        client_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, config=ds_config)
 
     def step():
         loss = F.mse_loss(engine(x), y)
@@ -62,8 +68,9 @@ def _deepspeed(model, x, y, cfg: Config, stage: int) -> Runner:
             "extra": tensor_bytes(zero_opt.single_partition_of_fp32_groups),
         }
 
+    inner = type(engine.optimizer.optimizer)
     return Runner(step, state_bytes, f"DeepSpeed {deepspeed.__version__}, {type(engine.optimizer).__name__}"
-                                     f" over torch.optim.AdamW")
+                                     f" over {inner.__module__}.{inner.__name__}")
 
 
 def ds_zero1(model, x, y, cfg):
@@ -177,10 +184,15 @@ How the columns are counted:
 - *loss*: rank 0's loss at the first and last iteration, a sanity check that every contender
   trains the same model the same way (same data, seed and hyperparameters).
 - Threads: OMP_NUM_THREADS / torch.set_num_threads per rank, given in the command line.
+- DeepSpeed on CPU: `DS_ACCELERATOR=cpu`; its comm backend falls back to gloo when oneCCL is
+  not installed; config `zero_optimization.stage` 1 or 2 with everything else at its defaults,
+  `zero_allow_untested_optimizer: true` (needed for a client `torch.optim.AdamW`). At start-up it
+  JIT-builds `deepspeed_shm_comm_op` (needs a C++ compiler; cached afterwards); ZeRO's own
+  collectives still go through gloo.
 """
 
 
-def render(results: dict, cfg: Config, machine: dict, runtime_s: float) -> str:
+def render(results: dict, cfg: Config, machine: dict, runtime_s: float, rounds: int) -> str:
     params = next((r["params"] for r in results.values() if "params" in r), 0)
     ideal = 8 * params / cfg.ranks
     base = results.get(BASELINE, {}).get("median_s")
@@ -195,23 +207,28 @@ def render(results: dict, cfg: Config, machine: dict, runtime_s: float) -> str:
         "",
         f"Model: {cfg.layers} x Linear({cfg.width}, {cfg.width}) + ReLU, {params / 1e6:.2f}M fp32 "
         f"params, batch {cfg.batch} per rank, MSE loss, AdamW lr={cfg.lr}. {cfg.ranks} ranks, gloo, "
-        f"CPU, {cfg.threads} thread(s) per rank, {cfg.warmup} warmup + {cfg.iters} timed iterations.",
+        f"CPU, {cfg.threads} thread(s) per rank, {cfg.warmup} warmup + {cfg.iters} timed iterations"
+        + (f"; fastest of {rounds} rounds run round-robin." if rounds > 1 else "."),
+        "",
+        "*cores busy elsewhere*: the mean number of cores other processes used during that run "
+        "(0 = the machine was idle apart from this benchmark; more means shared cores and "
+        "slower, noisier times).",
         "",
         "| contender | s/iter (median) | s/iter (mean) | vs DS-1 | m, v MiB/rank | extra MiB/rank "
-        "| ideal MiB | vs ideal | loss first → last |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| ideal MiB | vs ideal | loss first → last | cores busy elsewhere |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for name, r in results.items():
         label = CONTENDERS[name][0]
         if "error" in r:
-            lines.append(f"| {label} | failed: {r['error'][:120].replace('|', '/')} |||||||| |")
+            lines.append(f"| {label} | failed: {r['error'][:120].replace('|', '/')} ||||||||| |")
             continue
         ratio = f"{r['median_s'] / base:.2f}" if base else "n/a"
         total = r["moments"] + r["extra"]
         lines.append(
             f"| {label} | {r['median_s']:.3f} | {r['mean_s']:.3f} | {ratio} | {mib(r['moments'])} "
             f"| {mib(r['extra'])} | {mib(ideal)} | {total / ideal:.2f} "
-            f"| {r['loss_first']:.4f} → {r['loss_last']:.4f} |")
+            f"| {r['loss_first']:.4f} → {r['loss_last']:.4f} | {r['other_cores']:.2f} |")
     lines += ["", "Implementations: " + "; ".join(
         f"{CONTENDERS[n][0]}: {r['info']}" for n, r in results.items() if r.get("info")) + ".", "",
         NOTES]
@@ -225,6 +242,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--ds-optimizer", choices=["torch", "deepspeed"], default="torch",
+                   help="DeepSpeed's inner optimizer: torch.optim.AdamW passed in (default; the same "
+                        "update code as the torch contenders) or DeepSpeed's own AdamW from the config")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run all contenders this many times round-robin and keep each one's fastest "
+                        "round (robust to other load on the machine)")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                   help="before each run, wait up to S seconds for other processes to leave the cores")
     p.add_argument("--only", default=",".join(CONTENDERS),
                    help=f"comma-separated subset of: {', '.join(CONTENDERS)}")
     p.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown file to update ('' to skip)")
@@ -235,25 +260,18 @@ def main() -> None:
     if unknown:
         p.error(f"unknown contender(s) {unknown}; choose from {list(CONTENDERS)}")
     cfg = Config(ranks=args.ranks, iters=args.iters, warmup=args.warmup, threads=args.threads,
-                 batch=args.batch)
+                 batch=args.batch, ds_optimizer=args.ds_optimizer)
 
     # Inherited by the spawned ranks (they import torch and deepspeed fresh).
     os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     t0 = time.perf_counter()
-    results = {}
-    for name in names:
-        print(f"== {CONTENDERS[name][0]}", flush=True)
-        results[name] = r = run_contender(CONTENDERS[name][1], cfg)
-        if "error" in r:
-            print(f"   FAILED: {r['error']}", flush=True)
-        else:
-            print(f"   {r['median_s']:.3f} s/iter (median), state {mib(r['moments'])} + {mib(r['extra'])} MiB"
-                  f"/rank, loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}, {r['wall_s']:.0f} s", flush=True)
+    results = run_all({n: CONTENDERS[n][1] for n in names}, cfg, rounds=args.rounds,
+                      wait_idle_s=args.wait_idle)
     runtime = time.perf_counter() - t0
 
-    report = render(results, cfg, machine_info(), runtime)
+    report = render(results, cfg, machine_info(), runtime, args.rounds)
     print("\n" + report)
     if args.out:
         write_section(Path(args.out), "bench_zero", report)
