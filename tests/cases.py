@@ -330,6 +330,7 @@ def suite() -> dict:
         out["wrap", stage] = wrapped_matches_direct(stage)
         out["agree", stage] = params_agree_across_ranks(stage)
         out["nonfinite", stage] = nonfinite_gradient_skips_the_step(stage)
+        out["grad_memory", stage] = gradient_memory(stage)
     out["ddp"] = ddp_wrapped_model()
     return out
 
@@ -421,3 +422,24 @@ def with_reduce_scatter_collectives() -> dict:
                 for name in ("adamw", "sgd") for stage in (1, 2)}
     finally:
         del os.environ["ZEROOPT_BUCKET_COLLECTIVES"]
+
+
+def gradient_memory(stage: int) -> dict:
+    """Bytes of gradient staging (memory outside the shard) after backward and after step."""
+    rank, _ = world()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(37, 12), *[nn.Linear(12, 12) for _ in range(10)],
+                          nn.Linear(12, 5))
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw", stage=stage, bucket_numel=150)
+    seen = []
+    for step in range(2):
+        loss_of(model, *batch(step, rank)).backward()
+        seen.append(opt.grads.staging_bytes())
+        opt.step()
+        seen.append(opt.grads.staging_bytes())
+        opt.zero_grad()
+    buckets = opt.layout.buckets
+    return {"peak": max(seen), "buckets": len(buckets),
+            "largest_bucket_bytes": 4 * max(b.numel for b in buckets),
+            "all_buckets_bytes": 4 * sum(b.numel for b in buckets),
+            "grads_left": sum(p.grad is not None for p in model.parameters())}
