@@ -1,14 +1,9 @@
 """Training scenarios that run on every rank: zeroopt sharded against an unsharded reference.
 
 Each rank trains the zeroopt model on its own batch; alongside, it trains a reference model
-unsharded on every rank's batch, with the loss divided by the world size so its gradient is
-the average that zeroopt reduces. The functions return the largest relative error
-``max|zeroopt - reference| / max|reference|`` over the params, so the test process can assert
-on it (and print it).
-
-The model has odd-sized layers (no size divides by the world size or the 256-element padding),
-a 0-d param, and small buckets, so params straddle shard and bucket boundaries at every world
-size from 1 to 4.
+unsharded on every rank's batch (``training.reference_backward``). The functions return the
+largest relative error ``max|zeroopt - reference| / max|reference|`` over the params, or
+facts to assert on, so that the test process can check them (and print them).
 """
 
 from __future__ import annotations
@@ -17,90 +12,23 @@ import copy
 import io
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import zeroopt
-
-BUCKET = 700  # several buckets for a ~3,000-param model
-# Sum ranks' fp32 gradients in fp64: exact, so the average does not depend on the order in which
-# a backend adds them, and the reference can reproduce it bit for bit (see test_equivalence.py).
-EXACT = dict(bucket_numel=BUCKET, reduce_dtype=torch.float64)
-
-
-class OddModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(37, 41)
-        self.mid = nn.Linear(41, 29)
-        self.norm = nn.LayerNorm(29)
-        self.out = nn.Linear(29, 5)
-        self.scale = nn.Parameter(torch.tensor(0.75))
-
-    def forward(self, x):
-        return self.out(self.norm(torch.tanh(self.mid(torch.tanh(self.inp(x)))))) * self.scale
-
-
-def world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def models(dtype=torch.float32):
-    torch.manual_seed(1234)
-    model = OddModel()
-    return model.to(dtype), copy.deepcopy(model).float()
-
-
-def batch(step: int, rank: int, micro: int = 0):
-    g = torch.Generator().manual_seed(10_000 * step + 100 * rank + micro)
-    return torch.randn(6, 37, generator=g), torch.randn(6, 5, generator=g)
-
-
-def loss_of(model, x, y):
-    return nn.functional.mse_loss(model(x.to(next(model.parameters()).dtype)).float(), y)
-
-
-def reference_backward(ref, step: int, world_size: int, micro: int = 0, accum: int = 1):
-    """Give ``ref`` the average over ranks of their gradients, summed exactly (fp64) and
-    rounded once to fp32: the gradient zeroopt reduces with ``reduce_dtype=torch.float64``.
-    Gradients accumulate across calls, as backward's do."""
-    total = [torch.zeros_like(p, dtype=torch.float64) for p in ref.parameters()]
-    for r in range(world_size):
-        for p in ref.parameters():
-            p.grad, p.saved_grad = None, p.grad
-        (loss_of(ref, *batch(step, r, micro)) / accum).backward()
-        for t, p in zip(total, ref.parameters()):
-            if p.grad is not None:
-                t += p.grad.double()
-            p.grad = p.saved_grad
-    for t, p in zip(total, ref.parameters()):
-        if p.requires_grad:
-            avg = (t * (1.0 / world_size)).float()
-            p.grad = avg if p.grad is None else p.grad + avg
-    for p in ref.parameters():
-        del p.saved_grad
-
-
-def max_rel_err(model, ref) -> float:
-    return max(((a.detach().float() - b.detach()).abs().max() / b.detach().abs().max()).item()
-               for a, b in zip(model.parameters(), ref.parameters()))
-
-
-def reference_optimizer(name, params, hp):
-    torch_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    if name in torch_cls:
-        return torch_cls[name](params, **hp)
-    return zeroopt.ReferenceOptimizer(params, optimizer=name, **hp)
+from training import (BUCKET, EXACT, batch, loss_of, max_rel_err, models, reference_backward,
+                      reference_optimizer, world)
 
 
 def equivalence(name: str, hp: dict, stage: int, steps: int = 6,
-                eager_reference: bool = False, options: dict = EXACT) -> float:
-    """Plain training: zeroopt vs torch.optim (or the rule's eager reference)."""
+                eager_reference: bool = False, options: dict = EXACT, ddp: bool = False) -> float:
+    """Plain training: zeroopt vs torch.optim (or the rule's eager reference). With ``ddp``,
+    the model is wrapped in DistributedDataParallel, which averages the gradients, and zeroopt
+    runs with average_grads=False: it must not average them again."""
     rank, world_size = world()
     model, ref = models()
     opt = zeroopt.ZeroOptimizer(model.parameters(), name, stage=stage, **options, **hp)
+    if ddp and world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     ref_opt = (zeroopt.ReferenceOptimizer(ref.parameters(), name, **hp) if eager_reference
                else reference_optimizer(name, ref.parameters(), hp))
     for step in range(steps):
@@ -331,7 +259,9 @@ def suite() -> dict:
         out["agree", stage] = params_agree_across_ranks(stage)
         out["nonfinite", stage] = nonfinite_gradient_skips_the_step(stage)
         out["grad_memory", stage] = gradient_memory(stage)
-    out["ddp"] = ddp_wrapped_model()
+    # DDP's own all-reduce sums in fp32, so this runs SGD (linear in the gradient).
+    out["ddp"] = equivalence("sgd", RULES["sgd"], 1, options=dict(average_grads=False),
+                             ddp=True)
     return out
 
 
@@ -361,25 +291,6 @@ def mismatched_settings() -> str:
     except RuntimeError as error:
         return str(error)
     return "no error"
-
-
-def ddp_wrapped_model(steps: int = 4) -> float:
-    """average_grads=False: the model is in DistributedDataParallel, which averages the grads;
-    zeroopt must not average them again. SGD, linear in the gradient (see test_equivalence)."""
-    rank, world_size = world()
-    model, ref = models()
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    hp = RULES["sgd"]
-    opt = zeroopt.ZeroOptimizer(model.parameters(), "sgd", stage=1, average_grads=False, **hp)
-    ref_opt = torch.optim.SGD(ref.parameters(), **hp)
-    for step in range(steps):
-        loss_of(ddp, *batch(step, rank)).backward()
-        opt.step()
-        opt.zero_grad()
-        reference_backward(ref, step, world_size)
-        ref_opt.step()
-        ref_opt.zero_grad()
-    return max_rel_err(model, ref)
 
 
 def nonfinite_gradient_skips_the_step(stage: int) -> dict:

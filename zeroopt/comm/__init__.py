@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from .base import Collectives, Done, Handle, SingleRank
 from .torch_dist import TorchDistributed, init_from_environment
