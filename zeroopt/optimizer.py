@@ -70,13 +70,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                      for g in range(len(self.param_groups))]
         if not any(trainable):
             raise ValueError("ZeroOptimizer got no trainable params (all have requires_grad=False)")
+        self._claim(p for group in trainable for _, p in group)  # local checks before collectives
         self.device = next(p for group in trainable for _, p in group).device
         self.comm = collectives_for(self.device, process_group)
         check_ranks_agree(self.comm, describe_params(self.param_groups), dict(
             optimizer=self.rule.name, stage=stage, average_grads=average_grads,
             bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype)))
 
-        self._claim(p for group in trainable for _, p in group)
         self.layout = Layout(trainable, self.comm.world_size, self.comm.rank, bucket_numel)
         self.layout.allocate_param_buffers()
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
