@@ -177,3 +177,15 @@ def test_step_with_closure_returns_the_loss():
 
     first = opt.step(closure)
     assert opt.step(closure) < first
+
+
+def test_loading_hyperparameters_that_need_an_unallocated_state():
+    m = model()
+    with_momentum = zeroopt.ZeroOptimizer(m.parameters(), "sgd", lr=0.1, momentum=0.9)
+    m(torch.randn(2, 4)).sum().backward()
+    with_momentum.step()
+    saved = with_momentum.state_dict()
+    plain = zeroopt.ZeroOptimizer(model().parameters(), "sgd", lr=0.1)
+    assert plain.state_bytes() == 0  # plain SGD keeps no state
+    with pytest.raises(ValueError, match=r"need the states \['momentum_buffer'\], which this optimizer was built without"):
+        plain.load_state_dict(saved)

@@ -83,7 +83,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.comm.broadcast(buffer.data, src=0)
         self._masters = self._make_masters()
         self._states = {name: torch.zeros(self.layout.shard_numel, device=self.device)
-                        for name in self.rule.state_names}
+                        for name in self.rule.state_names(self.param_groups)}
         self._steps = [torch.zeros((), dtype=torch.float32) for _ in self.param_groups]
         self.grads = (BucketedReducer(self.layout, self.comm, keep_staging=stage == 1,
                                       reduce_dtype=reduce_dtype, device=self.device)
@@ -127,21 +127,54 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return masters
 
     def _shard_tensors_per_group(self) -> list[ShardTensors]:
-        shards = [ShardTensors([], [], {name: [] for name in self.rule.state_names})
-                  for _ in self.param_groups]
-        for group, bucket, offset, numel in self.layout.runs():
-            buffer = self.layout.buffers[bucket.buffer]
-            if buffer.index in self._masters:
-                at = offset - buffer.shard_offset
-                param = self._masters[buffer.index][at:at + numel]
+        """Views of the shard per group: merged runs for element-wise groups, one piece per
+        param for groups whose rule needs whole-param statistics."""
+        shards = []
+        for g, group in enumerate(self.param_groups):
+            names = self.rule.states(group)
+            if self.rule.per_tensor(group):
+                shard = self._pieces_of_group(g, group)
+                spans = [(p.slot.bucket, p.shard_offset, p.numel) for p in self.layout.pieces
+                         if p.slot.group == g]
             else:
-                at = bucket.owned_range(self.comm.rank)[0] + offset - bucket.shard_offset
-                param = buffer.data[at:at + numel]
-            shards[group].params.append(param)
-            shards[group].grads.append(self.grads.shard[offset:offset + numel])
-            for name, state in self._states.items():
-                shards[group].states[name].append(state[offset:offset + numel])
+                shard = ShardTensors([], [])
+                spans = [(b.index, offset, numel) for group_of, b, offset, numel
+                         in self.layout.runs() if group_of == g]
+            shard.states = {name: [] for name in names}
+            for bucket, offset, numel in spans:
+                shard.params.append(self._master_view(self.layout.buckets[bucket], offset, numel))
+                shard.grads.append(self.grads.shard[offset:offset + numel])
+                for name in names:
+                    shard.states[name].append(self._states[name][offset:offset + numel])
+            for name, value in self.rule.initial_values(group).items():
+                if shard.states.get(name):
+                    torch._foreach_fill_(shard.states[name], value)
+            shards.append(shard)
         return shards
+
+    def _pieces_of_group(self, g: int, group: dict) -> ShardTensors:
+        trainable = [i for i, p in _indexed(self.param_groups, g) if p.requires_grad]
+        dense = {index: k for k, index in enumerate(trainable)}
+        slots = {slot.index: slot for slot in self.layout.slots}
+        names = group.get("param_names")
+        position = {index: k for k, (index, _) in enumerate(_indexed(self.param_groups, g))}
+        return ShardTensors(
+            [], [],
+            param_index=torch.tensor([dense[p.slot.index] for p in self.layout.pieces
+                                      if p.slot.group == g], dtype=torch.long),
+            num_params=len(trainable),
+            param_numel=torch.tensor([slots[i].numel for i in trainable], dtype=torch.float64),
+            param_names=[names[position[i]] if names else None for i in trainable])
+
+    def _master_view(self, bucket, offset: int, numel: int) -> torch.Tensor:
+        """The fp32 master of ``numel`` shard elements from ``offset``: the model's own fp32
+        buffer, or the master copy of a 16-bit one."""
+        buffer = self.layout.buffers[bucket.buffer]
+        if buffer.index in self._masters:
+            at = offset - buffer.shard_offset
+            return self._masters[buffer.index][at:at + numel]
+        at = bucket.owned_range(self.comm.rank)[0] + offset - bucket.shard_offset
+        return buffer.data[at:at + numel]
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_constructed", False):
@@ -169,10 +202,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 log.warning("zeroopt: gradient norm is %s; step skipped, states untouched "
                             "(%d skipped so far)", norm.item(), self.skipped_steps)
             return loss
-        for group, shard, step in zip(self.param_groups, self._shards, self._steps):
+        for step in self._steps:
             step += 1
+        statistics = self._whole_param_statistics()
+        for group, shard, step, stats in zip(self.param_groups, self._shards, self._steps,
+                                             statistics):
             if shard.params:
-                self.rule.fused_step(group, shard, step)
+                self.rule.fused_step(group, shard, step, stats)
         self._publish_params()
         return loss
 
@@ -216,6 +252,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if not self.grads.received:
             raise RuntimeError("ZeroOptimizer.step() found no gradients: call loss.backward() "
                                "before step() (and zero_grad() after it, not before it)")
+
+    def _whole_param_statistics(self) -> list[torch.Tensor | None]:
+        """Every tensor-wise group's partial sums, all-reduced together in one collective."""
+        partials = [self.rule.statistics(group, shard, step) if self.rule.per_tensor(group)
+                    else None
+                    for group, shard, step in zip(self.param_groups, self._shards, self._steps)]
+        present = [p for p in partials if p is not None]
+        if not present:
+            return partials
+        flat = torch.cat([p.reshape(-1) for p in present])
+        self.comm.all_reduce(flat)
+        totals = iter(flat.split([p.numel() for p in present]))
+        return [None if p is None else next(totals).view_as(p) for p in partials]
 
     def _global_grad_norm(self, norm_type: float) -> torch.Tensor:
         shard = self.grads.shard

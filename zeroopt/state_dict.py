@@ -45,8 +45,10 @@ def gather_state_dict(opt: ZeroOptimizer) -> dict:
             if slot.buffer != buffer.index:
                 continue
             entry = {"step": opt._steps[slot.group].clone()}
+            keep = (*opt.rule.states(opt.param_groups[slot.group]), "master_param")
             for name, flat in full.items():
-                entry[name] = flat[slot.start:slot.end].view(slot.param.shape).clone()
+                if name in keep:
+                    entry[name] = flat[slot.start:slot.end].view(slot.param.shape).clone()
             state[slot.index] = entry
     groups, index = [], 0
     for group in opt.param_groups:
@@ -64,6 +66,12 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
     for group, saved in zip(opt.param_groups, state_dict["param_groups"]):
         group.update({k: v for k, v in saved.items() if k != "params"})
         opt.rule.validate(group)
+    missing = set(opt.rule.state_names(opt.param_groups)) - set(opt._states)
+    if missing:
+        raise ValueError(f"cannot load this optimizer state: its hyperparameters need the states "
+                         f"{sorted(missing)}, which this optimizer was built without; build it "
+                         f"with the hyperparameters the state was saved with")
+    opt._shards = opt._shard_tensors_per_group()  # the groups' hyperparameters may have changed
     saved_state = state_dict["state"]
     if not saved_state:  # a fresh optimizer's state: nothing to load
         return
@@ -73,8 +81,8 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
         saved = saved_state[piece.slot.index]
         lo, hi = piece.param_offset, piece.param_offset + piece.numel
         at = slice(piece.shard_offset, piece.shard_offset + piece.numel)
-        for name, shard in opt._states.items():
-            shard[at].copy_(saved[name].reshape(-1)[lo:hi])
+        for name in opt.rule.states(opt.param_groups[piece.slot.group]):
+            opt._states[name][at].copy_(saved[name].reshape(-1)[lo:hi])
         buffer = opt.layout.buffers[piece.slot.buffer]
         if buffer.index in opt._masters and "master_param" in saved:
             offset = piece.shard_offset - buffer.shard_offset
@@ -106,11 +114,12 @@ def _check_compatible(opt: ZeroOptimizer, state_dict: dict) -> None:
         if slot.index not in state:
             fail(f"it has no state for param {slot.index} (shape {list(slot.param.shape)})")
         entry = state[slot.index]
-        for name in ("step", *opt.rule.state_names):
+        names = opt.rule.states(opt.param_groups[slot.group])
+        for name in ("step", *names):
             if name not in entry:
                 fail(f"param {slot.index} has no {name!r} (it has {sorted(entry)}); was it "
                      f"saved by another optimizer?")
-        for name in opt.rule.state_names:
+        for name in names:
             if tuple(entry[name].shape) != tuple(slot.param.shape):
                 fail(f"param {slot.index}'s {name!r} has shape {list(entry[name].shape)}, "
                      f"the param has shape {list(slot.param.shape)}")

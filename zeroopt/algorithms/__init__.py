@@ -12,7 +12,7 @@ from .adam import ADAM, ADAMW
 from .base import ShardTensors, UpdateRule
 from .lion import LION
 from .reference import ReferenceOptimizer
-from .sgd import SGD
+from .sgd import NESTEROV, SGD
 
 _RULES: dict[str, UpdateRule] = {}
 
@@ -27,6 +27,7 @@ def register(rule: UpdateRule, aliases: tuple[str, ...] = ()) -> None:
 register(ADAMW, aliases=("adamw_torch", "adamw_torch_fused"))
 register(ADAM)
 register(SGD)
+register(NESTEROV)
 register(LION, aliases=("lion_32bit",))
 
 

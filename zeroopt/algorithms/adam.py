@@ -20,7 +20,7 @@ def _validate(group: dict) -> None:
 def _fused(decoupled: bool):
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
 
-    def step(group: dict, shard: ShardTensors, step_count: torch.Tensor) -> None:
+    def step(group: dict, shard: ShardTensors, step_count: torch.Tensor, stats=None) -> None:
         beta1, beta2 = group["betas"]
         # The kernel reads (does not advance) one step tensor per tensor; they all share ours.
         kernel(shard.params, shard.grads, shard.states["exp_avg"], shard.states["exp_avg_sq"],
@@ -54,7 +54,7 @@ ADAMW = UpdateRule(
     name="adamw",
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
                   amsgrad=False),
-    state_names=("exp_avg", "exp_avg_sq"),
+    states=lambda group: ("exp_avg", "exp_avg_sq"),
     fused_step=_fused(decoupled=True),
     reference_step=_reference(decoupled=True),
     validate=_validate,
@@ -65,7 +65,7 @@ ADAM = UpdateRule(
     name="adam",
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
                   amsgrad=False),
-    state_names=("exp_avg", "exp_avg_sq"),
+    states=lambda group: ("exp_avg", "exp_avg_sq"),
     fused_step=_fused(decoupled=False),
     reference_step=_reference(decoupled=False),
     validate=_validate,

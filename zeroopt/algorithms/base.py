@@ -5,6 +5,13 @@ same-length flat fp32 tensors (master params, averaged gradients, and each state
 cover every element of that group this rank owns, and updates them in place. Element-wise
 rules may treat the lists as one long vector.
 
+Tensor-wise rules (LAMB and LARS trust ratios, cautious masking) need statistics of whole
+params, which straddle ranks. For them each list entry is one param's piece
+(``ShardTensors.param_index`` says which), and the step runs in two phases:
+``statistics(group, shard, step)`` returns this rank's partial sums per param, shaped
+``[k, num_params]``; the optimizer all-reduces every group's partials in one collective and
+passes the totals to ``fused_step``.
+
 The reference step is the plain, per-tensor definition of the rule, written for reading. The
 tests hold the fused step, sharded at several world sizes, to it.
 """
@@ -20,27 +27,63 @@ import torch
 
 @dataclass
 class ShardTensors:
-    """One param group's part of this rank's shard, as parallel lists of flat fp32 tensors."""
+    """One param group's part of this rank's shard, as parallel lists of flat fp32 tensors.
+
+    For tensor-wise rules each entry is the piece of one param: ``param_index[i]`` is its
+    param's position among the group's trainable params (``num_params`` of them, on all ranks
+    together), whose full sizes are ``param_numel`` and names ``param_names`` (None where the
+    params were not given with names)."""
 
     params: list[torch.Tensor]
     grads: list[torch.Tensor]
     states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    param_index: torch.Tensor | None = None
+    num_params: int = 0
+    param_numel: torch.Tensor | None = None
+    param_names: list[str | None] = field(default_factory=list)
+
+    def per_param(self, values: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Sum one value per piece into one value per param (this rank's part)."""
+        if isinstance(values, list):
+            values = torch.stack(values) if values else torch.zeros(0)
+        out = torch.zeros(self.num_params, dtype=torch.float64, device=values.device)
+        return out.index_add_(0, self.param_index.to(values.device), values.double())
+
+    def per_piece(self, per_param: torch.Tensor) -> list[float]:
+        """One value per param, spread back to this rank's pieces (one host sync per step)."""
+        return per_param[self.param_index].tolist()
 
 
-FusedStep = Callable[[dict, ShardTensors, torch.Tensor], None]
+FusedStep = Callable[[dict, ShardTensors, torch.Tensor, "torch.Tensor | None"], None]
 ReferenceStep = Callable[[dict, torch.Tensor, torch.Tensor, dict, int], None]
+Statistics = Callable[[dict, ShardTensors, torch.Tensor], torch.Tensor]
+
+
+def _no_states(group: dict) -> tuple[str, ...]:
+    return ()
 
 
 @dataclass(frozen=True)
 class UpdateRule:
     name: str
     defaults: dict
-    state_names: tuple[str, ...]
-    fused_step: FusedStep  # (group, shard tensors, step counter tensor already incremented)
+    # (group) -> names of the states this group's params need
+    states: Callable[[dict], tuple[str, ...]]
+    # (group, shard tensors, step counter already incremented, all-reduced statistics or None)
+    fused_step: FusedStep
     reference_step: ReferenceStep  # (group, param, grad, state dict, step number)
     validate: Callable[[dict], None]
+    # Tensor-wise rules: (group) -> whether it needs whole-param statistics, and the partials.
+    per_tensor: Callable[[dict], bool] = lambda group: False
+    statistics: Statistics | None = None
+    # (group) -> the value each state starts at, where not zero (Adagrad's accumulator).
+    initial_values: Callable[[dict], dict[str, float]] = lambda group: {}
     # Values a hyperparameter accepts only for compatibility with torch.optim's signature.
     fixed: dict = field(default_factory=dict)
+
+    def state_names(self, groups: list[dict]) -> tuple[str, ...]:
+        """Every state some group needs, in a stable order."""
+        return tuple(dict.fromkeys(name for g in groups for name in self.states(g)))
 
 
 def _number(value, name: str) -> float:

@@ -20,7 +20,7 @@ def _validate(group: dict) -> None:
     check_betas(group)
 
 
-def _fused(group: dict, shard: ShardTensors, step_count: torch.Tensor) -> None:
+def _fused(group: dict, shard: ShardTensors, step_count: torch.Tensor, stats=None) -> None:
     lr, wd = float(group["lr"]), group["weight_decay"]
     beta1, beta2 = group["betas"]
     params, grads, exp_avgs = shard.params, shard.grads, shard.states["exp_avg"]
@@ -51,7 +51,7 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
 LION = UpdateRule(
     name="lion",
     defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
-    state_names=("exp_avg",),
+    states=lambda group: ("exp_avg",),
     fused_step=_fused,
     reference_step=_reference,
     validate=_validate,

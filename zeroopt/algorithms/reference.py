@@ -35,8 +35,10 @@ class ReferenceOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    for name in self.rule.state_names:
-                        state[name] = torch.zeros_like(p, dtype=torch.float32)
+                    starts = self.rule.initial_values(group)
+                    for name in self.rule.states(group):
+                        state[name] = torch.full_like(p, starts.get(name, 0.0),
+                                                      dtype=torch.float32)
                 state["step"] += 1
                 self.rule.reference_step(group, p, p.grad, state, state["step"])
         return loss

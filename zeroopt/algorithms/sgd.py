@@ -14,7 +14,7 @@ def _validate(group: dict) -> None:
                          f"(got momentum={group['momentum']}, dampening={group['dampening']})")
 
 
-def _fused(group: dict, shard: ShardTensors, step_count: torch.Tensor) -> None:
+def _fused(group: dict, shard: ShardTensors, step_count: torch.Tensor, stats=None) -> None:
     buffers = shard.states["momentum_buffer"] if group["momentum"] != 0 else []
     # On the first step torch.optim.SGD starts the buffer at the gradient itself.
     torch._fused_sgd_(shard.params, shard.grads, buffers, weight_decay=group["weight_decay"],
@@ -39,11 +39,25 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
     param.add_(grad, alpha=-group["lr"])
 
 
+def _states(group: dict) -> tuple[str, ...]:
+    return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+
 SGD = UpdateRule(
     name="sgd",
     defaults=dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                   maximize=False),
-    state_names=("momentum_buffer",),
+    states=_states,
+    fused_step=_fused,
+    reference_step=_reference,
+    validate=_validate,
+)
+
+# "nesterov": SGD with Nesterov momentum on by default.
+NESTEROV = UpdateRule(
+    name="nesterov",
+    defaults={**SGD.defaults, "momentum": 0.9, "nesterov": True},
+    states=_states,
     fused_step=_fused,
     reference_step=_reference,
     validate=_validate,
