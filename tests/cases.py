@@ -231,6 +231,8 @@ RULES = {
     "sgd": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3),
     "sgd_nesterov": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
     "lion": dict(lr=1e-3, weight_decay=0.1),
+    "lamb": dict(lr=1e-2, weight_decay=0.05),
+    "lars": dict(lr=0.5, weight_decay=1e-3, momentum=0.9),
 }
 
 

@@ -10,6 +10,8 @@ import difflib
 
 from .adam import ADAM, ADAMW
 from .base import ShardTensors, UpdateRule
+from .lamb import LAMB
+from .lars import LARS
 from .lion import LION
 from .reference import ReferenceOptimizer
 from .sgd import NESTEROV, SGD
@@ -29,6 +31,8 @@ register(ADAM)
 register(SGD)
 register(NESTEROV)
 register(LION, aliases=("lion_32bit",))
+register(LAMB)
+register(LARS)
 
 
 def available_optimizers() -> list[str]:

@@ -29,12 +29,14 @@ class ReferenceOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
+                    state["param_name"] = name  # for rules that exclude params by name
                     starts = self.rule.initial_values(group)
                     for name in self.rule.states(group):
                         state[name] = torch.full_like(p, starts.get(name, 0.0),

@@ -1,0 +1,85 @@
+"""LAMB (You et al. 2019) with apex FusedLAMB's semantics, and an exact per-tensor trust ratio.
+
+    m <- b1 m + (1 - b1) g          v <- b2 v + (1 - b2) g^2
+    r  = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    u  = r + wd x
+    x <- x - lr * (||x|| / ||u||) * u        (ratio 1 if a norm is 0, or the group has wd = 0)
+
+The norms are of the whole param, across ranks (see trust_ratio.py). Phase 1 updates the moments
+and writes u over the gradient shard, which step() consumes; phase 2 applies the ratio.
+apex's optional global gradient clipping (max_grad_norm) is left to ``clip_grad_norm_``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import trust_ratio
+from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative
+
+
+def _validate(group: dict) -> None:
+    check_nonnegative(group, "lr", "eps", "weight_decay")
+    check_betas(group)
+    trust_ratio.check_exclusion(group)
+
+
+def _direction(group: dict, shard: ShardTensors, step: torch.Tensor) -> None:
+    """Moments, then u written over the gradients."""
+    beta1, beta2 = group["betas"]
+    t = step.item()
+    m, v, grads = shard.states["exp_avg"], shard.states["exp_avg_sq"], shard.grads
+    torch._foreach_mul_(m, beta1)
+    torch._foreach_add_(m, grads, alpha=1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
+    torch._foreach_add_(denom, group["eps"])
+    torch._foreach_reciprocal_(denom)
+    torch._foreach_mul_(denom, m)  # in place: denom now holds m / denom
+    torch._foreach_mul_(denom, 1 / (1 - beta1**t))
+    if group["weight_decay"] != 0:
+        torch._foreach_add_(denom, shard.params, alpha=group["weight_decay"])
+    torch._foreach_copy_(grads, denom)
+
+
+def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.Tensor:
+    if shard.params:
+        _direction(group, shard, step)
+    return trust_ratio.partial_squares(shard, shard.params, shard.grads)
+
+
+def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats) -> None:
+    if stats is None:  # no weight decay: ratio 1, no statistics were needed
+        _direction(group, shard, step)
+        torch._foreach_add_(shard.params, shard.grads, alpha=-group["lr"])
+        return
+    ratio = trust_ratio.ratios(stats[0], stats[1], 1.0, trust_ratio.excluded(group, shard))
+    torch._foreach_mul_(shard.grads, shard.per_piece(-group["lr"] * ratio))
+    torch._foreach_add_(shard.params, shard.grads)
+
+
+def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
+    beta1, beta2 = group["betas"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    r = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
+    u = r + group["weight_decay"] * param
+    param.add_(u, alpha=-group["lr"] * trust_ratio.reference_ratio(group, state, param, u))
+
+
+LAMB = UpdateRule(
+    name="lamb",
+    defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                  exclude_from_trust_ratio=()),
+    states=lambda group: ("exp_avg", "exp_avg_sq"),
+    fused_step=_fused,
+    reference_step=_reference,
+    validate=_validate,
+    per_tensor=lambda group: group["weight_decay"] != 0,
+    statistics=_statistics,
+)
