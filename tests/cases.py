@@ -233,6 +233,11 @@ RULES = {
     "lion": dict(lr=1e-3, weight_decay=0.1),
     "lamb": dict(lr=1e-2, weight_decay=0.05),
     "lars": dict(lr=0.5, weight_decay=1e-3, momentum=0.9),
+    "nesterov": dict(lr=0.05, weight_decay=1e-3),
+    "adagrad": dict(lr=0.05, lr_decay=0.01, weight_decay=1e-3, initial_accumulator_value=0.1),
+    "rmsprop": dict(lr=1e-3, weight_decay=1e-3),
+    "rmsprop_centered_momentum": dict(lr=1e-3, momentum=0.9, centered=True),
+    "ademamix": dict(lr=1e-2, weight_decay=0.1, alpha=5.0, alpha_warmup=4, beta3_warmup=4),
 }
 
 

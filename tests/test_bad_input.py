@@ -17,7 +17,7 @@ def model():
 def test_unknown_optimizer_suggests_the_closest_name():
     with pytest.raises(ValueError, match=r"Unknown optimizer 'adamww'\. Did you mean 'adamw'\?"):
         zeroopt.ZeroOptimizer(model().parameters(), "adamww")
-    with pytest.raises(ValueError, match="Available: adam, adamw"):
+    with pytest.raises(ValueError, match="Available: .*adamw, .*lion"):
         zeroopt.ZeroOptimizer(model().parameters(), "shampoo")
 
 

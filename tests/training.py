@@ -83,7 +83,11 @@ def max_rel_err(model, ref) -> float:
 
 
 def reference_optimizer(name, params, hp):
-    torch_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    torch_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+                 "nesterov": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
+                 "rmsprop": torch.optim.RMSprop}
+    if name == "nesterov":
+        hp = {"momentum": 0.9, "nesterov": True, **hp}
     if name in torch_cls:
         return torch_cls[name](params, **hp)
     return zeroopt.ReferenceOptimizer(params, optimizer=name, **hp)

@@ -147,8 +147,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 for name in names:
                     shard.states[name].append(self._states[name][offset:offset + numel])
             for name, value in self.rule.initial_values(group).items():
-                if shard.states.get(name):
-                    torch._foreach_fill_(shard.states[name], value)
+                for state in shard.states.get(name, []):
+                    state.fill_(value)
             shards.append(shard)
         return shards
 
@@ -201,6 +201,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if self.comm.rank == 0:
                 log.warning("zeroopt: gradient norm is %s; step skipped, states untouched "
                             "(%d skipped so far)", norm.item(), self.skipped_steps)
+            self.grads.zero()
             return loss
         for step in self._steps:
             step += 1
@@ -209,6 +210,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                              statistics):
             if shard.params:
                 self.rule.fused_step(group, shard, step, stats)
+        self.grads.zero()  # consumed: a rule may have overwritten them (as DeepSpeed zeroes them)
         self._publish_params()
         return loss
 

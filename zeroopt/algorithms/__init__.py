@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import difflib
 
+from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
+from .ademamix import ADEMAMIX
 from .base import ShardTensors, UpdateRule
 from .lamb import LAMB
 from .lars import LARS
 from .lion import LION
 from .reference import ReferenceOptimizer
+from .rmsprop import RMSPROP
 from .sgd import NESTEROV, SGD
 
 _RULES: dict[str, UpdateRule] = {}
@@ -33,6 +36,9 @@ register(NESTEROV)
 register(LION, aliases=("lion_32bit",))
 register(LAMB)
 register(LARS)
+register(ADAGRAD)
+register(RMSPROP)
+register(ADEMAMIX)
 
 
 def available_optimizers() -> list[str]:

@@ -3,7 +3,8 @@
 The fused step updates a whole shard at once: it receives, for one param group, lists of
 same-length flat fp32 tensors (master params, averaged gradients, and each state) that together
 cover every element of that group this rank owns, and updates them in place. Element-wise
-rules may treat the lists as one long vector.
+rules may treat the lists as one long vector. step() consumes the gradients, so a rule may
+overwrite them (with its weight-decayed gradient, or its update direction).
 
 Tensor-wise rules (LAMB and LARS trust ratios, cautious masking) need statistics of whole
 params, which straddle ranks. For them each list entry is one param's piece

@@ -1,0 +1,91 @@
+"""AdEMAMix (Pagliardini et al. 2024), as apple/ml-ademamix's PyTorch reference computes it.
+
+A fast EMA m1 (bias-corrected) and a slow EMA m2 (not bias-corrected) of the gradient are
+mixed, over Adam's denominator:
+
+    x <- x (1 - lr wd) - lr * (m1 / (1 - b1^t) + alpha_t m2) / (sqrt(nu / (1 - b2^t)) + eps)
+
+alpha_t grows linearly from 0 over ``alpha_warmup`` steps; beta3_t grows from beta1 to beta3
+over ``beta3_warmup`` steps, linearly in the half-life (apple's linear_hl_warmup_scheduler).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative
+
+
+def alpha_at(t: int, alpha: float, warmup: int | None) -> float:
+    return alpha if warmup is None else min(t * alpha / warmup, alpha)
+
+
+def beta3_at(t: int, beta1: float, beta3: float, warmup: int | None) -> float:
+    if warmup is None or t >= warmup:
+        return beta3
+    half_life = lambda beta: math.log(0.5) / math.log(beta + 1e-8) - 1  # noqa: E731
+    a = t / warmup
+    return 0.5 ** (1 / ((1 - a) * half_life(beta1) + a * half_life(beta3) + 1))
+
+
+def _validate(group: dict) -> None:
+    check_nonnegative(group, "lr", "eps", "weight_decay", "alpha")
+    check_betas(group, count=3)
+    for name in ("alpha_warmup", "beta3_warmup"):
+        if group[name] is not None and (not isinstance(group[name], int) or group[name] < 1):
+            raise ValueError(f"{name} must be None or a positive number of steps, "
+                             f"got {group[name]!r}")
+
+
+def _schedule(group: dict, t: int) -> tuple[float, float]:
+    beta1, _, beta3 = group["betas"]
+    return (alpha_at(t, group["alpha"], group["alpha_warmup"]),
+            beta3_at(t, beta1, beta3, group["beta3_warmup"]))
+
+
+def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats=None) -> None:
+    t = int(step.item())
+    beta1, beta2, _ = group["betas"]
+    alpha, beta3 = _schedule(group, t)
+    params, grads = shard.params, shard.grads
+    m1, m2, nu = (shard.states[n] for n in ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq"))
+    if group["weight_decay"] != 0:
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+    torch._foreach_mul_(m1, beta1)
+    torch._foreach_add_(m1, grads, alpha=1 - beta1)
+    torch._foreach_mul_(m2, beta3)
+    torch._foreach_add_(m2, grads, alpha=1 - beta3)
+    torch._foreach_mul_(nu, beta2)
+    torch._foreach_addcmul_(nu, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(nu)
+    torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
+    torch._foreach_add_(denom, group["eps"])
+    mix = torch._foreach_mul(m1, 1 / (1 - beta1**t))
+    torch._foreach_add_(mix, m2, alpha=alpha)
+    torch._foreach_div_(mix, denom)
+    torch._foreach_add_(params, mix, alpha=-group["lr"])
+
+
+def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
+    beta1, beta2, _ = group["betas"]
+    alpha, beta3 = _schedule(group, t)
+    m1, m2, nu = state["exp_avg_fast"], state["exp_avg_slow"], state["exp_avg_sq"]
+    m1.mul_(beta1).add_(grad, alpha=1 - beta1)
+    m2.mul_(beta3).add_(grad, alpha=1 - beta3)
+    nu.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    update = (m1 / (1 - beta1**t) + alpha * m2) / (
+        nu.sqrt() / math.sqrt(1 - beta2**t) + group["eps"])
+    param.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
+
+
+ADEMAMIX = UpdateRule(
+    name="ademamix",
+    defaults=dict(lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, alpha_warmup=None,
+                  beta3_warmup=None, eps=1e-8, weight_decay=0.0),
+    states=lambda group: ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq"),
+    fused_step=_fused,
+    reference_step=_reference,
+    validate=_validate,
+)

@@ -1,0 +1,74 @@
+"""RMSprop (torch.optim.RMSprop semantics, with its centered and momentum options)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ShardTensors, UpdateRule, check_nonnegative
+
+
+def _validate(group: dict) -> None:
+    check_nonnegative(group, "lr", "eps", "weight_decay", "momentum", "alpha")
+
+
+def _states(group: dict) -> tuple[str, ...]:
+    return ("square_avg",
+            *(("momentum_buffer",) if group["momentum"] > 0 else ()),
+            *(("grad_avg",) if group["centered"] else ()))
+
+
+def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats=None) -> None:
+    alpha, grads, params = group["alpha"], shard.grads, shard.params
+    if group["maximize"]:
+        torch._foreach_neg_(grads)  # the gradient shard is consumed by step()
+    if group["weight_decay"] != 0:
+        torch._foreach_add_(grads, params, alpha=group["weight_decay"])
+    square_avg = shard.states["square_avg"]
+    torch._foreach_mul_(square_avg, alpha)
+    torch._foreach_addcmul_(square_avg, grads, grads, value=1 - alpha)
+    if group["centered"]:
+        grad_avg = shard.states["grad_avg"]
+        torch._foreach_lerp_(grad_avg, grads, 1 - alpha)
+        avg = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1)
+        torch._foreach_sqrt_(avg)
+    else:
+        avg = torch._foreach_sqrt(square_avg)
+    torch._foreach_add_(avg, group["eps"])
+    if group["momentum"] > 0:
+        buf = shard.states["momentum_buffer"]
+        torch._foreach_mul_(buf, group["momentum"])
+        torch._foreach_addcdiv_(buf, grads, avg)
+        torch._foreach_add_(params, buf, alpha=-group["lr"])
+    else:
+        torch._foreach_addcdiv_(params, grads, avg, value=-group["lr"])
+
+
+def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
+    alpha = group["alpha"]
+    if group["maximize"]:
+        grad = -grad
+    if group["weight_decay"] != 0:
+        grad = grad.add(param, alpha=group["weight_decay"])
+    square_avg = state["square_avg"].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+    if group["centered"]:
+        grad_avg = state["grad_avg"].lerp_(grad, 1 - alpha)
+        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+    else:
+        avg = square_avg.sqrt()
+    avg = avg.add_(group["eps"])
+    if group["momentum"] > 0:
+        buf = state["momentum_buffer"].mul_(group["momentum"]).addcdiv_(grad, avg)
+        param.add_(buf, alpha=-group["lr"])
+    else:
+        param.addcdiv_(grad, avg, value=-group["lr"])
+
+
+RMSPROP = UpdateRule(
+    name="rmsprop",
+    defaults=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                  centered=False, maximize=False),
+    states=_states,
+    fused_step=_fused,
+    reference_step=_reference,
+    validate=_validate,
+)
