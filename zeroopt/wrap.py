@@ -45,8 +45,12 @@ def wrap(optimizer: torch.optim.Optimizer, *, stage: int = 1, process_group=None
     groups = [{k: v for k, v in group.items() if k not in _IMPLEMENTATION_KEYS}
               for group in optimizer.param_groups]
     defaults = {k: v for k, v in optimizer.defaults.items() if k not in _IMPLEMENTATION_KEYS}
-    if name == "lion" and "use_triton" in defaults:
-        defaults.pop("use_triton")
+    if name == "lion":
+        if getattr(optimizer, "decoupled_wd", False):
+            # lion_pytorch then decays by lr * wd / initial_lr: a different rule.
+            raise ValueError("zeroopt.wrap cannot map lion_pytorch.Lion(decoupled_weight_decay="
+                             "True); use decoupled_weight_decay=False and scale weight_decay")
+        defaults.pop("use_triton", None)
         for group in groups:
             group.pop("use_triton", None)
     return ZeroOptimizer(groups, name, stage=stage, process_group=process_group,

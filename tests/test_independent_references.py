@@ -1,0 +1,69 @@
+"""zeroopt's rules against independent implementations that install here.
+
+(torch.optim is the reference throughout test_equivalence.py; pytorch-optimizer's LAMB and LARS
+are in test_trust_ratio.py.)
+"""
+
+import pytest
+import torch
+
+import zeroopt
+
+
+def pair():
+    torch.manual_seed(3)
+    a = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    b = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def train(model, opt, steps=10):
+    torch.manual_seed(7)
+    for _ in range(steps):
+        x, y = torch.randn(8, 16), torch.randn(8, 4)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def rel(a, b):
+    return max(((p - q).abs().max() / q.abs().max()).item()
+               for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_lion_equals_lion_pytorch_bit_for_bit():
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    ours, theirs = pair()
+    train(ours, zeroopt.ZeroOptimizer(ours.parameters(), "lion", lr=1e-3, weight_decay=0.1))
+    train(theirs, lion_pytorch.Lion(theirs.parameters(), lr=1e-3, weight_decay=0.1))
+    assert rel(ours, theirs) == 0.0
+
+
+def test_wrap_lion_pytorch():
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    ours, theirs = pair()
+    wrapped = zeroopt.wrap(lion_pytorch.Lion(ours.parameters(), lr=1e-3, betas=(0.95, 0.98)))
+    assert wrapped.rule.name == "lion" and wrapped.param_groups[0]["betas"] == (0.95, 0.98)
+    train(ours, wrapped)
+    train(theirs, lion_pytorch.Lion(theirs.parameters(), lr=1e-3, betas=(0.95, 0.98)))
+    assert rel(ours, theirs) == 0.0
+    with pytest.raises(ValueError, match="decoupled_weight_decay"):
+        zeroopt.wrap(lion_pytorch.Lion(pair()[0].parameters(), decoupled_weight_decay=True))
+
+
+@pytest.mark.parametrize("warmup, tol", [
+    (None, 1e-6),
+    # pytorch-optimizer's beta3 warm-up omits the 1e-8 that apple's adds inside log(beta):
+    # (1 - beta3_t) moves by ~1e-4 relative during the warm-up, the params by ~1e-6.
+    (5, 1e-5),
+])
+def test_ademamix_matches_pytorch_optimizer(warmup, tol):
+    po = pytest.importorskip("pytorch_optimizer")
+    ours, theirs = pair()
+    hp = dict(lr=1e-2, betas=(0.9, 0.999, 0.9999), alpha=5.0, weight_decay=0.1, eps=1e-8)
+    train(ours, zeroopt.ZeroOptimizer(ours.parameters(), "ademamix", alpha_warmup=warmup,
+                                      beta3_warmup=warmup, **hp))
+    train(theirs, po.AdEMAMix(theirs.parameters(), t_alpha_beta3=warmup, weight_decouple=True,
+                              fixed_decay=False, **hp))
+    assert rel(ours, theirs) < tol
