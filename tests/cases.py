@@ -238,6 +238,12 @@ RULES = {
     "rmsprop": dict(lr=1e-3, weight_decay=1e-3),
     "rmsprop_centered_momentum": dict(lr=1e-3, momentum=0.9, centered=True),
     "ademamix": dict(lr=1e-2, weight_decay=0.1, alpha=5.0, alpha_warmup=4, beta3_warmup=4),
+    "adamw_cautious": dict(lr=1e-2, weight_decay=0.1, cautious=True),
+    "adamw_adopt": dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.9999), eps=1e-6, adopt=True),
+    "adam_grams": dict(lr=1e-2, weight_decay=0.01, grams=True),
+    "adamw_cautious_adopt": dict(lr=1e-2, weight_decay=0.1, eps=1e-6, adopt=True,
+                                 cautious=True),
+    "lion_cautious": dict(lr=1e-3, weight_decay=0.1, cautious=True),
 }
 
 

@@ -189,3 +189,19 @@ def test_loading_hyperparameters_that_need_an_unallocated_state():
     assert plain.state_bytes() == 0  # plain SGD keeps no state
     with pytest.raises(ValueError, match=r"need the states \['momentum_buffer'\], which this optimizer was built without"):
         plain.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("name, hp, message", [
+    ("lion", dict(adopt=True), r"adopt=True is an Adam option; Lion's update is a sign already"),
+    ("lion", dict(grams=True), r"grams=True is an Adam option"),
+    ("adamw", dict(cautious=1), r"cautious must be True or False, got 1"),
+    ("lamb", dict(weight_decay=-1.0), r"Invalid weight_decay"),
+    ("lars", dict(eta=-1.0), r"Invalid eta"),
+    ("ademamix", dict(betas=(0.9, 0.999)), r"betas must be a tuple of 3 numbers"),
+    ("ademamix", dict(alpha_warmup=0), r"alpha_warmup must be None or a positive number of steps"),
+    ("rmsprop", dict(alpha=-0.1), r"Invalid alpha"),
+    ("adagrad", dict(lr_decay=-0.1), r"Invalid lr_decay"),
+])
+def test_invalid_options_of_the_other_rules(name, hp, message):
+    with pytest.raises(ValueError, match=message):
+        zeroopt.ZeroOptimizer(model().parameters(), name, **hp)

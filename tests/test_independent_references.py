@@ -67,3 +67,27 @@ def test_ademamix_matches_pytorch_optimizer(warmup, tol):
     train(theirs, po.AdEMAMix(theirs.parameters(), t_alpha_beta3=warmup, weight_decouple=True,
                               fixed_decay=False, **hp))
     assert rel(ours, theirs) < tol
+
+
+def test_adopt_matches_pytorch_optimizer():
+    """pytorch-optimizer's ADOPT clips at step**0.25 counting the step after its increment; the
+    authors' adopt.py (and zeroopt) count it before, so shift its clip by one step. Weight decay
+    off: pytorch-optimizer also decays on the initialising step, the authors do not."""
+    po = pytest.importorskip("pytorch_optimizer")
+    for cautious in (False, True):
+        ours, theirs = pair()
+        train(ours, zeroopt.ZeroOptimizer(ours.parameters(), "adamw", lr=1e-2, weight_decay=0.0,
+                                          betas=(0.9, 0.9999), eps=1e-6, adopt=True,
+                                          cautious=cautious))
+        train(theirs, po.ADOPT(theirs.parameters(), lr=1e-2, betas=(0.9, 0.9999), eps=1e-6,
+                               clip_lambda=lambda step: (step - 1) ** 0.25, cautious=cautious))
+        assert rel(ours, theirs) < 1e-6, cautious
+
+
+def test_grams_matches_pytorch_optimizer():
+    po = pytest.importorskip("pytorch_optimizer")
+    ours, theirs = pair()
+    train(ours, zeroopt.ZeroOptimizer(ours.parameters(), "adamw", lr=1e-2, weight_decay=0.1,
+                                      grams=True))
+    train(theirs, po.Grams(theirs.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-8))
+    assert rel(ours, theirs) < 1e-6

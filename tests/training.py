@@ -88,6 +88,7 @@ def reference_optimizer(name, params, hp):
                  "rmsprop": torch.optim.RMSprop}
     if name == "nesterov":
         hp = {"momentum": 0.9, "nesterov": True, **hp}
-    if name in torch_cls:
+    variant = any(hp.get(option) for option in ("cautious", "adopt", "grams"))
+    if name in torch_cls and not variant:
         return torch_cls[name](params, **hp)
     return zeroopt.ReferenceOptimizer(params, optimizer=name, **hp)

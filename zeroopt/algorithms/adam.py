@@ -1,4 +1,8 @@
-"""Adam and AdamW (torch.optim semantics), fused with torch's own multi-tensor kernel."""
+"""Adam and AdamW (torch.optim semantics), fused with torch's own multi-tensor kernel.
+
+The options ``cautious``, ``adopt`` and ``grams`` (variants.py) change the update; with any of
+them the step runs variants.py's multi-tensor path instead of the fused kernel.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import math
 
 import torch
 
+from . import variants
 from .base import ShardTensors, UpdateRule, check_betas, check_fixed, check_nonnegative
 
 _FIXED = {"amsgrad": False}
@@ -15,12 +20,17 @@ def _validate(group: dict) -> None:
     check_nonnegative(group, "lr", "eps", "weight_decay")
     check_betas(group)
     check_fixed(group, _FIXED, "adam/adamw")
+    for name in variants.OPTIONS:
+        if not isinstance(group[name], bool):
+            raise ValueError(f"{name} must be True or False, got {group[name]!r}")
 
 
 def _fused(decoupled: bool):
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
 
     def step(group: dict, shard: ShardTensors, step_count: torch.Tensor, stats=None) -> None:
+        if variants.any_option(group):
+            return _variant_step(group, shard, step_count, stats, decoupled)
         beta1, beta2 = group["betas"]
         # The kernel reads (does not advance) one step tensor per tensor; they all share ours.
         kernel(shard.params, shard.grads, shard.states["exp_avg"], shard.states["exp_avg_sq"],
@@ -31,8 +41,45 @@ def _fused(decoupled: bool):
     return step
 
 
+def _cautious_statistics(decoupled: bool):
+    """Phase 1 of cautious: the update direction, masked, stashed over the gradients."""
+    def statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.Tensor:
+        direction = (variants.adam_direction(group, shard, int(step.item()), decoupled)
+                     if shard.params else None)
+        if direction is None:  # nothing here, or ADOPT's first step
+            return torch.zeros(1, shard.num_params, dtype=torch.float64)
+        kept = variants.keep_agreeing(direction, shard.grads, shard)
+        torch._foreach_copy_(shard.grads, direction)
+        return kept
+
+    return statistics
+
+
+def _variant_step(group: dict, shard: ShardTensors, step: torch.Tensor, stats,
+                  decoupled: bool) -> None:
+    t = int(step.item())
+    if group["adopt"] and t == 1:
+        if not group["cautious"]:
+            variants.adam_direction(group, shard, t, decoupled)  # initialises v
+        return
+    if group["cautious"]:  # phase 1 left the masked direction in the gradients
+        torch._foreach_mul_(shard.grads, variants.cautious_scale(stats, shard))
+        direction = shard.grads
+    else:
+        direction = variants.adam_direction(group, shard, t, decoupled)
+    torch._foreach_add_(shard.params, direction, alpha=-group["lr"])
+
+
 def _reference(decoupled: bool):
     def step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
+        if variants.any_option(group):
+            direction, grad = variants.reference_direction(group, param, grad, state, t,
+                                                           decoupled)
+            if direction is not None:
+                if group["cautious"]:
+                    direction = variants.reference_cautious(direction, grad)
+                param.add_(direction, alpha=-group["lr"])
+            return
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = group["betas"]
         if group["maximize"]:
@@ -53,21 +100,25 @@ def _reference(decoupled: bool):
 ADAMW = UpdateRule(
     name="adamw",
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
-                  amsgrad=False),
+                  amsgrad=False, cautious=False, adopt=False, grams=False),
     states=lambda group: ("exp_avg", "exp_avg_sq"),
     fused_step=_fused(decoupled=True),
     reference_step=_reference(decoupled=True),
     validate=_validate,
+    per_tensor=lambda group: group["cautious"],
+    statistics=_cautious_statistics(decoupled=True),
     fixed=_FIXED,
 )
 
 ADAM = UpdateRule(
     name="adam",
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
-                  amsgrad=False),
+                  amsgrad=False, cautious=False, adopt=False, grams=False),
     states=lambda group: ("exp_avg", "exp_avg_sq"),
     fused_step=_fused(decoupled=False),
     reference_step=_reference(decoupled=False),
     validate=_validate,
+    per_tensor=lambda group: group["cautious"],
+    statistics=_cautious_statistics(decoupled=False),
     fixed=_FIXED,
 )

@@ -6,34 +6,65 @@
 
 The fused and reference steps use the same element-wise arithmetic (mul, then add), so they agree
 bit for bit: a sign taken of a momentum that rounds differently could flip a whole lr step.
+
+``cautious=True`` keeps the update only where it agrees in sign with the gradient, rescaled by
+numel / (kept + 1) per whole param (see variants.py). ``adopt`` and ``grams`` are Adam options:
+Lion's update is a sign already.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import variants
 from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative
 
 
 def _validate(group: dict) -> None:
     check_nonnegative(group, "lr", "weight_decay")
     check_betas(group)
+    if not isinstance(group["cautious"], bool):
+        raise ValueError(f"cautious must be True or False, got {group['cautious']!r}")
+    for name in ("adopt", "grams"):
+        if group.get(name):
+            raise ValueError(f"{name}=True is an Adam option; Lion's update is a sign already. "
+                             "Use optimizer='adamw' with it, or cautious=True with Lion")
+
+
+def _signed_update(group: dict, shard: ShardTensors) -> list[torch.Tensor]:
+    """sign(beta1 m + (1 - beta1) g), then m moves on (it does not depend on the params)."""
+    beta1, beta2 = group["betas"]
+    grads, exp_avgs = shard.grads, shard.states["exp_avg"]
+    if group["maximize"]:
+        torch._foreach_neg_(grads)  # consumed by step()
+    update = torch._foreach_mul(exp_avgs, beta1)
+    torch._foreach_add_(update, grads, alpha=1 - beta1)
+    torch._foreach_sign_(update)
+    torch._foreach_mul_(exp_avgs, beta2)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+    return update
+
+
+def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.Tensor:
+    """Phase 1 of cautious: the masked update, stashed over the gradients."""
+    if not shard.params:
+        return torch.zeros(1, shard.num_params, dtype=torch.float64)
+    update = _signed_update(group, shard)
+    kept = variants.keep_agreeing(update, shard.grads, shard)
+    torch._foreach_copy_(shard.grads, update)
+    return kept
 
 
 def _fused(group: dict, shard: ShardTensors, step_count: torch.Tensor, stats=None) -> None:
     lr, wd = float(group["lr"]), group["weight_decay"]
-    beta1, beta2 = group["betas"]
-    params, grads, exp_avgs = shard.params, shard.grads, shard.states["exp_avg"]
-    if group["maximize"]:
-        grads = torch._foreach_neg(grads)
+    if stats is None:
+        update = _signed_update(group, shard)
+    else:
+        update = shard.grads
+        torch._foreach_mul_(update, variants.cautious_scale(stats, shard))
     if wd != 0:
-        torch._foreach_mul_(params, 1 - lr * wd)
-    update = torch._foreach_mul(exp_avgs, beta1)
-    torch._foreach_add_(update, grads, alpha=1 - beta1)
-    torch._foreach_sign_(update)
-    torch._foreach_add_(params, update, alpha=-lr)
-    torch._foreach_mul_(exp_avgs, beta2)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+        torch._foreach_mul_(shard.params, 1 - lr * wd)
+    torch._foreach_add_(shard.params, update, alpha=-lr)
 
 
 def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
@@ -44,15 +75,19 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
         grad = -grad
     param.mul_(1 - lr * wd)
     update = (m * beta1).add_(grad, alpha=1 - beta1).sign_()
+    if group["cautious"]:
+        update = variants.reference_cautious(update, grad)
     param.add_(update, alpha=-lr)
     m.mul_(beta2).add_(grad, alpha=1 - beta2)
 
 
 LION = UpdateRule(
     name="lion",
-    defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
+    defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, cautious=False),
     states=lambda group: ("exp_avg",),
     fused_step=_fused,
     reference_step=_reference,
     validate=_validate,
+    per_tensor=lambda group: group["cautious"],
+    statistics=_statistics,
 )
