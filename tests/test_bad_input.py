@@ -203,5 +203,7 @@ def test_loading_hyperparameters_that_need_an_unallocated_state():
     ("adagrad", dict(lr_decay=-0.1), r"Invalid lr_decay"),
 ])
 def test_invalid_options_of_the_other_rules(name, hp, message):
+    # In a param group, so that the rule's own check speaks (as a keyword, an option the rule
+    # does not take is an unexpected hyperparameter).
     with pytest.raises(ValueError, match=message):
-        zeroopt.ZeroOptimizer(model().parameters(), name, **hp)
+        zeroopt.ZeroOptimizer([{"params": model().parameters(), **hp}], name)
