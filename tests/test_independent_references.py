@@ -91,3 +91,28 @@ def test_grams_matches_pytorch_optimizer():
                                       grams=True))
     train(theirs, po.Grams(theirs.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-8))
     assert rel(ours, theirs) < 1e-6
+
+
+def test_schedule_free_adamw_matches_schedulefree():
+    """Training point y, evaluation point x after eval(), and training again after train()."""
+    schedulefree = pytest.importorskip("schedulefree")
+    ours, theirs = pair()
+    hp = dict(lr=1e-2, weight_decay=0.05, warmup_steps=3)
+    opt = zeroopt.ZeroOptimizer(ours.parameters(), "schedule_free_adamw", **hp)
+    ref = schedulefree.AdamWScheduleFree(theirs.parameters(), **hp)
+    ref.train()
+    train(ours, opt)
+    train(theirs, ref)
+    assert rel(ours, theirs) < 1e-6
+    opt.eval()
+    ref.eval()
+    assert rel(ours, theirs) < 1e-6
+    with pytest.raises(RuntimeError, match=r"step\(\) in eval mode: call opt.train\(\)"):
+        ours(torch.randn(2, 16)).sum().backward()
+        opt.step()
+    opt.zero_grad()
+    opt.train()
+    ref.train()
+    train(ours, opt, steps=3)
+    train(theirs, ref, steps=3)
+    assert rel(ours, theirs) < 1e-6

@@ -147,8 +147,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 for name in names:
                     shard.states[name].append(self._states[name][offset:offset + numel])
             for name, value in self.rule.initial_values(group).items():
-                for state in shard.states.get(name, []):
-                    state.fill_(value)
+                for state, param in zip(shard.states.get(name, []), shard.params):
+                    state.copy_(param) if value == "param" else state.fill_(value)
             shards.append(shard)
         return shards
 
@@ -191,6 +191,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not all(group.get("train_mode", True) for group in self.param_groups):
+            raise RuntimeError("ZeroOptimizer.step() in eval mode: call opt.train() before "
+                               "training again (and opt.eval() before evaluating)")
         self._sync_gradients()
         norm, self._grad_norm = self._grad_norm, None
         if norm is None and self.skip_nonfinite:
@@ -203,8 +206,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
                             "(%d skipped so far)", norm.item(), self.skipped_steps)
             self.grads.zero()
             return loss
-        for step in self._steps:
+        for group, step in zip(self.param_groups, self._steps):
             step += 1
+            if self.rule.before_step:
+                self.rule.before_step(group)
         statistics = self._whole_param_statistics()
         for group, shard, step, stats in zip(self.param_groups, self._shards, self._steps,
                                              statistics):
@@ -228,6 +233,27 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.grads.shard.mul_(coef)
         self._grad_norm = norm
         return norm
+
+    def eval(self) -> None:
+        """Put the model's params where they are evaluated (schedule-free: the average x);
+        a no-op for rules that train at the point they evaluate."""
+        self._switch_mode(train=False)
+
+    def train(self) -> None:
+        """Put the params back where training steps them (schedule-free: y)."""
+        self._switch_mode(train=True)
+
+    @torch.no_grad()
+    def _switch_mode(self, train: bool) -> None:
+        move = self.rule.to_train if train else self.rule.to_eval
+        if move is None:
+            return
+        for group, shard in zip(self.param_groups, self._shards):
+            if group["train_mode"] != train:
+                if shard.params:
+                    move(group, shard)
+                group["train_mode"] = train
+        self._publish_params()
 
     def no_sync(self):
         """Context for gradient-accumulation micro-steps: backward accumulates locally and the

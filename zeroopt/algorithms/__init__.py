@@ -17,6 +17,7 @@ from .lars import LARS
 from .lion import LION
 from .reference import ReferenceOptimizer
 from .rmsprop import RMSPROP
+from .schedule_free import SCHEDULE_FREE_ADAMW
 from .sgd import NESTEROV, SGD
 
 _RULES: dict[str, UpdateRule] = {}
@@ -39,6 +40,7 @@ register(LARS)
 register(ADAGRAD)
 register(RMSPROP)
 register(ADEMAMIX)
+register(SCHEDULE_FREE_ADAMW)
 
 
 def available_optimizers() -> list[str]:

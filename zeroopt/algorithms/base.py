@@ -77,8 +77,15 @@ class UpdateRule:
     # Tensor-wise rules: (group) -> whether it needs whole-param statistics, and the partials.
     per_tensor: Callable[[dict], bool] = lambda group: False
     statistics: Statistics | None = None
-    # (group) -> the value each state starts at, where not zero (Adagrad's accumulator).
-    initial_values: Callable[[dict], dict[str, float]] = lambda group: {}
+    # (group) -> the value each state starts at, where not zero: a number (Adagrad's
+    # accumulator), or "param" for a copy of the param (schedule-free's z).
+    initial_values: Callable[[dict], dict[str, float | str]] = lambda group: {}
+    # (group) -> None: bookkeeping kept in the group, run on every rank before each step.
+    before_step: Callable[[dict], None] | None = None
+    # (group, shard) -> None: move the params to where they are evaluated, and back, for rules
+    # whose training point is not the point to evaluate (schedule-free).
+    to_eval: Callable[[dict, ShardTensors], None] | None = None
+    to_train: Callable[[dict, ShardTensors], None] | None = None
     # Values a hyperparameter accepts only for compatibility with torch.optim's signature.
     fixed: dict = field(default_factory=dict)
 

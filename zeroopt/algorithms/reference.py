@@ -29,6 +29,8 @@ class ReferenceOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if self.rule.before_step:
+                self.rule.before_step(group)
             names = group.get("param_names") or [None] * len(group["params"])
             for p, name in zip(group["params"], names):
                 if p.grad is None:
@@ -39,8 +41,31 @@ class ReferenceOptimizer(torch.optim.Optimizer):
                     state["param_name"] = name  # for rules that exclude params by name
                     starts = self.rule.initial_values(group)
                     for name in self.rule.states(group):
-                        state[name] = torch.full_like(p, starts.get(name, 0.0),
-                                                      dtype=torch.float32)
+                        start = starts.get(name, 0.0)
+                        state[name] = (p.detach().float().clone() if start == "param" else
+                                       torch.full_like(p, start, dtype=torch.float32))
                 state["step"] += 1
                 self.rule.reference_step(group, p, p.grad, state, state["step"])
         return loss
+
+    def eval(self) -> None:
+        self._switch_mode(train=False)
+
+    def train(self) -> None:
+        self._switch_mode(train=True)
+
+    @torch.no_grad()
+    def _switch_mode(self, train: bool) -> None:
+        from .base import ShardTensors
+
+        move = self.rule.to_train if train else self.rule.to_eval
+        if move is None:
+            return
+        for group in self.param_groups:
+            if group["train_mode"] == train:
+                continue
+            for p in group["params"]:
+                if self.state[p]:
+                    states = {name: [self.state[p][name]] for name in self.rule.states(group)}
+                    move(group, ShardTensors([p], [], states))
+            group["train_mode"] = train
