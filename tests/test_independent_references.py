@@ -8,28 +8,9 @@ import pytest
 import torch
 
 import zeroopt
-
-
-def pair():
-    torch.manual_seed(3)
-    a = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-    b = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-    b.load_state_dict(a.state_dict())
-    return a, b
-
-
-def train(model, opt, steps=10):
-    torch.manual_seed(7)
-    for _ in range(steps):
-        x, y = torch.randn(8, 16), torch.randn(8, 4)
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-
-
-def rel(a, b):
-    return max(((p - q).abs().max() / q.abs().max()).item()
-               for p, q in zip(a.parameters(), b.parameters()))
+from training import rel_diff as rel
+from training import small_pair as pair
+from training import train_small as train
 
 
 def test_lion_equals_lion_pytorch_bit_for_bit():

@@ -14,6 +14,7 @@ import torch
 import cases_trust
 import zeroopt
 from distributed import run_ranks
+from training import rel_diff, small_pair, train_small
 
 RULES = {"lamb": dict(lr=1e-2, weight_decay=0.05), "lars": dict(lr=0.5, weight_decay=1e-3)}
 
@@ -45,26 +46,6 @@ def test_exclusion_by_name_needs_named_params():
 po = pytest.importorskip("pytorch_optimizer")
 
 
-def _train(make_model, opt, steps, before_step=lambda t: None):
-    torch.manual_seed(7)
-    model = make_model
-    for t in range(1, steps + 1):
-        x, y = torch.randn(8, 16), torch.randn(8, 4)
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        before_step(t)
-        opt.step()
-        opt.zero_grad()
-    return model
-
-
-def _pair():
-    torch.manual_seed(3)
-    a = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-    b = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-    b.load_state_dict(a.state_dict())
-    return a, b
-
-
 def _groups(model, wd, **no_decay_extra):
     return [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")],
              "weight_decay": wd},
@@ -72,16 +53,11 @@ def _groups(model, wd, **no_decay_extra):
              "weight_decay": 0.0, **no_decay_extra}]
 
 
-def _rel(a, b):
-    return max(((p - q).abs().max() / q.abs().max()).item()
-               for p, q in zip(a.parameters(), b.parameters()))
-
-
 def test_lamb_matches_pytorch_optimizer():
     """pytorch-optimizer's Lamb never bias-corrects v (and, by default, decays outside the
     trust ratio); with its non-decoupled form and eps, weight_decay and lr rescaled each step
     by the bias corrections, it computes apex's LAMB, which is zeroopt's definition."""
-    ours, theirs = _pair()
+    ours, theirs = small_pair()
     lr, wd, eps = 1e-2, 0.01, 1e-6
     opt = zeroopt.ZeroOptimizer(_groups(ours, wd), "lamb", lr=lr, eps=eps)
     ref = po.Lamb(_groups(theirs, wd, adam=True), lr=lr, eps=eps, weight_decouple=False,
@@ -93,16 +69,16 @@ def test_lamb_matches_pytorch_optimizer():
         decay.update(eps=eps * bc2, weight_decay=wd * bc1 / bc2)
         plain.update(eps=eps * bc2, lr=lr * bc2 / bc1)
 
-    _train(ours, opt, 10)
-    _train(theirs, ref, 10, rescale)
-    assert _rel(ours, theirs) < 1e-6
+    train_small(ours, opt, 10)
+    train_small(theirs, ref, 10, rescale)
+    assert rel_diff(ours, theirs) < 1e-6
 
 
 def test_lars_matches_pytorch_optimizer_up_to_its_denominator():
     """pytorch-optimizer's LARS divides by ||g|| + wd ||w|| where the definition has
     ||g + wd w||; rescaling its trust coefficient per tensor and step by the ratio of the two
     removes exactly that difference, and nothing else remains."""
-    ours, theirs = _pair()
+    ours, theirs = small_pair()
     lr, wd, eta = 0.5, 1e-4, 1e-3
     opt = zeroopt.ZeroOptimizer(_groups(ours, wd), "lars", lr=lr, eta=eta)
     groups = [{"params": [p], "weight_decay": wd if n.endswith("weight") else 0.0}
@@ -116,6 +92,6 @@ def test_lars_matches_pytorch_optimizer_up_to_its_denominator():
                 g["trust_coefficient"] = eta * (p.grad.norm() + wd * p.norm()).item() / (
                     p.grad + wd * p).norm().item()
 
-    _train(ours, opt, 10)
-    _train(theirs, ref, 10, fix_denominator)
-    assert _rel(ours, theirs) < 1e-6
+    train_small(ours, opt, 10)
+    train_small(theirs, ref, 10, fix_denominator)
+    assert rel_diff(ours, theirs) < 1e-6

@@ -92,3 +92,32 @@ def reference_optimizer(name, params, hp):
     if name in torch_cls and not variant:
         return torch_cls[name](params, **hp)
     return zeroopt.ReferenceOptimizer(params, optimizer=name, **hp)
+
+
+# --- single-process comparisons with independent implementations ----------------------------
+
+
+def small_pair():
+    """Two identical small models (for comparing two optimizers in one process)."""
+    torch.manual_seed(3)
+    a = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    b = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def train_small(model, opt, steps=10, before_step=lambda t: None):
+    """``steps`` steps on fixed random data; ``before_step(t)`` may adjust the optimizer."""
+    torch.manual_seed(7)
+    for t in range(1, steps + 1):
+        x, y = torch.randn(8, 16), torch.randn(8, 4)
+        nn.functional.mse_loss(model(x), y).backward()
+        before_step(t)
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def rel_diff(a, b) -> float:
+    return max(((p - q).abs().max() / q.abs().max()).item()
+               for p, q in zip(a.parameters(), b.parameters()))

@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative
+from .base import (ShardTensors, UpdateRule, adam_denominator, check_betas, check_nonnegative,
+                   update_moments_)
 
 
 def alpha_at(t: int, alpha: float, warmup: int | None) -> float:
@@ -53,15 +54,10 @@ def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats=None) -> 
     m1, m2, nu = (shard.states[n] for n in ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq"))
     if group["weight_decay"] != 0:
         torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-    torch._foreach_mul_(m1, beta1)
-    torch._foreach_add_(m1, grads, alpha=1 - beta1)
+    update_moments_(m1, nu, grads, beta1, beta2)
     torch._foreach_mul_(m2, beta3)
     torch._foreach_add_(m2, grads, alpha=1 - beta3)
-    torch._foreach_mul_(nu, beta2)
-    torch._foreach_addcmul_(nu, grads, grads, value=1 - beta2)
-    denom = torch._foreach_sqrt(nu)
-    torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
-    torch._foreach_add_(denom, group["eps"])
+    denom = adam_denominator(nu, beta2, t, group["eps"])
     mix = torch._foreach_mul(m1, 1 / (1 - beta1**t))
     torch._foreach_add_(mix, m2, alpha=alpha)
     torch._foreach_div_(mix, denom)

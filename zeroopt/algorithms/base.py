@@ -124,6 +124,24 @@ def check_fixed(group: dict, fixed: dict, rule: str) -> None:
                              f"use {name}={allowed!r}")
 
 
+def update_moments_(m: list[torch.Tensor], v: list[torch.Tensor], grads: list[torch.Tensor],
+                    beta1: float, beta2: float) -> None:
+    """Adam's moments, in place: m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2."""
+    torch._foreach_mul_(m, beta1)
+    torch._foreach_add_(m, grads, alpha=1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+
+
+def adam_denominator(v: list[torch.Tensor], beta2: float, t: int,
+                     eps: float) -> list[torch.Tensor]:
+    """sqrt(v / (1 - b2^t)) + eps, as new tensors."""
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
+    torch._foreach_add_(denom, eps)
+    return denom
+
+
 def resolve_defaults(rule: UpdateRule, hyperparameters: dict) -> dict:
     """The rule's defaults overridden by ``hyperparameters``; an unknown name is an error that
     suggests the closest known one."""

@@ -12,12 +12,11 @@ apex's optional global gradient clipping (max_grad_norm) is left to ``clip_grad_
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import trust_ratio
-from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative
+from .base import (ShardTensors, UpdateRule, adam_denominator, check_betas, check_nonnegative,
+                   update_moments_)
 
 
 def _validate(group: dict) -> None:
@@ -31,13 +30,8 @@ def _direction(group: dict, shard: ShardTensors, step: torch.Tensor) -> None:
     beta1, beta2 = group["betas"]
     t = step.item()
     m, v, grads = shard.states["exp_avg"], shard.states["exp_avg_sq"], shard.grads
-    torch._foreach_mul_(m, beta1)
-    torch._foreach_add_(m, grads, alpha=1 - beta1)
-    torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
-    torch._foreach_add_(denom, group["eps"])
+    update_moments_(m, v, grads, beta1, beta2)
+    denom = adam_denominator(v, beta2, t, group["eps"])
     torch._foreach_reciprocal_(denom)
     torch._foreach_mul_(denom, m)  # in place: denom now holds m / denom
     torch._foreach_mul_(denom, 1 / (1 - beta1**t))

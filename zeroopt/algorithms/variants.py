@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .base import ShardTensors
+from .base import ShardTensors, adam_denominator
 
 OPTIONS = ("cautious", "adopt", "grams")
 
@@ -58,9 +58,7 @@ def adam_direction(group: dict, shard: ShardTensors, t: int, decoupled: bool):
         torch._foreach_lerp_(m, grads, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        direction = torch._foreach_sqrt(v)
-        torch._foreach_div_(direction, math.sqrt(1 - beta2**t))
-        torch._foreach_add_(direction, eps)
+        direction = adam_denominator(v, beta2, t, eps)
         torch._foreach_reciprocal_(direction)
         torch._foreach_mul_(direction, m)
         torch._foreach_mul_(direction, 1 / (1 - beta1**t))
