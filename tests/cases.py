@@ -278,6 +278,8 @@ def suite() -> dict:
         out["agree", stage] = params_agree_across_ranks(stage)
         out["nonfinite", stage] = nonfinite_gradient_skips_the_step(stage)
         out["grad_memory", stage] = gradient_memory(stage)
+        out["unused_params", stage] = unused_params_on_some_ranks(stage)
+        out["clip_norm_types", stage] = clip_norm_types(stage)
     # DDP's own all-reduce sums in fp32, so this runs SGD (linear in the gradient).
     out["ddp"] = equivalence("sgd", RULES["sgd"], 1, options=dict(average_grads=False),
                              ddp=True)
@@ -373,3 +375,58 @@ def gradient_memory(stage: int) -> dict:
             "largest_bucket_bytes": 4 * max(b.numel for b in buckets),
             "all_buckets_bytes": 4 * sum(b.numel for b in buckets),
             "grads_left": sum(p.grad is not None for p in model.parameters())}
+
+
+class BranchModel(nn.Module):
+    """A model whose ``branch`` layer only some ranks use: its gradient is zero elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(37, 23)
+        self.branch = nn.Linear(23, 23)
+        self.head = nn.Linear(23, 5)
+
+    def forward(self, x, use_branch: bool):
+        h = torch.tanh(self.trunk(x))
+        return self.head(self.branch(h) if use_branch else h)
+
+
+def unused_params_on_some_ranks(stage: int) -> float:
+    """Ranks of odd index skip ``branch``: zeroopt averages their zero gradient in, as
+    DistributedDataParallel does, and the buckets still reduce in the same order everywhere."""
+    rank, world_size = world()
+    torch.manual_seed(5)
+    model = BranchModel()
+    ref = copy.deepcopy(model)
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "sgd", stage=stage, bucket_numel=300,
+                                reduce_dtype=torch.float64, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for step in range(3):
+        x, y = batch(step, rank)
+        nn.functional.mse_loss(model(x, rank % 2 == 0), y).backward()
+        opt.step()
+        opt.zero_grad()
+        for r in range(world_size):
+            x, y = batch(step, r)
+            (nn.functional.mse_loss(ref(x, r % 2 == 0), y) / world_size).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return max_rel_err(model, ref)
+
+
+def clip_norm_types(stage: int) -> dict:
+    """clip_grad_norm_ with the inf norm and a fractional p: the global norm against the exact
+    (fp64) norm of the whole unsharded model's averaged gradient. (torch's own fp32 result is
+    itself ~4e-7 off at p = 1.5.)"""
+    rank, world_size = world()
+    out = {}
+    for norm_type in (float("inf"), 1.5):
+        model, ref = models()
+        opt = zeroopt.ZeroOptimizer(model.parameters(), "sgd", stage=stage, **EXACT, lr=0.1)
+        loss_of(model, *batch(0, rank)).backward()
+        norm = opt.clip_grad_norm_(0.01, norm_type=norm_type)
+        reference_backward(ref, 0, world_size)
+        grads = torch.cat([p.grad.double().reshape(-1) for p in ref.parameters()])
+        exact = torch.linalg.vector_norm(grads, norm_type).item()
+        out[norm_type] = abs(norm.item() - exact) / exact
+    return out

@@ -148,3 +148,16 @@ def test_stage2_releases_gradient_memory_outside_the_shard(results):
         assert s1["peak"] == s1["all_buckets_bytes"]
         assert s2["peak"] <= 3 * s2["largest_bucket_bytes"] < s1["peak"]
         assert s1["grads_left"] == s2["grads_left"] == 0
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_params_unused_on_some_ranks_count_as_zero_gradients(results, stage):
+    _, per_rank = results
+    assert worst(per_rank, ("unused_params", stage)) < TOL
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_clip_grad_norm_inf_and_fractional_norms(results, stage):
+    _, per_rank = results
+    for r in per_rank:
+        assert max(r[("clip_norm_types", stage)].values()) < TOL, r[("clip_norm_types", stage)]

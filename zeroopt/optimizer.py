@@ -300,9 +300,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
             norm = shard.abs().max() if shard.numel() else shard.new_zeros(())
             self.comm.all_reduce(norm, op="max")
             return norm
-        total = torch.linalg.vector_norm(shard, norm_type) ** norm_type
+        # Each rank's norm to the p, summed over ranks, the powers in fp64. Other p than 2
+        # (rare: not the per-step check) also accumulate in fp64: |g|^p in fp32 costs ~1e-6.
+        dtype = torch.float32 if norm_type == 2.0 else torch.float64
+        total = torch.linalg.vector_norm(shard, norm_type, dtype=dtype).double() ** norm_type
         self.comm.all_reduce(total)
-        return total ** (1.0 / norm_type)
+        return (total ** (1.0 / norm_type)).float()
 
     def _publish_params(self) -> None:
         """Copy 16-bit masters into the model's buffers, then all-gather every bucket."""
