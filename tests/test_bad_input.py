@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-import cases
+import cases_robustness
 import zeroopt
 from distributed import run_ranks
 
@@ -139,14 +139,14 @@ def test_load_state_dict_from_torch_optim():
     ("dtype", r"param 0 is shape \[\] float32 in group 0 on rank 0 but shape \[\] float64"),
 ])
 def test_ranks_that_disagree_about_params_all_get_the_error(kind, message):
-    errors = run_ranks(2, cases.mismatched_params, kind, timeout=120)
+    errors = run_ranks(2, cases_robustness.mismatched_params, kind, timeout=120)
     for error in errors:
         assert "ranks disagree about the parameters" in error
         assert re.search(message, error), error
 
 
 def test_ranks_that_disagree_about_settings_all_get_the_error():
-    for error in run_ranks(2, cases.mismatched_settings, timeout=120):
+    for error in run_ranks(2, cases_robustness.mismatched_settings, timeout=120):
         assert "ranks disagree about stage: rank 0 has 1, rank 1 has 2" in error
 
 

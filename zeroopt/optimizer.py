@@ -129,7 +129,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _shard_tensors_per_group(self) -> list[ShardTensors]:
         """Views of the shard per group: merged runs for element-wise groups, one piece per
         param for groups whose rule needs whole-param statistics."""
-        shards = []
+        shards, runs = [], self.layout.runs()
         for g, group in enumerate(self.param_groups):
             names = self.rule.states(group)
             if self.rule.per_tensor(group):
@@ -138,8 +138,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                          if p.slot.group == g]
             else:
                 shard = ShardTensors([], [])
-                spans = [(b.index, offset, numel) for group_of, b, offset, numel
-                         in self.layout.runs() if group_of == g]
+                spans = [(b.index, offset, numel) for group_of, b, offset, numel in runs
+                         if group_of == g]
             shard.states = {name: [] for name in names}
             for bucket, offset, numel in spans:
                 shard.params.append(self._master_view(self.layout.buckets[bucket], offset, numel))

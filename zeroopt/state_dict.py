@@ -18,13 +18,14 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 
 
-def _gather_full(opt: ZeroOptimizer, shard: torch.Tensor, buffer) -> torch.Tensor:
-    """Every rank's chunks of a shard-space tensor, assembled into ``buffer``'s flat shape."""
+def _gather_full(opt: ZeroOptimizer, shard: torch.Tensor, buffer, base: int = 0) -> torch.Tensor:
+    """Every rank's chunks of a shard-space tensor (whose element 0 sits at shard offset
+    ``base``), assembled into ``buffer``'s flat shape."""
     full = torch.zeros(buffer.numel, dtype=shard.dtype, device=shard.device)
     handles = []
     for bucket in buffer.buckets:
-        opt.layout.owned_view(full, bucket).copy_(
-            shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel])
+        at = bucket.shard_offset - base
+        opt.layout.owned_view(full, bucket).copy_(shard[at:at + bucket.chunk_numel])
         handles.append(opt.comm.gather_bucket(full[bucket.start:bucket.start + bucket.numel]))
     for handle in handles:
         handle.wait()
@@ -36,11 +37,9 @@ def gather_state_dict(opt: ZeroOptimizer) -> dict:
     state: dict[int, dict] = {}
     for buffer in opt.layout.buffers:
         full = {name: _gather_full(opt, s, buffer) for name, s in opt._states.items()}
-        if buffer.index in opt._masters:
-            padded = torch.zeros(opt.layout.shard_numel, device=opt.device)
-            padded[buffer.shard_offset:buffer.shard_offset + buffer.shard_numel] = \
-                opt._masters[buffer.index]
-            full["master_param"] = _gather_full(opt, padded, buffer)
+        if buffer.index in opt._masters:  # a master covers only its buffer's part of the shard
+            full["master_param"] = _gather_full(opt, opt._masters[buffer.index], buffer,
+                                                base=buffer.shard_offset)
         for slot in opt.layout.slots:
             if slot.buffer != buffer.index:
                 continue

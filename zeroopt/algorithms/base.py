@@ -60,10 +60,6 @@ ReferenceStep = Callable[[dict, torch.Tensor, torch.Tensor, dict, int], None]
 Statistics = Callable[[dict, ShardTensors, torch.Tensor], torch.Tensor]
 
 
-def _no_states(group: dict) -> tuple[str, ...]:
-    return ()
-
-
 @dataclass(frozen=True)
 class UpdateRule:
     name: str

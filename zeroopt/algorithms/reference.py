@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import resolve_defaults
+from .base import ShardTensors, resolve_defaults
 
 
 class ReferenceOptimizer(torch.optim.Optimizer):
@@ -56,8 +56,6 @@ class ReferenceOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _switch_mode(self, train: bool) -> None:
-        from .base import ShardTensors
-
         move = self.rule.to_train if train else self.rule.to_eval
         if move is None:
             return

@@ -33,7 +33,7 @@ def excluded(group: dict, shard: ShardTensors) -> torch.Tensor:
         return torch.ones(shard.num_params, dtype=torch.bool)
     patterns = [re.compile(p) for p in group["exclude_from_trust_ratio"]]
     return torch.tensor([bool(name) and any(p.search(name) for p in patterns)
-                         for name in shard.param_names] or [], dtype=torch.bool)
+                         for name in shard.param_names], dtype=torch.bool)
 
 
 def ratios(numerator_sq: torch.Tensor, denominator_sq: torch.Tensor, scale: float,
