@@ -13,6 +13,7 @@ import io
 import os
 import queue
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -58,14 +59,23 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 240.0) -> list:
         p.start()
     outputs: dict[int, object] = {}
     errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, ok, value = results.get(timeout=timeout)
-            (outputs if ok else errors)[rank] = value
-    except queue.Empty:
-        missing = sorted(set(range(world_size)) - set(outputs) - set(errors))
-        raise RankFailed(f"ranks {missing} did not finish within {timeout}s (a hang?)"
-                         + _format(errors)) from None
+        while len(outputs) + len(errors) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=1.0)
+                (outputs if ok else errors)[rank] = value
+                continue
+            except queue.Empty:
+                pass
+            missing = sorted(set(range(world_size)) - set(outputs) - set(errors))
+            dead = [r for r in missing if procs[r].exitcode not in (None, 0)]
+            if dead:  # a crash (a signal, os._exit) sends no traceback: say so, do not wait
+                raise RankFailed(f"ranks {dead} died with exit codes "
+                                 f"{[procs[r].exitcode for r in dead]}" + _format(errors))
+            if time.monotonic() > deadline:
+                raise RankFailed(f"ranks {missing} did not finish within {timeout}s (a hang?)"
+                                 + _format(errors))
     finally:
         for p in procs:
             p.join(timeout=10)

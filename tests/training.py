@@ -56,7 +56,8 @@ def loss_of(model, x, y):
     return nn.functional.mse_loss(model(x.to(next(model.parameters()).dtype)).float(), y)
 
 
-def reference_backward(ref, step: int, world_size: int, micro: int = 0, accum: int = 1):
+def reference_backward(ref, step: int, world_size: int, micro: int = 0, accum: int = 1,
+                       scale: float = 1.0):
     """Give ``ref`` the average over ranks of their gradients, summed exactly (fp64) and
     rounded once to fp32: the gradient zeroopt reduces with ``reduce_dtype=torch.float64``.
     Gradients accumulate across calls, as backward's do."""
@@ -64,7 +65,7 @@ def reference_backward(ref, step: int, world_size: int, micro: int = 0, accum: i
     for r in range(world_size):
         for p in ref.parameters():
             p.grad, p.saved_grad = None, p.grad
-        (loss_of(ref, *batch(step, r, micro)) / accum).backward()
+        (loss_of(ref, *batch(step, r, micro)) * scale / accum).backward()
         for t, p in zip(total, ref.parameters()):
             if p.grad is not None:
                 t += p.grad.double()

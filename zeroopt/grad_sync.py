@@ -138,9 +138,11 @@ class BucketedReducer:
     def _zero_unwritten(bucket: Bucket, staging: torch.Tensor, written: set) -> None:
         """Params with no gradient on this rank contribute zeros; so does the padding."""
         for slot in bucket.slots:
-            if slot not in written:
-                staging[slot.start - bucket.start:slot.end - bucket.start].zero_()
-        staging[bucket.slots[-1].end - bucket.start:].zero_()
+            start, end = slot.end if slot in written else slot.start, slot.start + slot.extent
+            if start < end:
+                staging[start - bucket.start:end - bucket.start].zero_()
+        last = bucket.slots[-1]
+        staging[last.start + last.extent - bucket.start:].zero_()
 
     def _harvest(self, b: int) -> None:
         self._work[b].wait()

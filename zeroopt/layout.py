@@ -7,6 +7,12 @@ views into it. The buffer is cut into buckets, and every bucket is padded to a m
 every bucket. So each bucket's gradient reduction and param gather is one equal-chunk
 collective, and a param may straddle chunk (shard) boundaries freely.
 
+Params are also split by their *state kind* (state precision, paged or not; see
+``zeroopt.states``): one flat buffer per (dtype, device, kind), so each buffer's part of the shard
+keeps its states in one form. Params with 8-bit state start on a 256-element boundary and take a
+whole number of blocks, so each quantization block belongs to one param (the blocks are then
+those bitsandbytes would give the param alone) and to one rank, at every world size.
+
 A rank's *shard* is its chunks of all buckets, laid end to end. Optimizer state, fp32 master
 weights and the averaged gradient live in shard space; the ``ShardPiece`` map says which part of
 which param each stretch of the shard belongs to. Ranges are named for what they index:
@@ -37,6 +43,7 @@ class ParamSlot:
     bucket: int
     start: int  # buffer offset of the param's first element
     numel: int
+    extent: int  # numel, rounded up to its kind's block: the padding after it stays zero
 
     @property
     def end(self) -> int:
@@ -72,6 +79,7 @@ class FlatBuffer:
     index: int
     dtype: torch.dtype
     device: torch.device
+    kind: object = None  # how its states are kept (a zeroopt.states.StateKind), or None
     numel: int = 0
     data: torch.Tensor | None = None
     buckets: list[Bucket] = field(default_factory=list)
@@ -108,7 +116,10 @@ class Layout:
         rank: int,
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
         pad_multiple: int = DEFAULT_PAD_MULTIPLE,
+        kind_of=None,
     ):
+        """``kind_of(group, param)`` names a param's state kind; params of one kind share
+        buffers, and a kind's ``block_numel`` (1 if absent) aligns and pads its params."""
         self.world_size = world_size
         self.rank = rank
         self.buffers: list[FlatBuffer] = []
@@ -117,20 +128,26 @@ class Layout:
         align = world_size * pad_multiple
 
         # Reverse order: the last params get their gradients first in backward.
-        ordered = [(g, i, p) for g, group in enumerate(groups) for i, p in group][::-1]
-        for dtype, device in dict.fromkeys((p.dtype, p.device) for _, _, p in ordered):
-            buffer = FlatBuffer(index=len(self.buffers), dtype=dtype, device=device)
+        kind_of = kind_of or (lambda group, param: None)
+        ordered = [(g, i, p, kind_of(g, p)) for g, group in enumerate(groups)
+                   for i, p in group][::-1]
+        for key in dict.fromkeys((p.dtype, p.device, kind) for _, _, p, kind in ordered):
+            dtype, device, kind = key
+            buffer = FlatBuffer(len(self.buffers), dtype, device, kind)
             self.buffers.append(buffer)
+            block = getattr(kind, "block_numel", 1)
+            assert pad_multiple % block == 0, "blocks must not straddle chunks"
             bucket = None
-            for group, index, param in ordered:
-                if (param.dtype, param.device) != (dtype, device):
+            for group, index, param, param_kind in ordered:
+                if (param.dtype, param.device, param_kind) != key:
                     continue
                 if bucket is None:
                     bucket = Bucket(len(self.buckets), buffer.index, buffer.numel, 0, world_size)
                 slot = ParamSlot(param, index, group, buffer.index, bucket.index,
-                                 bucket.start + bucket.numel, param.numel())
+                                 bucket.start + bucket.numel, param.numel(),
+                                 _round_up(param.numel(), block))
                 bucket.slots.append(slot)
-                bucket.numel += slot.numel
+                bucket.numel += slot.extent
                 self.slots.append(slot)
                 if bucket.numel >= bucket_numel:
                     self._close(bucket, buffer, align)
@@ -147,6 +164,7 @@ class Layout:
             buffer.shard_numel = shard_offset - buffer.shard_offset
         self.shard_numel = shard_offset
         self.pieces = self.pieces_of(rank)
+        self.padded_pieces = self.pieces_of(rank, padded=True)
 
     def _close(self, bucket: Bucket, buffer: FlatBuffer, align: int) -> None:
         bucket.numel = _round_up(bucket.numel, align)
@@ -154,13 +172,15 @@ class Layout:
         buffer.buckets.append(bucket)
         self.buckets.append(bucket)
 
-    def pieces_of(self, rank: int) -> list[ShardPiece]:
-        """Every (param, range) that ``rank`` owns, in shard order."""
+    def pieces_of(self, rank: int, padded: bool = False) -> list[ShardPiece]:
+        """Every (param, range) that ``rank`` owns, in shard order; ``padded`` counts each
+        param's padding as its own (so 8-bit pieces are whole blocks)."""
         pieces = []
         for bucket in self.buckets:
             lo, hi = bucket.owned_range(rank)
             for slot in bucket.slots:
-                start, end = max(slot.start, lo), min(slot.end, hi)
+                end = slot.start + slot.extent if padded else slot.end
+                start, end = max(slot.start, lo), min(end, hi)
                 if start < end:
                     pieces.append(ShardPiece(slot, start - slot.start,
                                              bucket.shard_offset + start - lo, end - start))
@@ -169,9 +189,10 @@ class Layout:
     def runs(self) -> list[tuple[int, Bucket, int, int]]:
         """This rank's pieces merged into maximal runs ``(group, bucket, shard_offset, numel)``
         that lie in one bucket's chunk and one param group: the tensors an element-wise update
-        steps over."""
+        steps over, padding included: a padded param and its gradient are zero there, and every
+        rule leaves a zero param with a zero gradient at zero."""
         runs: list[list] = []
-        for piece in self.pieces:
+        for piece in self.padded_pieces:
             group, bucket = piece.slot.group, self.buckets[piece.slot.bucket]
             last = runs[-1] if runs else None
             if last and last[0] == group and last[1] is bucket \

@@ -35,12 +35,15 @@ import weakref
 import torch
 
 from . import state_dict as state_io
-from .algorithms import ShardTensors, get_rule
+from . import shard_windows
+from .algorithms import ShardTensors, get_preset
 from .algorithms.base import resolve_defaults
 from .checks import check_ranks_agree, describe_params
 from .comm import collectives_for
 from .grad_sync import BucketedReducer, LocalGradients
 from .layout import DEFAULT_BUCKET_NUMEL, Layout
+from .states import kinds
+from .states.storage import RegionStates
 
 log = logging.getLogger("zeroopt")
 
@@ -50,6 +53,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  process_group=None, average_grads: bool = True,
                  bucket_numel: int = DEFAULT_BUCKET_NUMEL,
                  reduce_dtype: torch.dtype = torch.float32, skip_nonfinite: bool = True,
+                 window_numel: int | None = None, page_dir: str | None = None,
                  **hyperparameters):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 (shard optimizer states) or 2 (states and "
@@ -59,12 +63,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                              "only: DDP keeps full gradients, which stage 2 exists to avoid")
         if bucket_numel < 1:
             raise ValueError(f"bucket_numel must be positive, got {bucket_numel}")
-        self.rule = get_rule(optimizer)
+        self.rule, preset = get_preset(optimizer)
         self.stage, self.skip_nonfinite = stage, skip_nonfinite
         self._constructed = False
-        super().__init__(params, resolve_defaults(self.rule, hyperparameters))
+        super().__init__(params, resolve_defaults(self.rule, {**preset, **hyperparameters}))
         for group in self.param_groups:
             self.rule.validate(group)
+            kinds.validate(group, self.rule)
 
         trainable = [[(i, p) for i, p in _indexed(self.param_groups, g) if p.requires_grad]
                      for g in range(len(self.param_groups))]
@@ -77,19 +82,29 @@ class ZeroOptimizer(torch.optim.Optimizer):
             optimizer=self.rule.name, stage=stage, average_grads=average_grads,
             bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype)))
 
-        self.layout = Layout(trainable, self.comm.world_size, self.comm.rank, bucket_numel)
+        self.layout = Layout(trainable, self.comm.world_size, self.comm.rank, bucket_numel,
+                             kind_of=lambda g, p: kinds.kind_of(self.param_groups[g], p.numel()))
         self.layout.allocate_param_buffers()
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
             self.comm.broadcast(buffer.data, src=0)
         self._masters = self._make_masters()
-        self._states = {name: torch.zeros(self.layout.shard_numel, device=self.device)
-                        for name in self.rule.state_names(self.param_groups)}
+        names = self.rule.state_names(self.param_groups)
+        self._regions = [RegionStates(names, self.rule.nonnegative_states, buffer.shard_numel,
+                                      buffer.kind, self.device, page_dir)
+                         for buffer in self.layout.buffers]
+        self.window_numel = _window_numel(window_numel, self.device)
+        # fp32 windows the non-resident states are decoded into: no larger than needed
+        largest = max([b.shard_numel for b in self.layout.buffers if not b.kind.in_place],
+                      default=0)
+        self._scratch = {name: torch.zeros(min(self.window_numel, largest), device=self.device)
+                         for name in names}
         self._steps = [torch.zeros((), dtype=torch.float32) for _ in self.param_groups]
         self.grads = (BucketedReducer(self.layout, self.comm, keep_staging=stage == 1,
                                       reduce_dtype=reduce_dtype, device=self.device)
                       if average_grads else LocalGradients(self.layout, self.device))
         weakref.finalize(self, self.grads.remove_hooks)  # a dead optimizer takes no more grads
-        self._shards = self._shard_tensors_per_group()
+        self._windows = self._windows_per_group()
+        self._set_initial_values()
         self._grad_norm: torch.Tensor | None = None  # from clip_grad_norm_, reused by step()
         self.skipped_steps = 0
         self.last_step_skipped = False
@@ -126,53 +141,59 @@ class ZeroOptimizer(torch.optim.Optimizer):
             masters[buffer.index] = master
         return masters
 
-    def _shard_tensors_per_group(self) -> list[ShardTensors]:
-        """Views of the shard per group: merged runs for element-wise groups, one piece per
-        param for groups whose rule needs whole-param statistics."""
-        shards, runs = [], self.layout.runs()
+    def _windows_per_group(self) -> list[list[shard_windows.Window]]:
+        """Each group's part of the shard, cut into windows (see shard_windows): merged runs
+        for element-wise groups, one piece per param for groups whose rule needs whole-param
+        statistics."""
+        result, runs = [], self.layout.runs()
         for g, group in enumerate(self.param_groups):
-            names = self.rule.states(group)
             if self.rule.per_tensor(group):
-                shard = self._pieces_of_group(g, group)
-                spans = [(p.slot.bucket, p.shard_offset, p.numel) for p in self.layout.pieces
-                         if p.slot.group == g]
+                template = self._per_param_facts(g, group)
+                dense = {index: k for k, (index, p) in enumerate(
+                    (i, p) for i, p in _indexed(self.param_groups, g) if p.requires_grad)}
+                spans = [(p.slot.buffer, p.shard_offset, p.numel, dense[p.slot.index])
+                         for p in self.layout.padded_pieces if p.slot.group == g]
             else:
-                shard = ShardTensors([], [])
-                spans = [(b.index, offset, numel) for group_of, b, offset, numel in runs
+                template = ShardTensors([], [])
+                spans = [(b.buffer, offset, numel, None) for group_of, b, offset, numel in runs
                          if group_of == g]
-            shard.states = {name: [] for name in names}
-            for bucket, offset, numel in spans:
-                shard.params.append(self._master_view(self.layout.buckets[bucket], offset, numel))
-                shard.grads.append(self.grads.shard[offset:offset + numel])
-                for name in names:
-                    shard.states[name].append(self._states[name][offset:offset + numel])
-            for name, value in self.rule.initial_values(group).items():
-                for state, param in zip(shard.states.get(name, []), shard.params):
-                    state.copy_(param) if value == "param" else state.fill_(value)
-            shards.append(shard)
-        return shards
+            result.append(shard_windows.build_windows(
+                spans, self.layout, self._regions, self.rule.states(group), self._master_view,
+                self.grads.shard, self._scratch, self.window_numel, template))
+        return result
 
-    def _pieces_of_group(self, g: int, group: dict) -> ShardTensors:
+    def _set_initial_values(self) -> None:
+        """States that do not start at zero (Adagrad's accumulator, schedule-free's z)."""
+        for group, windows in zip(self.param_groups, self._windows):
+            starts = self.rule.initial_values(group)
+            if not starts:
+                continue
+
+            def fill(shard: ShardTensors) -> None:
+                for name, value in starts.items():
+                    for state, param in zip(shard.states[name], shard.params):
+                        state.copy_(param) if value == "param" else state.fill_(value)
+
+            shard_windows.run(windows, fill, load=False, store=True)
+
+    def _per_param_facts(self, g: int, group: dict) -> ShardTensors:
         trainable = [i for i, p in _indexed(self.param_groups, g) if p.requires_grad]
-        dense = {index: k for k, index in enumerate(trainable)}
         slots = {slot.index: slot for slot in self.layout.slots}
         names = group.get("param_names")
         position = {index: k for k, (index, _) in enumerate(_indexed(self.param_groups, g))}
         return ShardTensors(
-            [], [],
-            param_index=torch.tensor([dense[p.slot.index] for p in self.layout.pieces
-                                      if p.slot.group == g], dtype=torch.long),
-            num_params=len(trainable),
+            [], [], num_params=len(trainable),
             param_numel=torch.tensor([slots[i].numel for i in trainable], dtype=torch.float64),
             param_names=[names[position[i]] if names else None for i in trainable])
 
-    def _master_view(self, bucket, offset: int, numel: int) -> torch.Tensor:
-        """The fp32 master of ``numel`` shard elements from ``offset``: the model's own fp32
-        buffer, or the master copy of a 16-bit one."""
-        buffer = self.layout.buffers[bucket.buffer]
+    def _master_view(self, buffer, offset: int, numel: int) -> torch.Tensor:
+        """The fp32 master of ``numel`` shard elements from ``offset`` (all in one bucket's
+        chunk of ``buffer``): the model's own fp32 buffer, or the master copy of a 16-bit one."""
         if buffer.index in self._masters:
             at = offset - buffer.shard_offset
             return self._masters[buffer.index][at:at + numel]
+        bucket = next(b for b in buffer.buckets
+                      if b.shard_offset <= offset < b.shard_offset + b.chunk_numel)
         at = bucket.owned_range(self.comm.rank)[0] + offset - bucket.shard_offset
         return buffer.data[at:at + numel]
 
@@ -211,10 +232,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if self.rule.before_step:
                 self.rule.before_step(group)
         statistics = self._whole_param_statistics()
-        for group, shard, step, stats in zip(self.param_groups, self._shards, self._steps,
-                                             statistics):
-            if shard.params:
-                self.rule.fused_step(group, shard, step, stats)
+        for group, windows, step, stats in zip(self.param_groups, self._windows, self._steps,
+                                               statistics):
+            # States are decoded in the phase that uses them (LAMB's moments move in phase 1).
+            uses = stats is None or not self.rule.statistics_use_states
+
+            def update(shard: ShardTensors) -> None:
+                if shard.params:
+                    self.rule.fused_step(group, shard, step, stats)
+
+            shard_windows.run(windows, update, load=uses, store=uses)
         self.grads.zero()  # consumed: a rule may have overwritten them (as DeepSpeed zeroes them)
         self._publish_params()
         return loss
@@ -248,10 +275,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         move = self.rule.to_train if train else self.rule.to_eval
         if move is None:
             return
-        for group, shard in zip(self.param_groups, self._shards):
-            if group["train_mode"] != train:
-                if shard.params:
-                    move(group, shard)
+        for group, windows in zip(self.param_groups, self._windows):
+            if group["train_mode"] != train:  # reads the states, leaves them as they are
+                shard_windows.run(windows, lambda shard: shard.params and move(group, shard),
+                                  load=True, store=False)
                 group["train_mode"] = train
         self._publish_params()
 
@@ -261,9 +288,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return self.grads.no_sync()
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds: its states and fp32 masters."""
-        tensors = [*self._states.values(), *self._masters.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of optimizer state this rank holds, wherever it lives (device, host or a
+        paged file): its states (8-bit codes and absmax included) and fp32 masters."""
+        masters = sum(t.numel() * t.element_size() for t in self._masters.values())
+        return masters + sum(region.nbytes() for region in self._regions)
+
+    def device_state_bytes(self) -> int:
+        """Bytes of optimizer state kept on the compute device: what ``state_bytes`` counts
+        less the paged states, plus the fp32 windows states are decoded into."""
+        held = [*self._masters.values(), *self._scratch.values()]
+        return sum(t.numel() * t.element_size() for t in held) + \
+            sum(region.device_bytes() for region in self._regions)
 
     def state_dict(self) -> dict:
         """The full optimizer state, per param and in its shape, as torch.optim lays it out.
@@ -283,9 +318,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _whole_param_statistics(self) -> list[torch.Tensor | None]:
         """Every tensor-wise group's partial sums, all-reduced together in one collective."""
-        partials = [self.rule.statistics(group, shard, step) if self.rule.per_tensor(group)
-                    else None
-                    for group, shard, step in zip(self.param_groups, self._shards, self._steps)]
+        partials = []
+        for group, windows, step in zip(self.param_groups, self._windows, self._steps):
+            if not self.rule.per_tensor(group):
+                partials.append(None)
+                continue
+            uses = self.rule.statistics_use_states
+            parts = shard_windows.run(windows, lambda shard: self.rule.statistics(
+                group, shard, step), load=uses, store=uses)
+            partials.append(torch.stack(parts).sum(0))
         present = [p for p in partials if p is not None]
         if not present:
             return partials
@@ -319,6 +360,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
                    for bucket in self.layout.buckets]
         for handle in handles:
             handle.wait()
+
+
+def _window_numel(window_numel: int | None, device: torch.device) -> int:
+    """Elements per window: by default ~256K on CPU (the windows' working set stays in cache),
+    4M on accelerators (fewer, larger transfers and launches)."""
+    from .states.blockwise import BLOCK
+
+    if window_numel is None:
+        window_numel = 1 << 18 if device.type == "cpu" else 1 << 22
+    if not isinstance(window_numel, int) or window_numel < BLOCK or window_numel % BLOCK:
+        raise ValueError(f"window_numel must be a positive multiple of {BLOCK} (whole 8-bit "
+                         f"blocks), got {window_numel!r}")
+    return window_numel
 
 
 def _indexed(param_groups: list[dict], group: int):

@@ -2,7 +2,10 @@
 
 The saved form does not depend on the layout (world size, bucket size): it is what torch.optim
 saves (``{"state": {index: {"step": ..., "exp_avg": ...}}, "param_groups": [...]}``), plus
-``master_param`` for 16-bit params and a ``"zeroopt"`` entry naming the rule. So a state saved
+``master_param`` for 16-bit params and a ``"zeroopt"`` entry naming the rule. 8-bit states are
+saved as they are kept, in bitsandbytes' per-param form: uint8 codes in the param's shape under
+the state's name, and ``<name>_absmax`` with one fp32 per 256-element block of the param; bf16
+states as bf16. A state loads into any precision (``states/encoding.py`` converts). So a state saved
 at one world size loads at another, and a later issue can export it to torch.optim as it is.
 """
 
@@ -12,21 +15,29 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .states import encoding
+
 if TYPE_CHECKING:
     from .optimizer import ZeroOptimizer
 
 FORMAT_VERSION = 1
+# Hyperparameters that decided the layout when the optimizer was built; a loaded state is
+# converted to them (8-bit <-> 32-bit), never the other way.
+_LAYOUT_OPTIONS = ("state_precision", "min_8bit_size", "paged")
 
 
-def _gather_full(opt: ZeroOptimizer, shard: torch.Tensor, buffer, base: int = 0) -> torch.Tensor:
+def _gather_full(opt: ZeroOptimizer, shard: torch.Tensor, buffer, base: int = 0,
+                 per: int = 1) -> torch.Tensor:
     """Every rank's chunks of a shard-space tensor (whose element 0 sits at shard offset
-    ``base``), assembled into ``buffer``'s flat shape."""
-    full = torch.zeros(buffer.numel, dtype=shard.dtype, device=shard.device)
+    ``base``; one element per ``per`` shard elements, as 8-bit absmax per block), assembled
+    into ``buffer``'s flat shape (likewise scaled)."""
+    full = torch.zeros(buffer.numel // per, dtype=shard.dtype, device=opt.device)
     handles = []
     for bucket in buffer.buckets:
-        at = bucket.shard_offset - base
-        opt.layout.owned_view(full, bucket).copy_(shard[at:at + bucket.chunk_numel])
-        handles.append(opt.comm.gather_bucket(full[bucket.start:bucket.start + bucket.numel]))
+        at, n, start = ((bucket.shard_offset - base) // per, bucket.chunk_numel // per,
+                        bucket.start // per)
+        full[start + opt.comm.rank * n:start + (opt.comm.rank + 1) * n].copy_(shard[at:at + n])
+        handles.append(opt.comm.gather_bucket(full[start:start + bucket.numel // per]))
     for handle in handles:
         handle.wait()
     return full
@@ -35,19 +46,26 @@ def _gather_full(opt: ZeroOptimizer, shard: torch.Tensor, buffer, base: int = 0)
 def gather_state_dict(opt: ZeroOptimizer) -> dict:
     opt.grads.finish()  # collectives must not interleave with a pending reduction
     state: dict[int, dict] = {}
-    for buffer in opt.layout.buffers:
-        full = {name: _gather_full(opt, s, buffer) for name, s in opt._states.items()}
+    for buffer, region in zip(opt.layout.buffers, opt._regions):
+        full = {}  # saved name -> (buffer-shaped tensor, elements per entry)
+        for name in region.signed:
+            for saved, (tensor, per) in region.encoded(name).items():
+                full[saved] = (_gather_full(opt, tensor, buffer, buffer.shard_offset, per), per)
         if buffer.index in opt._masters:  # a master covers only its buffer's part of the shard
-            full["master_param"] = _gather_full(opt, opt._masters[buffer.index], buffer,
-                                                base=buffer.shard_offset)
+            full["master_param"] = (_gather_full(opt, opt._masters[buffer.index], buffer,
+                                                 buffer.shard_offset), 1)
         for slot in opt.layout.slots:
             if slot.buffer != buffer.index:
                 continue
             entry = {"step": opt._steps[slot.group].clone()}
-            keep = (*opt.rule.states(opt.param_groups[slot.group]), "master_param")
-            for name, flat in full.items():
-                if name in keep:
-                    entry[name] = flat[slot.start:slot.end].view(slot.param.shape).clone()
+            names = opt.rule.states(opt.param_groups[slot.group])
+            for saved, (flat, per) in full.items():
+                if saved.removesuffix("_absmax") not in (*names, "master_param"):
+                    continue
+                if per == 1:
+                    entry[saved] = flat[slot.start:slot.end].view(slot.param.shape).clone()
+                else:  # 8-bit absmax: the param's blocks, as bitsandbytes keeps them
+                    entry[saved] = flat[slot.start // per:-(-slot.end // per)].clone()
             state[slot.index] = entry
     groups, index = [], 0
     for group in opt.param_groups:
@@ -63,14 +81,17 @@ def gather_state_dict(opt: ZeroOptimizer) -> dict:
 def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
     _check_compatible(opt, state_dict)
     for group, saved in zip(opt.param_groups, state_dict["param_groups"]):
-        group.update({k: v for k, v in saved.items() if k != "params"})
+        update = {k: v for k, v in saved.items() if k != "params"}
+        for name in _LAYOUT_OPTIONS:  # the layout is built; these stay as constructed
+            update[name] = group[name]
+        group.update(update)
         opt.rule.validate(group)
-    missing = set(opt.rule.state_names(opt.param_groups)) - set(opt._states)
+    missing = set(opt.rule.state_names(opt.param_groups)) - set(opt._scratch)
     if missing:
         raise ValueError(f"cannot load this optimizer state: its hyperparameters need the states "
                          f"{sorted(missing)}, which this optimizer was built without; build it "
                          f"with the hyperparameters the state was saved with")
-    opt._shards = opt._shard_tensors_per_group()  # the groups' hyperparameters may have changed
+    opt._windows = opt._windows_per_group()  # the groups' hyperparameters may have changed
     saved_state = state_dict["state"]
     if not saved_state:  # a fresh optimizer's state: nothing to load
         return
@@ -78,15 +99,16 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
         opt._steps[slot.group].fill_(float(saved_state[slot.index]["step"]))
     for piece in opt.layout.pieces:
         saved = saved_state[piece.slot.index]
-        lo, hi = piece.param_offset, piece.param_offset + piece.numel
-        at = slice(piece.shard_offset, piece.shard_offset + piece.numel)
-        for name in opt.rule.states(opt.param_groups[piece.slot.group]):
-            opt._states[name][at].copy_(saved[name].reshape(-1)[lo:hi])
         buffer = opt.layout.buffers[piece.slot.buffer]
+        region = opt._regions[buffer.index]
+        for name in opt.rule.states(opt.param_groups[piece.slot.group]):
+            encoding.load_piece(region, name, saved, piece.param_offset, piece.numel,
+                                piece.shard_offset - buffer.shard_offset)
         if buffer.index in opt._masters and "master_param" in saved:
             offset = piece.shard_offset - buffer.shard_offset
+            lo = piece.param_offset
             opt._masters[buffer.index][offset:offset + piece.numel].copy_(
-                saved["master_param"].reshape(-1)[lo:hi])
+                saved["master_param"].reshape(-1)[lo:lo + piece.numel])
 
 
 def _check_compatible(opt: ZeroOptimizer, state_dict: dict) -> None:
@@ -122,3 +144,6 @@ def _check_compatible(opt: ZeroOptimizer, state_dict: dict) -> None:
             if tuple(entry[name].shape) != tuple(slot.param.shape):
                 fail(f"param {slot.index}'s {name!r} has shape {list(entry[name].shape)}, "
                      f"the param has shape {list(slot.param.shape)}")
+            why = encoding.check_saved(entry, name, slot.numel)
+            if why:
+                fail(f"param {slot.index}'s {name!r}: {why}")

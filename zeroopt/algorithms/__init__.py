@@ -20,14 +20,22 @@ from .rmsprop import RMSPROP
 from .schedule_free import SCHEDULE_FREE_ADAMW
 from .sgd import NESTEROV, SGD
 
-_RULES: dict[str, UpdateRule] = {}
+# name -> (rule, hyperparameters the name presets)
+_RULES: dict[str, tuple[UpdateRule, dict]] = {}
 
 
-def register(rule: UpdateRule, aliases: tuple[str, ...] = ()) -> None:
+def register(rule: UpdateRule, aliases: tuple[str, ...] = (), **preset) -> None:
     for name in (rule.name, *aliases):
         if name in _RULES:
             raise ValueError(f"optimizer name {name!r} is already registered")
-        _RULES[name] = rule
+        _RULES[name] = (rule, preset)
+
+
+def register_alias(name: str, rule: UpdateRule, **preset) -> None:
+    """Another name for ``rule`` with some hyperparameters preset (the user's own win)."""
+    if name in _RULES:
+        raise ValueError(f"optimizer name {name!r} is already registered")
+    _RULES[name] = (rule, preset)
 
 
 register(ADAMW, aliases=("adamw_torch", "adamw_torch_fused"))
@@ -42,6 +50,18 @@ register(RMSPROP)
 register(ADEMAMIX)
 register(SCHEDULE_FREE_ADAMW)
 
+# 8-bit and paged states (zeroopt.states), named as in HuggingFace Transformers' ``optim``.
+for _name in ("adamw_8bit", "adamw_bnb_8bit", "adamw_torch_8bit"):
+    register_alias(_name, ADAMW, state_precision="8bit")
+for _name, _rule in (("lion_8bit", LION), ("lamb_8bit", LAMB), ("lars_8bit", LARS),
+                     ("rmsprop_bnb_8bit", RMSPROP), ("adagrad_8bit", ADAGRAD),
+                     ("ademamix_8bit", ADEMAMIX)):
+    register_alias(_name, _rule, state_precision="8bit")
+register_alias("sgd_8bit", SGD, state_precision="8bit", momentum=0.9)
+for _base, _rule in (("adamw", ADAMW), ("lion", LION), ("ademamix", ADEMAMIX)):
+    register_alias(f"paged_{_base}_32bit", _rule, paged=True)
+    register_alias(f"paged_{_base}_8bit", _rule, paged=True, state_precision="8bit")
+
 
 def available_optimizers() -> list[str]:
     """Every name ``ZeroOptimizer(optimizer=...)`` accepts, aliases included."""
@@ -49,6 +69,11 @@ def available_optimizers() -> list[str]:
 
 
 def get_rule(name: str) -> UpdateRule:
+    return get_preset(name)[0]
+
+
+def get_preset(name: str) -> tuple[UpdateRule, dict]:
+    """The rule a name stands for, and the hyperparameters the name presets."""
     key = name.lower() if isinstance(name, str) else name
     if key in _RULES:
         return _RULES[key]
@@ -59,4 +84,4 @@ def get_rule(name: str) -> UpdateRule:
 
 
 __all__ = ["ReferenceOptimizer", "ShardTensors", "UpdateRule", "available_optimizers",
-           "get_rule", "register"]
+           "get_preset", "get_rule", "register", "register_alias"]

@@ -30,6 +30,7 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
 
 ADAGRAD = UpdateRule(
     name="adagrad",
+    nonnegative_states=("sum",),
     defaults=dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                   eps=1e-10, maximize=False),
     states=lambda group: ("sum",),

@@ -99,6 +99,8 @@ def _reference(decoupled: bool):
 
 ADAMW = UpdateRule(
     name="adamw",
+    nonnegative_states=("exp_avg_sq",),
+    statistics_use_states=True,  # cautious
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
                   amsgrad=False, cautious=False, adopt=False, grams=False),
     states=lambda group: ("exp_avg", "exp_avg_sq"),
@@ -112,6 +114,8 @@ ADAMW = UpdateRule(
 
 ADAM = UpdateRule(
     name="adam",
+    nonnegative_states=("exp_avg_sq",),
+    statistics_use_states=True,  # cautious
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
                   amsgrad=False, cautious=False, adopt=False, grams=False),
     states=lambda group: ("exp_avg", "exp_avg_sq"),

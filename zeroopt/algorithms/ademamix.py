@@ -78,6 +78,7 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
 
 ADEMAMIX = UpdateRule(
     name="ademamix",
+    nonnegative_states=("exp_avg_sq",),
     defaults=dict(lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, alpha_warmup=None,
                   beta3_warmup=None, eps=1e-8, weight_decay=0.0),
     states=lambda group: ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq"),

@@ -84,6 +84,14 @@ class UpdateRule:
     to_train: Callable[[dict, ShardTensors], None] | None = None
     # Values a hyperparameter accepts only for compatibility with torch.optim's signature.
     fixed: dict = field(default_factory=dict)
+    # How states may be stored (zeroopt.states): those never negative use the unsigned 8-bit
+    # map, which spends the sign bit on precision; those that are points in parameter space
+    # (schedule-free's z) stay 32-bit.
+    nonnegative_states: tuple[str, ...] = ()
+    full_precision_states: tuple[str, ...] = ()
+    # Whether phase 1 (statistics) reads and writes the states (LAMB, cautious: it updates the
+    # moments); otherwise only fused_step does. States not in 32-bit are decoded around it.
+    statistics_use_states: bool = False
 
     def state_names(self, groups: list[dict]) -> tuple[str, ...]:
         """Every state some group needs, in a stable order."""
@@ -139,14 +147,17 @@ def adam_denominator(v: list[torch.Tensor], beta2: float, t: int,
 
 
 def resolve_defaults(rule: UpdateRule, hyperparameters: dict) -> dict:
-    """The rule's defaults overridden by ``hyperparameters``; an unknown name is an error that
-    suggests the closest known one."""
+    """The rule's defaults (and every rule's state-storage options) overridden by
+    ``hyperparameters``; an unknown name is an error that suggests the closest known one."""
     import difflib
 
+    from ..states.kinds import STATE_DEFAULTS
+
+    known = {**rule.defaults, **STATE_DEFAULTS}
     for name in hyperparameters:
-        if name not in rule.defaults:
-            close = difflib.get_close_matches(name, rule.defaults, n=1, cutoff=0.5)
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"{rule.name} got an unexpected hyperparameter {name!r}.{hint} "
-                            f"It takes: {', '.join(rule.defaults)}")
-    return {**rule.defaults, **hyperparameters}
+                            f"It takes: {', '.join(known)}")
+    return {**known, **hyperparameters}

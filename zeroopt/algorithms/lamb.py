@@ -68,6 +68,8 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
 
 LAMB = UpdateRule(
     name="lamb",
+    nonnegative_states=("exp_avg_sq",),
+    statistics_use_states=True,
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                   exclude_from_trust_ratio=()),
     states=lambda group: ("exp_avg", "exp_avg_sq"),

@@ -83,6 +83,7 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
 
 LION = UpdateRule(
     name="lion",
+    statistics_use_states=True,  # cautious
     defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, cautious=False),
     states=lambda group: ("exp_avg",),
     fused_step=_fused,

@@ -65,6 +65,7 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
 
 RMSPROP = UpdateRule(
     name="rmsprop",
+    nonnegative_states=("square_avg",),
     defaults=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                   centered=False, maximize=False),
     states=_states,

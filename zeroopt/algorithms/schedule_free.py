@@ -76,6 +76,8 @@ def _to_train(group: dict, shard: ShardTensors) -> None:
 
 SCHEDULE_FREE_ADAMW = UpdateRule(
     name="schedule_free_adamw",
+    nonnegative_states=("exp_avg_sq",),
+    full_precision_states=("z",),
     defaults=dict(lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
                   r=0.0, weight_lr_power=2.0,
                   # bookkeeping, kept in the group (as the reference does) so it is saved

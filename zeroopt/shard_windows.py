@@ -1,0 +1,132 @@
+"""How a param group's part of the shard is handed to its update rule: in windows.
+
+Resident 32-bit states are stepped in place: the group's whole part of such a region is one
+window of views (params, gradients, states), as torch's multi-tensor kernels like it. States in
+any other form (8-bit, bf16, paged) are decoded into fp32 scratch one window at a time, stepped
+by the same rule code, and encoded back, so the fp32 working set (and, paged, the resident
+state) never exceeds the window:
+
+    for each window: prefetch the next one; decode its states; step; encode; release its pages
+
+A window holds ``window_numel`` elements at most, cut on 256-element boundaries (8-bit blocks
+never split). For tensor-wise rules every entry is one param's piece (``ShardTensors``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .algorithms import ShardTensors
+from .states.storage import RegionStates
+
+
+@dataclass(eq=False)
+class Window:
+    shard: ShardTensors
+    region: RegionStates | None = None  # None: stepped in place, nothing to decode
+    # (region offset, scratch offset, numel): contiguous stretches to decode and encode
+    io: list[list[int]] = field(default_factory=list)
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict)
+    numel: int = 0
+
+    def prefetch(self) -> None:
+        if self.region is not None:
+            for lo, _, n in self.io:
+                self.region.prefetch(lo, n)
+
+    def load(self) -> None:
+        if self.region is not None:
+            for name in self.shard.states:
+                for lo, at, n in self.io:
+                    self.region.load(name, lo, self.scratch[name][at:at + n])
+
+    def store(self) -> None:
+        if self.region is not None:
+            for name in self.shard.states:
+                for lo, at, n in self.io:
+                    self.region.store(name, lo, self.scratch[name][at:at + n])
+
+    def release(self) -> None:
+        if self.region is not None:
+            for lo, _, n in self.io:
+                self.region.release(lo, n)
+
+    def add(self, param: torch.Tensor, grad: torch.Tensor, region_lo: int,
+            direct: dict[str, torch.Tensor] | None) -> None:
+        """Append one stretch: its params and gradients, and its states (``direct`` views for
+        in-place regions, else scratch)."""
+        n = param.numel()
+        self.shard.params.append(param)
+        self.shard.grads.append(grad)
+        for name, states in self.shard.states.items():
+            states.append(direct[name] if direct else self.scratch[name][self.numel:self.numel + n])
+        if direct is None:
+            last = self.io[-1] if self.io else None
+            if last and last[0] + last[2] == region_lo and last[1] + last[2] == self.numel:
+                last[2] += n
+            else:
+                self.io.append([region_lo, self.numel, n])
+        self.numel += n
+
+
+def run(windows: list[Window], fn: Callable[[ShardTensors], object], *, load: bool,
+        store: bool) -> list:
+    """``fn`` over every window, decoding states first if ``load`` and encoding them after if
+    ``store``; the next window's pages are requested while this one is stepped."""
+    results = []
+    for i, window in enumerate(windows):
+        if load and i + 1 < len(windows):
+            windows[i + 1].prefetch()
+        if load:
+            window.load()
+        results.append(fn(window.shard))
+        if store:
+            window.store()
+        if load or store:
+            window.release()
+    return results
+
+
+Span = tuple[int, int, int, "int | None"]  # (buffer, shard offset, numel, param index or None)
+
+
+def build_windows(spans: list[Span], layout, regions: list[RegionStates], names: tuple[str, ...],
+                  master_view, grads: torch.Tensor, scratch: dict[str, torch.Tensor],
+                  window_numel: int, template: ShardTensors) -> list[Window]:
+    """Cut one group's spans into windows. ``template`` carries the group's per-param facts
+    (tensor-wise rules); each window gets its own ``param_index``."""
+    windows: list[Window] = []
+    current, indices = None, []
+    for buffer_index, offset, numel, param in spans:
+        buffer = layout.buffers[buffer_index]
+        region, in_place = regions[buffer_index], buffer.kind.in_place
+        while numel:
+            if current is None or current.region is not (None if in_place else region) \
+                    or (not in_place and current.numel == window_numel):
+                current = _new_window(windows, indices, template, names, None if in_place
+                                      else region, scratch)
+            take = numel if in_place else min(numel, window_numel - current.numel)
+            lo = offset - buffer.shard_offset
+            direct = {name: region.view(name, lo, take) for name in names} if in_place else None
+            current.add(master_view(buffer, offset, take), grads[offset:offset + take], lo,
+                        direct)
+            indices[-1].append(param)
+            offset, numel = offset + take, numel - take
+    if not windows:  # nothing here: one empty window, so tensor-wise statistics still run
+        _new_window(windows, indices, template, names, None, scratch)
+    for window, index in zip(windows, indices):
+        if template.num_params:
+            window.shard.param_index = torch.tensor(index, dtype=torch.long)
+    return windows
+
+
+def _new_window(windows, indices, template, names, region, scratch) -> Window:
+    shard = ShardTensors([], [], {name: [] for name in names}, None, template.num_params,
+                         template.param_numel, template.param_names)
+    window = Window(shard, region, scratch={n: scratch[n] for n in names} if region else {})
+    windows.append(window)
+    indices.append([])
+    return window

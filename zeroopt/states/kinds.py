@@ -1,0 +1,71 @@
+"""Which form a param's optimizer states take: precision (32-bit, bf16, 8-bit blockwise) and
+whether they are paged out of device memory.
+
+Every rule takes three extra hyperparameters, per param group:
+
+- ``state_precision``: "32bit" (default), "bf16", or "8bit" (bitsandbytes' blockwise format);
+- ``min_8bit_size``: params with fewer elements keep 32-bit states under "8bit" (bitsandbytes'
+  rule, default 4096). Decided on the param's full size, never its shard, so one model gets
+  the same precisions at every world size. To keep, say, the embeddings 32-bit, give them a
+  param group with ``state_precision="32bit"``;
+- ``paged``: keep the states off the compute device (a memory-mapped file for a CPU shard,
+  pinned host memory for an accelerator's) and stream them through a bounded window.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from .blockwise import BLOCK
+
+PRECISIONS = ("32bit", "bf16", "8bit")
+STATE_DEFAULTS = dict(state_precision="32bit", min_8bit_size=4096, paged=False)
+
+
+@dataclass(frozen=True)
+class StateKind:
+    precision: str = "32bit"
+    paged: bool = False
+
+    @property
+    def block_numel(self) -> int:
+        """Params of this kind start on, and fill, whole blocks of this many elements."""
+        return BLOCK if self.precision == "8bit" else 1
+
+    @property
+    def in_place(self) -> bool:
+        """Resident 32-bit states are stepped in place; every other kind through a window."""
+        return self.precision == "32bit" and not self.paged
+
+
+def kind_of(group: dict, numel: int) -> StateKind:
+    precision = group["state_precision"]
+    if precision == "8bit" and numel < group["min_8bit_size"]:
+        precision = "32bit"
+    return StateKind(precision, bool(group["paged"]))
+
+
+def validate(group: dict, rule) -> None:
+    precision = group["state_precision"]
+    if precision not in PRECISIONS:
+        close = difflib.get_close_matches(str(precision), PRECISIONS, n=1, cutoff=0.3)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown state_precision {precision!r}.{hint} "
+                         f"It takes one of {', '.join(map(repr, PRECISIONS))}")
+    size = group["min_8bit_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"min_8bit_size must be a non-negative int, got {size!r}")
+    if not isinstance(group["paged"], bool):
+        raise ValueError(f"paged must be True or False, got {group['paged']!r}")
+    if precision == "32bit":
+        return
+    exact = set(rule.states(group)) & set(rule.full_precision_states)
+    if exact:
+        raise ValueError(f"{rule.name} keeps {sorted(exact)} in 32-bit: it is a point in "
+                         f"parameter space, not a statistic, and rounding it moves the model. "
+                         f"Use state_precision='32bit' (paged=True still saves device memory)")
+    if not rule.states(group):
+        raise ValueError(f"state_precision={precision!r}: {rule.name} with these "
+                         f"hyperparameters keeps no state to store in lower precision (for "
+                         f"sgd, set momentum > 0, as bitsandbytes' SGD8bit requires)")
