@@ -276,9 +276,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if move is None:
             return
         for group, windows in zip(self.param_groups, self._windows):
-            if group["train_mode"] != train:  # reads the states, leaves them as they are
-                shard_windows.run(windows, lambda shard: shard.params and move(group, shard),
-                                  load=True, store=False)
+            if group["train_mode"] != train:
+                def step_to(shard: ShardTensors) -> None:
+                    if shard.params:
+                        move(group, shard)
+
+                # reads the states (schedule-free's z), leaves them as they are
+                shard_windows.run(windows, step_to, load=True, store=False)
                 group["train_mode"] = train
         self._publish_params()
 
