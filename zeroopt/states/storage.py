@@ -64,15 +64,14 @@ class RegionStates:
     def store(self, name: str, lo: int, values: torch.Tensor) -> None:
         """Encode fp32 ``values`` into state ``name`` from region offset ``lo``."""
         targets = self._encoded(name, lo, values.numel())
-        staged = targets[0].device != values.device
-        if self.kind.precision == "8bit":
-            codes, absmax = (None, None) if staged else targets
-            parts = blockwise.quantize(values, self.signed[name], codes=codes, absmax=absmax)
+        staged = targets[0].device != values.device  # paged accelerator states: host copies
+        if self.kind.precision != "8bit":
+            targets[0].copy_(values, non_blocking=staged)
+        elif not staged:  # quantize straight into the stored codes and absmax
+            blockwise.quantize(values, self.signed[name], *targets)
         else:
-            parts = (values,)
-        if staged or self.kind.precision != "8bit":
-            for target, part in zip(targets, parts):
-                target.copy_(part, non_blocking=staged)
+            for target, part in zip(targets, blockwise.quantize(values, self.signed[name])):
+                target.copy_(part, non_blocking=True)
 
     def prefetch(self, lo: int, numel: int) -> None:
         """Ask for the pages of region range [lo, lo + numel) ahead of use."""
