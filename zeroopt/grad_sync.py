@@ -55,6 +55,7 @@ class BucketedReducer:
         self._pool: list[torch.Tensor] = []  # stage 2: free staging buffers
         self._largest_bucket = max(bucket.numel for bucket in layout.buckets)
         self._in_backward = False
+        self.on_reduced = None  # (bucket index) -> None, after a bucket is harvested
         self._hooks = [slot.param.register_post_accumulate_grad_hook(partial(self._on_grad, slot))
                        for slot in layout.slots]
 
@@ -141,8 +142,8 @@ class BucketedReducer:
             start, end = slot.end if slot in written else slot.start, slot.start + slot.extent
             if start < end:
                 staging[start - bucket.start:end - bucket.start].zero_()
-        last = bucket.slots[-1]
-        staging[last.start + last.extent - bucket.start:].zero_()
+        for lo, hi in bucket.gaps:
+            staging[lo - bucket.start:hi - bucket.start].zero_()
 
     def _harvest(self, b: int) -> None:
         self._work[b].wait()
@@ -158,6 +159,8 @@ class BucketedReducer:
         if not self.keep_staging:
             self._pool.append(self._staging[b]._base)
             self._staging[b] = None
+        if self.on_reduced is not None:
+            self.on_reduced(b)
 
     # -- step ----------------------------------------------------------------------------
 

@@ -15,7 +15,17 @@ those bitsandbytes would give the param alone) and to one rank, at every world s
 
 A rank's *shard* is its chunks of all buckets, laid end to end. Optimizer state, fp32 master
 weights and the averaged gradient live in shard space; the ``ShardPiece`` map says which part of
-which param each stretch of the shard belongs to. Ranges are named for what they index:
+which param each stretch of the shard belongs to. Params that a rule steps whole (GaLore, Adafactor: a kind with ``whole``) are never cut: in their
+buckets every param goes whole to one rank, largest first, to the rank with the fewest elements in
+that bucket (ties: the least SVD work so far, ~ m n min(m, n) per matrix), and each rank's params
+sit end to end in its chunk, padded to the largest chunk. The collectives stay equal-chunk
+reduce-scatters and all-gathers, each rank gets whole gradients of the matrices it owns, and the
+SVDs are spread over the ranks. Such a bucket is closed once it holds at least ``world_size``
+times its largest param, so the padding stays below one param per rank even when a matrix is
+larger than ``bucket_numel`` (a single matrix larger than all the rest together still goes to
+one rank; the other ranks' chunks are padding, which that bucket's collectives carry).
+
+Ranges are named for what they index:
 
 - buffer offsets (``start``) index a flat buffer,
 - param offsets index one flattened param,
@@ -61,6 +71,8 @@ class Bucket:
     world_size: int
     slots: list[ParamSlot] = field(default_factory=list)
     shard_offset: int = 0  # where the owned chunk sits in the owning rank's shard
+    # buffer ranges [lo, hi) no param (nor its padding) occupies: they stay zero
+    gaps: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def chunk_numel(self) -> int:
@@ -106,6 +118,14 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def svd_work(shape: torch.Size) -> int:
+    """The cost of a thin SVD of a matrix of ``shape``, up to a constant: m n min(m, n)."""
+    if len(shape) < 2:
+        return int(torch.Size(shape).numel())
+    m, n = shape[0], int(torch.Size(shape[1:]).numel())
+    return m * n * min(m, n)
+
+
 class Layout:
     """Packs ``groups`` (lists of trainable params, one list per param group) into flat buffers."""
 
@@ -125,6 +145,7 @@ class Layout:
         self.buffers: list[FlatBuffer] = []
         self.buckets: list[Bucket] = []
         self.slots: list[ParamSlot] = []
+        self._svd_work = [0] * world_size  # per rank, over the whole-param buckets so far
         align = world_size * pad_multiple
 
         # Reverse order: the last params get their gradients first in backward.
@@ -136,8 +157,9 @@ class Layout:
             buffer = FlatBuffer(len(self.buffers), dtype, device, kind)
             self.buffers.append(buffer)
             block = getattr(kind, "block_numel", 1)
+            whole = getattr(kind, "whole", False)
             assert pad_multiple % block == 0, "blocks must not straddle chunks"
-            bucket = None
+            bucket, largest = None, 0
             for group, index, param, param_kind in ordered:
                 if (param.dtype, param.device, param_kind) != key:
                     continue
@@ -149,11 +171,12 @@ class Layout:
                 bucket.slots.append(slot)
                 bucket.numel += slot.extent
                 self.slots.append(slot)
-                if bucket.numel >= bucket_numel:
-                    self._close(bucket, buffer, align)
-                    bucket = None
+                largest = max(largest, slot.extent) if whole else 0
+                if bucket.numel >= max(bucket_numel, world_size * largest):
+                    self._close(bucket, buffer, align, whole, pad_multiple)
+                    bucket, largest = None, 0
             if bucket is not None:
-                self._close(bucket, buffer, align)
+                self._close(bucket, buffer, align, whole, pad_multiple)
 
         shard_offset = 0
         for buffer in self.buffers:
@@ -166,11 +189,43 @@ class Layout:
         self.pieces = self.pieces_of(rank)
         self.padded_pieces = self.pieces_of(rank, padded=True)
 
-    def _close(self, bucket: Bucket, buffer: FlatBuffer, align: int) -> None:
+    def _close(self, bucket: Bucket, buffer: FlatBuffer, align: int, whole: bool,
+               pad_multiple: int) -> None:
+        if whole:
+            self._place_whole(bucket, pad_multiple)
         bucket.numel = _round_up(bucket.numel, align)
+        covered = sorted((s.start, s.start + s.extent) for s in bucket.slots)
+        at = bucket.start
+        for lo, hi in [*covered, (bucket.start + bucket.numel, None)]:
+            if at < lo:
+                bucket.gaps.append((at, lo))
+            at = hi
         buffer.numel += bucket.numel
         buffer.buckets.append(bucket)
         self.buckets.append(bucket)
+
+    def _place_whole(self, bucket: Bucket, pad_multiple: int) -> None:
+        """Each param of ``bucket`` whole to one rank (see the module notes), then each rank's
+        params end to end, in their packing order, in its chunk."""
+        load, owner = [0] * self.world_size, {}
+        for slot in sorted(bucket.slots, key=lambda s: -s.extent):
+            rank = min(range(self.world_size), key=lambda r: (load[r], self._svd_work[r], r))
+            owner[slot] = rank
+            load[rank] += slot.extent
+            self._svd_work[rank] += svd_work(slot.param.shape)
+        chunk = _round_up(max(load), pad_multiple)
+        filled = [0] * self.world_size
+        for slot in bucket.slots:
+            rank = owner[slot]
+            slot.start = bucket.start + rank * chunk + filled[rank]
+            filled[rank] += slot.extent
+        bucket.slots.sort(key=lambda s: s.start)
+        bucket.numel = chunk * self.world_size
+
+    def owner(self, slot: ParamSlot) -> int:
+        """The rank whose chunk holds ``slot``'s first element (for a whole param, all of it)."""
+        bucket = self.buckets[slot.bucket]
+        return (slot.start - bucket.start) // bucket.chunk_numel
 
     def pieces_of(self, rank: int, padded: bool = False) -> list[ShardPiece]:
         """Every (param, range) that ``rank`` owns, in shard order; ``padded`` counts each

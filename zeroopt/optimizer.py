@@ -44,6 +44,7 @@ from .grad_sync import BucketedReducer, LocalGradients
 from .layout import DEFAULT_BUCKET_NUMEL, Layout
 from .states import kinds
 from .states.storage import RegionStates
+from .whole_tensors import WholeTensors
 
 log = logging.getLogger("zeroopt")
 
@@ -83,14 +84,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
             bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype)))
 
         self.layout = Layout(trainable, self.comm.world_size, self.comm.rank, bucket_numel,
-                             kind_of=lambda g, p: kinds.kind_of(self.param_groups[g], p.numel()))
+                             kind_of=lambda g, p: kinds.kind_of(
+                                 self.param_groups[g], p.numel(),
+                                 self.rule.whole_tensors(self.param_groups[g])))
         self.layout.allocate_param_buffers()
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
             self.comm.broadcast(buffer.data, src=0)
         self._masters = self._make_masters()
         names = self.rule.state_names(self.param_groups)
-        self._regions = [RegionStates(names, self.rule.nonnegative_states, buffer.shard_numel,
-                                      buffer.kind, self.device, page_dir)
+        self._regions = [RegionStates(self._state_names_in(buffer), self.rule.nonnegative_states,
+                                      buffer.shard_numel, buffer.kind, self.device, page_dir)
                          for buffer in self.layout.buffers]
         self.window_numel = _window_numel(window_numel, self.device)
         # fp32 windows the non-resident states are decoded into: no larger than needed
@@ -104,6 +107,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                       if average_grads else LocalGradients(self.layout, self.device))
         weakref.finalize(self, self.grads.remove_hooks)  # a dead optimizer takes no more grads
         self._windows = self._windows_per_group()
+        self._whole = WholeTensors(self)
+        if self._whole.layerwise_in_bucket and average_grads:
+            self.grads.on_reduced = self._whole.on_bucket_reduced
         self._set_initial_values()
         self._grad_norm: torch.Tensor | None = None  # from clip_grad_norm_, reused by step()
         self.skipped_steps = 0
@@ -141,12 +147,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
             masters[buffer.index] = master
         return masters
 
+    def _state_names_in(self, buffer) -> tuple[str, ...]:
+        """The flat states of the groups with params in ``buffer`` (whole params keep theirs
+        per tensor)."""
+        groups = {slot.group for slot in self.layout.slots if slot.buffer == buffer.index}
+        return self.rule.state_names([self.param_groups[g] for g in sorted(groups)])
+
     def _windows_per_group(self) -> list[list[shard_windows.Window]]:
         """Each group's part of the shard, cut into windows (see shard_windows): merged runs
         for element-wise groups, one piece per param for groups whose rule needs whole-param
-        statistics."""
+        statistics, none for groups stepped whole (whole_tensors.py)."""
         result, runs = [], self.layout.runs()
         for g, group in enumerate(self.param_groups):
+            if self.rule.whole_tensors(group):
+                result.append([])
+                continue
             if self.rule.per_tensor(group):
                 template = self._per_param_facts(g, group)
                 dense = {index: k for k, (index, p) in enumerate(
@@ -225,6 +240,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if self.comm.rank == 0:
                 log.warning("zeroopt: gradient norm is %s; step skipped, states untouched "
                             "(%d skipped so far)", norm.item(), self.skipped_steps)
+            self._whole.end_step()
             self.grads.zero()
             return loss
         for group, step in zip(self.param_groups, self._steps):
@@ -242,6 +258,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     self.rule.fused_step(group, shard, step, stats)
 
             shard_windows.run(windows, update, load=uses, store=uses)
+        for g, group in enumerate(self.param_groups):
+            if self.rule.whole_tensors(group):
+                self._whole.step_group(g)
+        self._whole.end_step()
         self.grads.zero()  # consumed: a rule may have overwritten them (as DeepSpeed zeroes them)
         self._publish_params()
         return loss
@@ -254,6 +274,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the averaged gradients by their global norm over all ranks' shards (as
         torch.nn.utils.clip_grad_norm_ over the whole model) and return that norm."""
+        if self._whole.any_layerwise:
+            raise RuntimeError("clip_grad_norm_ with a layerwise optimizer: it steps each matrix "
+                               "during backward, before any global gradient norm exists (as "
+                               "Transformers' layerwise optimizers). Use the name without "
+                               "'_layerwise' to clip")
         self._sync_gradients()
         norm = self._global_grad_norm(float(norm_type))
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -295,13 +320,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Bytes of optimizer state this rank holds, wherever it lives (device, host or a
         paged file): its states (8-bit codes and absmax included) and fp32 masters."""
         masters = sum(t.numel() * t.element_size() for t in self._masters.values())
-        return masters + sum(region.nbytes() for region in self._regions)
+        return masters + sum(region.nbytes() for region in self._regions) + self._whole.nbytes()
 
     def device_state_bytes(self) -> int:
         """Bytes of optimizer state kept on the compute device: what ``state_bytes`` counts
         less the paged states, plus the fp32 windows states are decoded into."""
         held = [*self._masters.values(), *self._scratch.values()]
-        return sum(t.numel() * t.element_size() for t in held) + \
+        return sum(t.numel() * t.element_size() for t in held) + self._whole.nbytes() + \
             sum(region.device_bytes() for region in self._regions)
 
     def state_dict(self) -> dict:

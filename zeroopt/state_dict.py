@@ -67,6 +67,8 @@ def gather_state_dict(opt: ZeroOptimizer) -> dict:
                 else:  # 8-bit absmax: the param's blocks, as bitsandbytes keeps them
                     entry[saved] = flat[slot.start // per:-(-slot.end // per)].clone()
             state[slot.index] = entry
+    for index, saved in _gather_tensor_states(opt).items():
+        state[index].update(saved)
     groups, index = [], 0
     for group in opt.param_groups:
         saved = {k: v for k, v in group.items() if k != "params"}
@@ -92,9 +94,18 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
                          f"{sorted(missing)}, which this optimizer was built without; build it "
                          f"with the hyperparameters the state was saved with")
     opt._windows = opt._windows_per_group()  # the groups' hyperparameters may have changed
+    opt._whole.build()
     saved_state = state_dict["state"]
     if not saved_state:  # a fresh optimizer's state: nothing to load
         return
+    for owned in (o for group in opt._whole.owned for o in group):
+        entry = {k: v for k, v in saved_state[owned.slot.index].items() if k != "master_param"}
+        try:
+            opt._whole.states.load(owned.slot.index, entry,
+                                   opt.param_groups[owned.slot.group])
+        except ValueError as error:
+            raise ValueError(f"cannot load this optimizer state: param {owned.slot.index}: "
+                             f"{error}") from None
     for slot in opt.layout.slots:
         opt._steps[slot.group].fill_(float(saved_state[slot.index]["step"]))
     for piece in opt.layout.pieces:
@@ -109,6 +120,23 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
             lo = piece.param_offset
             opt._masters[buffer.index][offset:offset + piece.numel].copy_(
                 saved["master_param"].reshape(-1)[lo:lo + piece.numel])
+
+
+def _gather_tensor_states(opt: ZeroOptimizer) -> dict[int, dict]:
+    """The per-tensor states of whole params (each on its owner), from every rank."""
+    mine = {}
+    for owned in (o for group in opt._whole.owned for o in group):
+        saved = opt._whole.states.saved(owned.slot.index)
+        saved.pop("param_index", None)
+        if saved:
+            saved["step"] = torch.tensor(float(saved["step"]))
+            mine[owned.slot.index] = {k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                      for k, v in saved.items()}
+    merged = {}
+    for part in opt.comm.all_gather_object(mine):
+        merged.update(part)
+    return {index: {k: v.to(opt.device) if isinstance(v, torch.Tensor) else v
+                    for k, v in saved.items()} for index, saved in merged.items()}
 
 
 def _check_compatible(opt: ZeroOptimizer, state_dict: dict) -> None:

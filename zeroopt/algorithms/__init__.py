@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import difflib
 
+from .adafactor import ADAFACTOR
 from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
 from .ademamix import ADEMAMIX
+from .apollo import APOLLO_ADAMW
 from .base import ShardTensors, UpdateRule
+from .galore import GALORE_ADAMW, GALORE_ADAMW_8BIT
 from .lamb import LAMB
 from .lars import LARS
 from .lion import LION
@@ -58,6 +61,20 @@ for _name, _rule in (("lion_8bit", LION), ("lamb_8bit", LAMB), ("lars_8bit", LAR
                      ("ademamix_8bit", ADEMAMIX)):
     register_alias(_name, _rule, state_precision="8bit")
 register_alias("sgd_8bit", SGD, state_precision="8bit", momentum=0.9)
+
+# Rules that step some params whole (GaLore, APOLLO, Adafactor), named as in Transformers. The
+# Trainer runs "adafactor" and "galore_adafactor" with scale_parameter and relative_step off.
+register(GALORE_ADAMW)
+register(GALORE_ADAMW_8BIT)
+register(APOLLO_ADAMW)
+_FIXED_LR = dict(scale_parameter=False, relative_step=False)
+register(ADAFACTOR, **_FIXED_LR)
+register_alias("galore_adafactor", ADAFACTOR, **_FIXED_LR)
+for _name, _rule, _preset in (("galore_adamw", GALORE_ADAMW, {}),
+                              ("galore_adamw_8bit", GALORE_ADAMW_8BIT, {}),
+                              ("galore_adafactor", ADAFACTOR, _FIXED_LR),
+                              ("apollo_adamw", APOLLO_ADAMW, {})):
+    register_alias(f"{_name}_layerwise", _rule, layerwise=True, **_preset)
 for _base, _rule in (("adamw", ADAMW), ("lion", LION), ("ademamix", ADEMAMIX)):
     register_alias(f"paged_{_base}_32bit", _rule, paged=True)
     register_alias(f"paged_{_base}_8bit", _rule, paged=True, state_precision="8bit")

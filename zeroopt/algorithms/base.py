@@ -92,6 +92,14 @@ class UpdateRule:
     # Whether phase 1 (statistics) reads and writes the states (LAMB, cautious: it updates the
     # moments); otherwise only fused_step does. States not in 32-bit are decoded around it.
     statistics_use_states: bool = False
+    # Rules that step some params whole, one tensor at a time (GaLore's projection, Adafactor's
+    # factored moments): (group) -> whether this group's params are stepped so. Each such param
+    # is owned whole by one rank (layout.py), and ``tensor_step(group, param, grad, state, t)``
+    # updates it with its own ``state`` dict (any shapes, created on its first step; the group's
+    # ``states`` are then ()). ``tensor_states_8bit`` are those states that may be kept 8-bit.
+    whole_tensors: Callable[[dict], bool] = lambda group: False
+    tensor_step: ReferenceStep | None = None
+    tensor_states_8bit: tuple[str, ...] = ()
 
     def state_names(self, groups: list[dict]) -> tuple[str, ...]:
         """Every state some group needs, in a stable order."""
@@ -153,7 +161,7 @@ def resolve_defaults(rule: UpdateRule, hyperparameters: dict) -> dict:
 
     from ..states.kinds import STATE_DEFAULTS
 
-    known = {**rule.defaults, **STATE_DEFAULTS}
+    known = {**STATE_DEFAULTS, **rule.defaults}  # a rule may default to 8-bit states
     for name in hyperparameters:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)

@@ -33,13 +33,15 @@ class ReferenceOptimizer(torch.optim.Optimizer):
             if self.rule.before_step:
                 self.rule.before_step(group)
             names = group.get("param_names") or [None] * len(group["params"])
-            for p, name in zip(group["params"], names):
+            first = sum(len(g["params"]) for g in self.param_groups[:self.param_groups.index(group)])
+            for index, (p, name) in enumerate(zip(group["params"], names), start=first):
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["param_name"] = name  # for rules that exclude params by name
+                    state["param_index"] = index  # its state_dict key (APOLLO's seed)
                     starts = self.rule.initial_values(group)
                     for name in self.rule.states(group):
                         start = starts.get(name, 0.0)

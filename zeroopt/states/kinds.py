@@ -10,6 +10,10 @@ Every rule takes three extra hyperparameters, per param group:
   param group with ``state_precision="32bit"``;
 - ``paged``: keep the states off the compute device (a memory-mapped file for a CPU shard,
   pinned host memory for an accelerator's) and stream them through a bounded window.
+
+Params a rule steps whole (GaLore's projected matrices, Adafactor's factored ones: see
+``UpdateRule.whole_tensors``) are a kind of their own: each is owned whole by one rank, and its
+states, whatever their shape, are kept per tensor on that rank (``states/tensor_states.py``).
 """
 
 from __future__ import annotations
@@ -27,19 +31,25 @@ STATE_DEFAULTS = dict(state_precision="32bit", min_8bit_size=4096, paged=False)
 class StateKind:
     precision: str = "32bit"
     paged: bool = False
+    whole: bool = False  # owned whole by one rank, stepped tensor by tensor
 
     @property
     def block_numel(self) -> int:
         """Params of this kind start on, and fill, whole blocks of this many elements."""
-        return BLOCK if self.precision == "8bit" else 1
+        return BLOCK if self.precision == "8bit" and not self.whole else 1
 
     @property
     def in_place(self) -> bool:
-        """Resident 32-bit states are stepped in place; every other kind through a window."""
-        return self.precision == "32bit" and not self.paged
+        """Resident 32-bit states are stepped in place; every other kind through a window.
+        Whole tensors keep no states in the flat shard: nothing to window."""
+        return self.whole or (self.precision == "32bit" and not self.paged)
 
 
-def kind_of(group: dict, numel: int) -> StateKind:
+def kind_of(group: dict, numel: int, whole: bool = False) -> StateKind:
+    """``whole``: the param is stepped whole (its 8-bit choice is then made per state, on
+    the state's own size, as bitsandbytes makes it for GaLore's low-rank moments)."""
+    if whole:
+        return StateKind(group["state_precision"], False, whole=True)
     precision = group["state_precision"]
     if precision == "8bit" and numel < group["min_8bit_size"]:
         precision = "32bit"
@@ -58,6 +68,13 @@ def validate(group: dict, rule) -> None:
         raise ValueError(f"min_8bit_size must be a non-negative int, got {size!r}")
     if not isinstance(group["paged"], bool):
         raise ValueError(f"paged must be True or False, got {group['paged']!r}")
+    if rule.whole_tensors(group):
+        if group["paged"]:
+            raise ValueError(f"paged=True: {rule.name} steps these params whole, one tensor at "
+                             f"a time, with small per-tensor states (low-rank or factored); "
+                             f"paging is for the flat states of element-wise rules. Use "
+                             f"paged=False")
+        return
     if precision == "32bit":
         return
     exact = set(rule.states(group)) & set(rule.full_precision_states)

@@ -1,0 +1,134 @@
+"""The states of params stepped whole (GaLore, APOLLO, Adafactor), kept per tensor on the one
+rank that owns each param.
+
+Their shapes are the rule's own (GaLore's low-rank moments are r x n, Adafactor's factored
+moments a row and a column), so they live in a dict per param, as torch.optim keeps them, not in
+the flat shard. With ``state_precision="8bit"`` the rule's ``tensor_states_8bit`` of at least
+``min_8bit_size`` elements (bitsandbytes' rule, on the state's own size, as galore-torch's 8-bit
+AdamW gets it) are kept between steps as 8-bit blockwise codes and absmax, and decoded to fp32
+around each step; "bf16" keeps them in bf16.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from . import blockwise
+
+
+@dataclass
+class Encoded:
+    """One state tensor in 8-bit (``codes`` padded to whole blocks, ``absmax`` per block) or
+    bf16 (``codes`` holds the bf16 values, ``absmax`` is None)."""
+
+    codes: torch.Tensor
+    absmax: torch.Tensor | None
+    shape: torch.Size
+    signed: bool
+
+    @staticmethod
+    def of(value: torch.Tensor, precision: str, signed: bool) -> Encoded:
+        if precision == "bf16":
+            return Encoded(value.to(torch.bfloat16), None, value.shape, signed)
+        flat = value.reshape(-1)
+        pad = -flat.numel() % blockwise.BLOCK
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        codes, absmax = blockwise.quantize(flat.contiguous(), signed)
+        return Encoded(codes, absmax, value.shape, signed)
+
+    def decode(self) -> torch.Tensor:
+        if self.absmax is None:
+            return self.codes.float()
+        values = blockwise.dequantize(self.codes, self.absmax, self.signed)
+        return values[:self.shape.numel()].view(self.shape)
+
+    def saved(self, name: str) -> dict[str, torch.Tensor]:
+        """bitsandbytes' per-tensor form: codes in the state's shape, absmax per block."""
+        if self.absmax is None:
+            return {name: self.codes.clone()}
+        n = self.shape.numel()
+        return {name: self.codes[:n].view(self.shape).clone(),
+                name + "_absmax": self.absmax.clone()}
+
+    def nbytes(self) -> int:
+        extra = 0 if self.absmax is None else self.absmax.numel() * 4
+        return self.codes.numel() * self.codes.element_size() + extra
+
+
+class TensorStates:
+    def __init__(self, quantizable: tuple[str, ...], nonnegative: tuple[str, ...]):
+        self.quantizable, self.nonnegative = quantizable, nonnegative
+        self.entries: dict[int, dict] = {}  # param index -> {"step": int, name: tensor | Encoded}
+
+    @contextmanager
+    def decoded(self, index: int, group: dict):
+        """The state of param ``index`` in fp32 (created empty on first use); encoded back
+        into the group's precision afterwards."""
+        stored = self.entries.setdefault(index, {"step": 0, "param_index": index})
+        state = {k: v.decode() if isinstance(v, Encoded) else v for k, v in stored.items()}
+        yield state
+        for name, value in state.items():
+            stored[name] = self._encode(name, value, group)
+
+    def saved(self, index: int) -> dict:
+        """Param ``index``'s state as saved: tensors cloned, 8-bit ones in bitsandbytes' form."""
+        out = {}
+        for name, value in self.entries.get(index, {}).items():
+            if isinstance(value, Encoded):
+                out.update(value.saved(name))
+            elif isinstance(value, torch.Tensor):
+                out[name] = value.clone()
+            else:
+                out[name] = value
+        return out
+
+    def load(self, index: int, saved: dict, group: dict) -> None:
+        """Param ``index``'s state from its saved form (any precision), kept in the group's:
+        8-bit codes stay as they are where the group keeps 8-bit (no re-rounding)."""
+        stored = {}
+        for name, value in saved.items():
+            if name.endswith("_absmax") or name == "param_name":
+                continue
+            if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
+                absmax = saved.get(name + "_absmax")
+                if absmax is None:
+                    raise ValueError(f"state {name!r} holds 8-bit codes without "
+                                     f"{name + '_absmax'!r}, their blocks' scales")
+                value = Encoded(_padded(value), absmax.float().reshape(-1), value.shape,
+                                name not in self.nonnegative)
+                if group["state_precision"] != "8bit":
+                    value = self._encode(name, value.decode(), group)
+            elif isinstance(value, torch.Tensor) and value.is_floating_point():
+                value = self._encode(name, value.float().clone(), group)
+            stored[name] = value
+        stored["step"] = int(stored.get("step", 0))
+        stored["param_index"] = index
+        self.entries[index] = stored
+
+    def _encode(self, name: str, value: torch.Tensor, group: dict):
+        """``value`` as the group keeps state ``name``: encoded, or fp32 as it is."""
+        precision = group["state_precision"]
+        if (precision != "32bit" and name in self.quantizable
+                and value.numel() >= (group["min_8bit_size"] if precision == "8bit" else 0)):
+            return Encoded.of(value, precision, signed=name not in self.nonnegative)
+        return value
+
+    def nbytes(self) -> int:
+        total = 0
+        for entry in self.entries.values():
+            for value in entry.values():
+                if isinstance(value, Encoded):
+                    total += value.nbytes()
+                elif isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+        return total
+
+
+def _padded(codes: torch.Tensor) -> torch.Tensor:
+    flat = codes.reshape(-1)
+    pad = -flat.numel() % blockwise.BLOCK
+    return torch.cat([flat, flat.new_zeros(pad)]) if pad else flat.contiguous()

@@ -1,0 +1,103 @@
+"""The params a rule steps whole (GaLore, APOLLO, Adafactor): each on the one rank that owns it.
+
+The layout gives every such param whole to one rank (layout.py), so its averaged gradient
+arrives whole in that rank's gradient shard, and its update (an SVD, a projection, factored
+moments) needs no communication: each rank steps its own 1/W of the matrices, with their
+states kept per tensor (states/tensor_states.py). The updated params reach the other ranks
+with the usual all-gather.
+
+Layerwise groups (``layerwise=True``, the ``*_layerwise`` names) step each matrix as soon as
+its bucket's averaged gradient is harvested, during backward, instead of in ``step()``. So they
+work with data parallelism and with gradient accumulation (the micro-steps run inside
+``opt.no_sync()``; the gradient is reduced, and the matrix stepped, once).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .layout import ParamSlot
+from .states.tensor_states import TensorStates
+
+log = logging.getLogger("zeroopt")
+
+
+@dataclass(eq=False)
+class OwnedTensor:
+    slot: ParamSlot
+    param: torch.Tensor  # the fp32 master, in the param's shape
+    grad: torch.Tensor  # its averaged gradient in the shard, in the param's shape
+
+
+class WholeTensors:
+    def __init__(self, opt):
+        self.opt, self.rule = opt, opt.rule
+        self.states = TensorStates(self.rule.tensor_states_8bit, self.rule.nonnegative_states)
+        self.owned: list[list[OwnedTensor]] = [[] for _ in opt.param_groups]
+        self.layerwise_in_bucket: dict[int, list[OwnedTensor]] = {}
+        self.stepped: set[int] = set()  # layerwise params stepped since the last step()
+        self.skipped_nonfinite = 0
+        self.build()
+
+    def build(self) -> None:
+        """Find this rank's whole params (again after a load: groups may have changed)."""
+        opt = self.opt
+        self.owned = [[] for _ in opt.param_groups]
+        self.layerwise_in_bucket = {}
+        for piece in opt.layout.pieces:
+            slot, buffer = piece.slot, opt.layout.buffers[piece.slot.buffer]
+            if not buffer.kind.whole:
+                continue
+            shape = slot.param.shape
+            owned = OwnedTensor(
+                slot, opt._master_view(buffer, piece.shard_offset, slot.numel).view(shape),
+                opt.grads.shard[piece.shard_offset:piece.shard_offset + slot.numel].view(shape))
+            self.owned[slot.group].append(owned)
+            if opt.param_groups[slot.group]["layerwise"]:
+                self.layerwise_in_bucket.setdefault(slot.bucket, []).append(owned)
+
+    @property
+    def any_layerwise(self) -> bool:
+        return any(g.get("layerwise", False) and self.rule.whole_tensors(g)
+                   for g in self.opt.param_groups)
+
+    def step_group(self, g: int) -> None:
+        """Step every whole param of group ``g`` this rank owns (those a layerwise group has
+        already stepped during backward are left alone)."""
+        group = self.opt.param_groups[g]
+        for owned in self.owned[g]:
+            if owned.slot.index not in self.stepped:
+                self._step(group, owned)
+
+    def on_bucket_reduced(self, bucket: int) -> None:
+        """A bucket's averaged gradient is in the shard: step its layerwise params."""
+        for owned in self.layerwise_in_bucket.get(bucket, ()):
+            if owned.slot.index in self.stepped:
+                raise RuntimeError(
+                    "a layerwise optimizer got a second reduced gradient before step(): it "
+                    "steps each matrix as soon as its gradient is reduced. Run gradient-"
+                    "accumulation micro-steps inside opt.no_sync() (the gradient is then reduced "
+                    "once, at the last micro-step), or use the name without '_layerwise'")
+            self._step(self.opt.param_groups[owned.slot.group], owned)
+            self.stepped.add(owned.slot.index)
+
+    def end_step(self) -> None:
+        self.stepped.clear()
+
+    def _step(self, group: dict, owned: OwnedTensor) -> None:
+        if group["layerwise"] and self.opt.skip_nonfinite \
+                and not bool(torch.isfinite(owned.grad).all()):
+            # no global norm exists yet during backward: each matrix is checked on its own
+            self.skipped_nonfinite += 1
+            log.warning("zeroopt: a non-finite gradient in a param of shape %s; its layerwise "
+                        "step is skipped", list(owned.param.shape))
+            return
+        with torch.no_grad(), self.states.decoded(owned.slot.index, group) as state:
+            state["step"] += 1
+            self.rule.tensor_step(group, owned.param, owned.grad, state, state["step"])
+
+    def nbytes(self) -> int:
+        return self.states.nbytes()
