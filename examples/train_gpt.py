@@ -38,6 +38,23 @@ DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "g
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+# ----------------------------------------------------------------------------- optimizer
+
+def optimizer_groups(model, cfg):
+    """Weight decay on matrices only; with --galore_rank R > 0, the Linear weights are also
+    projected (a group with GaLore's keys: for galore_adamw, galore_adamw_8bit, apollo_adamw)."""
+    groups = model.param_groups(cfg["weight_decay"])
+    if cfg["galore_rank"] > 0:
+        linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        decayed = groups[0]["params"]
+        groups[0]["params"] = [p for p in decayed if id(p) not in linear]
+        groups.append({"params": [p for p in decayed if id(p) in linear],
+                       "weight_decay": cfg["weight_decay"], "rank": cfg["galore_rank"],
+                       "update_proj_gap": cfg["galore_update_proj_gap"],
+                       "scale": cfg["galore_scale"]})
+    return groups
+
+
 # ----------------------------------------------------------------------------- config
 
 def parse_config(argv=None):
@@ -162,9 +179,8 @@ def main(argv=None):
     model.to(device=device, dtype=DTYPES[cfg["dtype"]])
 
     opt = zeroopt.ZeroOptimizer(
-        model.param_groups(cfg["weight_decay"]),
-        optimizer=cfg["optimizer"], stage=cfg["stage"], lr=cfg["lr"],
-        betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
+        optimizer_groups(model, cfg), optimizer=cfg["optimizer"], stage=cfg["stage"],
+        lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
     accum = cfg["grad_accum"]

@@ -114,10 +114,7 @@ def against_reference(case: str, stage: int) -> dict:
     projection.SVD_CALLS["count"] = 0
     opt = _build(case, model, stage)
     hp, projected = CASES[case]
-    ref_hp = {k: v for k, v in hp.items() if k != "min_8bit_size"}
-    if "min_8bit_size" in hp:
-        ref_hp["min_8bit_size"] = hp["min_8bit_size"]
-    ref_opt = reference_for(rule_of(case), ref, ref_hp, projected)
+    ref_opt = reference_for(rule_of(case), ref, hp, projected)
     for step in range(STEPS):
         loss_of(model, *batch(step, rank)).backward()
         opt.step()

@@ -43,3 +43,18 @@ def test_8bit_states_train_as_well_as_32bit(tmp_path):
     assert full["val_loss"] < 3.0  # it trained (bytes start near ln(256) = 5.5)
     assert abs(eight["val_loss"] - full["val_loss"]) <= 0.01 * full["val_loss"]
     assert max(eight["state_bytes_per_rank"]) < 0.35 * max(full["state_bytes_per_rank"])
+
+
+def test_galore_trains_the_example(tmp_path):
+    """The main job with GaLore on its Linear weights (rank 32, refreshed every 10 steps), 2
+    ranks, stage 2: it trains, each projected matrix on one rank."""
+    out = tmp_path / "galore.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    run = subprocess.run(
+        ["bash", "launchers/torchrun.sh", "--nproc", "2", "--steps", "30", "--stage", "2",
+         "--optimizer", "galore_adamw", "--galore_rank", "32", "--galore_update_proj_gap", "10",
+         "--galore_scale", "1.0", "--out_json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    losses = json.loads(out.read_text())["train_losses"]
+    assert losses[-1] < losses[0] - 1.0, losses

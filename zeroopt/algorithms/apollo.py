@@ -24,7 +24,7 @@ import math
 import torch
 
 from .base import UpdateRule
-from .galore import GALORE_ADAMW, _galore_adamw_tensor, _step_size
+from .galore import GALORE_ADAMW, _galore_adamw_tensor, _step_size, hf_adam_direction
 from .projection import (is_projected, next_seed, project, random_basis, refresh_due, side,
                          svd_basis, validate_projected)
 
@@ -61,13 +61,7 @@ def _step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: 
         return _galore_adamw_tensor(group, param, grad, state, t)
     where = side(group["proj_type"], grad.shape)
     low = project(grad, _basis(group, grad, state, t, where), where)
-    if "exp_avg" not in state:
-        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    beta1, beta2 = group["betas"]
-    m.mul_(beta1).add_(low, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-    adam_update = m / v.sqrt().add_(group["eps"])
+    adam_update = hf_adam_direction(group, low, state)
     if group["scale_type"] == "channel":  # the dimension the projection keeps, per channel
         dim = 0 if grad.shape[0] < grad.shape[1] else 1
         factor = torch.norm(adam_update, dim=dim) / (torch.norm(low, dim=dim) + 1e-8)

@@ -64,18 +64,24 @@ def _hf_adamw_fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats=
         torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
 
 
-def _galore_adamw_tensor(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict,
-                         t: int) -> None:
-    """galore-torch's GaLoreAdamW step for one whole tensor (also its reference)."""
-    projected = is_projected(group)
-    low = galore_project(group, grad, state, t) if projected else grad
+def hf_adam_direction(group: dict, low: torch.Tensor, state: dict) -> torch.Tensor:
+    """Transformers' old Adam on one (projected) gradient: moments (created on first use)
+    updated, ``m / (sqrt(v) + eps)`` returned (the bias correction is in the step size)."""
     if "exp_avg" not in state:
         state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
     m, v = state["exp_avg"], state["exp_avg_sq"]
     beta1, beta2 = group["betas"]
     m.mul_(beta1).add_(low, alpha=1.0 - beta1)
     v.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-    norm_grad = m / v.sqrt().add_(group["eps"])
+    return m / v.sqrt().add_(group["eps"])
+
+
+def _galore_adamw_tensor(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict,
+                         t: int) -> None:
+    """galore-torch's GaLoreAdamW step for one whole tensor (also its reference)."""
+    projected = is_projected(group)
+    low = galore_project(group, grad, state, t) if projected else grad
+    norm_grad = hf_adam_direction(group, low, state)
     if projected:
         norm_grad = galore_project_back(group, norm_grad, state, param.shape)
     param.add_(norm_grad, alpha=-_step_size(group, t))
