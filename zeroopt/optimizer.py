@@ -258,10 +258,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     self.rule.fused_step(group, shard, step, stats)
 
             shard_windows.run(windows, update, load=uses, store=uses)
-        for g, group in enumerate(self.param_groups):
-            if self.rule.whole_tensors(group):
-                self._whole.step_group(g)
-        self._whole.end_step()
+        self._whole.step()
         self.grads.zero()  # consumed: a rule may have overwritten them (as DeepSpeed zeroes them)
         self._publish_params()
         return loss

@@ -98,7 +98,7 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
     saved_state = state_dict["state"]
     if not saved_state:  # a fresh optimizer's state: nothing to load
         return
-    for owned in (o for group in opt._whole.owned for o in group):
+    for owned in opt._whole.all_owned():
         entry = {k: v for k, v in saved_state[owned.slot.index].items() if k != "master_param"}
         try:
             opt._whole.states.load(owned.slot.index, entry,
@@ -125,7 +125,7 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
 def _gather_tensor_states(opt: ZeroOptimizer) -> dict[int, dict]:
     """The per-tensor states of whole params (each on its owner), from every rank."""
     mine = {}
-    for owned in (o for group in opt._whole.owned for o in group):
+    for owned in opt._whole.all_owned():
         saved = opt._whole.states.saved(owned.slot.index)
         saved.pop("param_index", None)
         if saved:

@@ -64,13 +64,16 @@ class WholeTensors:
         return any(g.get("layerwise", False) and self.rule.whole_tensors(g)
                    for g in self.opt.param_groups)
 
-    def step_group(self, g: int) -> None:
-        """Step every whole param of group ``g`` this rank owns (those a layerwise group has
-        already stepped during backward are left alone)."""
-        group = self.opt.param_groups[g]
-        for owned in self.owned[g]:
+    def all_owned(self):
+        return (owned for group in self.owned for owned in group)
+
+    def step(self) -> None:
+        """Step every whole param this rank owns (those a layerwise group has already stepped
+        during backward are left alone), and start the next iteration."""
+        for owned in self.all_owned():
             if owned.slot.index not in self.stepped:
-                self._step(group, owned)
+                self._step(self.opt.param_groups[owned.slot.group], owned)
+        self.end_step()
 
     def on_bucket_reduced(self, bucket: int) -> None:
         """A bucket's averaged gradient is in the shard: step its layerwise params."""

@@ -29,11 +29,11 @@ class ReferenceOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        first = 0  # the group's first state_dict index
         for group in self.param_groups:
             if self.rule.before_step:
                 self.rule.before_step(group)
             names = group.get("param_names") or [None] * len(group["params"])
-            first = sum(len(g["params"]) for g in self.param_groups[:self.param_groups.index(group)])
             for index, (p, name) in enumerate(zip(group["params"], names), start=first):
                 if p.grad is None:
                     continue
@@ -49,6 +49,7 @@ class ReferenceOptimizer(torch.optim.Optimizer):
                                        torch.full_like(p, start, dtype=torch.float32))
                 state["step"] += 1
                 self.rule.reference_step(group, p, p.grad, state, state["step"])
+            first += len(group["params"])
         return loss
 
     def eval(self) -> None:

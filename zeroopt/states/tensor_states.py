@@ -33,11 +33,7 @@ class Encoded:
     def of(value: torch.Tensor, precision: str, signed: bool) -> Encoded:
         if precision == "bf16":
             return Encoded(value.to(torch.bfloat16), None, value.shape, signed)
-        flat = value.reshape(-1)
-        pad = -flat.numel() % blockwise.BLOCK
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(pad)])
-        codes, absmax = blockwise.quantize(flat.contiguous(), signed)
+        codes, absmax = blockwise.quantize(_whole_blocks(value), signed)
         return Encoded(codes, absmax, value.shape, signed)
 
     def decode(self) -> torch.Tensor:
@@ -98,7 +94,7 @@ class TensorStates:
                 if absmax is None:
                     raise ValueError(f"state {name!r} holds 8-bit codes without "
                                      f"{name + '_absmax'!r}, their blocks' scales")
-                value = Encoded(_padded(value), absmax.float().reshape(-1), value.shape,
+                value = Encoded(_whole_blocks(value), absmax.float().reshape(-1), value.shape,
                                 name not in self.nonnegative)
                 if group["state_precision"] != "8bit":
                     value = self._encode(name, value.decode(), group)
@@ -128,7 +124,8 @@ class TensorStates:
         return total
 
 
-def _padded(codes: torch.Tensor) -> torch.Tensor:
-    flat = codes.reshape(-1)
+def _whole_blocks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` flattened and zero-padded to whole 256-element blocks."""
+    flat = tensor.reshape(-1)
     pad = -flat.numel() % blockwise.BLOCK
     return torch.cat([flat, flat.new_zeros(pad)]) if pad else flat.contiguous()
