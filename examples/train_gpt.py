@@ -17,6 +17,7 @@ line with final_train_loss= and val_loss= ; --out_json PATH also writes a JSON s
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,6 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import zeroopt
@@ -35,7 +35,7 @@ from data import ByteBatches, load_stdlib_bytes, train_val_split  # noqa: E402
 from gpt_model import GPT, GPTConfig  # noqa: E402
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "gpt_tiny.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -91,38 +91,20 @@ def parse_config(argv=None):
 
 # ----------------------------------------------------------------------------- distributed
 
-def setup_distributed():
-    """Join the process group when launched by torchrun; otherwise run as world size 1."""
-    if "WORLD_SIZE" not in os.environ:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
-    if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), device
+def mean_over_ranks(comm, t: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (SUM then divide: gloo has no AVG), in fp64 so the mean does
+    not depend on the order of the sum."""
+    t = t.double()
+    comm.all_reduce(t)
+    return t / comm.world_size
 
 
-def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over ranks (SUM then divide: gloo has no AVG)."""
-    if dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
-
-
-def gather_ints(value: int, world: int, device) -> list:
-    """One int from every rank, in rank order."""
-    if world == 1:
-        return [value]
-    out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=device))
-    return [int(t.item()) for t in out]
+def params_digest(model) -> str:
+    """SHA-256 of the trained params' bytes: two runs trained the same iff they match."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -140,7 +122,7 @@ def lr_lambda(cfg):
 
 
 @torch.no_grad()
-def evaluate(model, batches, n_batches, device):
+def evaluate(comm, model, batches, n_batches, device):
     """Mean validation loss over n_batches per rank, averaged over ranks."""
     model.eval()
     total = torch.zeros((), device=device)
@@ -148,14 +130,17 @@ def evaluate(model, batches, n_batches, device):
         x, y = batches.next(device)
         total += model(x, y)[1]
     model.train()
-    return mean_over_ranks(total / n_batches).item()
+    return mean_over_ranks(comm, total / n_batches).item()
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     cfg, out_json = parse_config(argv)
-    rank, world, device = setup_distributed()
+    # Joins the job from torchrun's, mpirun's or DeepSpeed's environment (one rank if none);
+    # the backend follows the device unless --backend names one (gloo, nccl, mpi, xla, hccl).
+    comm, device = zeroopt.comm.init_distributed(cfg["backend"] or None)
+    rank, world = comm.rank, comm.world_size
     is_main = rank == 0
 
     def log(msg):
@@ -180,7 +165,9 @@ def main(argv=None):
 
     opt = zeroopt.ZeroOptimizer(
         optimizer_groups(model, cfg), optimizer=cfg["optimizer"], stage=cfg["stage"],
-        lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
+        lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"],
+        reduce_dtype=DTYPES[cfg["reduce_dtype"]], backend=cfg["backend"] or None,
+        shard_size=cfg["shard_size"] or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
     accum = cfg["grad_accum"]
@@ -215,7 +202,7 @@ def main(argv=None):
         bar.update(1)
 
         if step % cfg["log_interval"] == 0 or step == cfg["steps"]:
-            window_losses = mean_over_ranks(torch.stack(window)).tolist()  # also syncs
+            window_losses = mean_over_ranks(comm, torch.stack(window)).tolist()  # also syncs
             losses += window_losses
             now = time.perf_counter()
             tok_s = len(window) * tokens_per_step / (now - t_window)
@@ -227,8 +214,8 @@ def main(argv=None):
     bar.close()
     train_time = time.perf_counter() - t_start
 
-    val_loss = evaluate(model, val_batches, cfg["eval_batches"], device)
-    state_bytes = gather_ints(opt.state_bytes(), world, device)
+    val_loss = evaluate(comm, model, val_batches, cfg["eval_batches"], device)
+    state_bytes = comm.all_gather_object(opt.state_bytes())
     tok_s = cfg["steps"] * tokens_per_step / train_time
     log(f"done: steps={cfg['steps']} world={world} final_train_loss={losses[-1]:.4f} "
         f"val_loss={val_loss:.4f} tokens_per_s={tok_s:.0f} "
@@ -241,14 +228,14 @@ def main(argv=None):
             "final_train_loss": losses[-1], "val_loss": val_loss,
             "tokens_per_s": tok_s, "train_time_s": train_time,
             "state_bytes_per_rank": state_bytes, "train_losses": losses,
+            "params_sha256": params_digest(model),
         }
         pathlib.Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         with open(out_json, "w") as f:
             json.dump(summary, f, indent=2)
 
-    if dist.is_initialized():
-        dist.barrier()  # no rank tears its connections down while another still uses them
-        dist.destroy_process_group()
+    comm.barrier()  # no rank tears its connections down while another still uses them
+    zeroopt.comm.shutdown()
 
 
 if __name__ == "__main__":

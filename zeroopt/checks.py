@@ -19,6 +19,11 @@ def describe_params(param_groups: list[dict]) -> list[tuple]:
 
 
 def check_ranks_agree(comm: Collectives, params: list[tuple], settings: dict[str, Any]) -> None:
+    for group in comm.agreement_groups():
+        _check_group_agrees(group, params, settings)
+
+
+def _check_group_agrees(comm: Collectives, params: list[tuple], settings: dict[str, Any]) -> None:
     if comm.world_size == 1:
         return
     views = comm.all_gather_object((params, settings))

@@ -129,10 +129,12 @@ class BucketedReducer:
         self._written[b] = set()
         self._work[b] = self.comm.reduce_bucket(staging)
         self._next_launch = b + 1
-        if not self.keep_staging:  # give finished buckets' memory back early
+        if not self.keep_staging:  # give finished buckets' memory back early, in order
             for earlier in range(b):
                 work = self._work[earlier]
-                if work is not None and work.is_completed():
+                if work is not None:
+                    if not work.is_completed():
+                        break
                     self._harvest(earlier)
 
     @staticmethod
@@ -146,15 +148,22 @@ class BucketedReducer:
             staging[lo - bucket.start:hi - bucket.start].zero_()
 
     def _harvest(self, b: int) -> None:
+        """Take bucket ``b``'s reduced chunk into the shard. Earlier buckets still in flight
+        are harvested first: every rank then harvests in bucket order, whatever finished
+        first, which a backend whose wait() runs further collectives relies on
+        (hierarchical.py)."""
+        for earlier in range(b):
+            if self._work[earlier] is not None:
+                self._harvest(earlier)
         self._work[b].wait()
         self._work[b] = None
         bucket = self.layout.buckets[b]
         mine = bucket_chunk(self._staging[b], self.comm)
         dst = self.shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel]
         if self._shard_filled[b]:
-            dst.add_(mine, alpha=1.0 / self.comm.world_size)
+            dst.add_(mine, alpha=1.0 / self.comm.data_parallel_size)
         else:
-            torch.mul(mine, 1.0 / self.comm.world_size, out=dst)
+            torch.mul(mine, 1.0 / self.comm.data_parallel_size, out=dst)
             self._shard_filled[b] = True
         if not self.keep_staging:
             self._pool.append(self._staging[b]._base)

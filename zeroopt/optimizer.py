@@ -39,7 +39,7 @@ from . import shard_windows
 from .algorithms import ShardTensors, get_preset
 from .algorithms.base import resolve_defaults
 from .checks import check_ranks_agree, describe_params
-from .comm import collectives_for
+from .comm import collectives_for, split
 from .grad_sync import BucketedReducer, LocalGradients
 from .layout import DEFAULT_BUCKET_NUMEL, Layout
 from .states import kinds
@@ -51,7 +51,8 @@ log = logging.getLogger("zeroopt")
 
 class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, params, optimizer: str = "adamw", *, stage: int = 1,
-                 process_group=None, average_grads: bool = True,
+                 process_group=None, backend: str | None = None, shard_size: int | None = None,
+                 average_grads: bool = True,
                  bucket_numel: int = DEFAULT_BUCKET_NUMEL,
                  reduce_dtype: torch.dtype = torch.float32, skip_nonfinite: bool = True,
                  window_numel: int | None = None, page_dir: str | None = None,
@@ -78,10 +79,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError("ZeroOptimizer got no trainable params (all have requires_grad=False)")
         self._claim(p for group in trainable for _, p in group)  # local checks before collectives
         self.device = next(p for group in trainable for _, p in group).device
-        self.comm = collectives_for(self.device, process_group)
+        self.comm = collectives_for(self.device, process_group, backend)
         check_ranks_agree(self.comm, describe_params(self.param_groups), dict(
             optimizer=self.rule.name, stage=stage, average_grads=average_grads,
-            bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype)))
+            bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype), shard_size=shard_size))
+        if shard_size is not None:  # shard within groups, replicate across them
+            self.comm = split(self.comm, shard_size)
 
         self.layout = Layout(trainable, self.comm.world_size, self.comm.rank, bucket_numel,
                              kind_of=lambda g, p: kinds.kind_of(

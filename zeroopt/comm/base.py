@@ -20,6 +20,8 @@ import torch
 class Handle(Protocol):
     def wait(self) -> Any: ...
 
+    def is_completed(self) -> bool: ...
+
 
 class Done:
     """The handle of a collective that has already finished."""
@@ -31,25 +33,47 @@ class Done:
         return True
 
 
-class Collectives(Protocol):
+class Collectives:
+    """The interface every backend implements (torch.distributed, MPI, XLA, hierarchical).
+
+    ``rank`` and ``world_size`` are this rank's place in the *sharding* group: the buckets are
+    cut into ``world_size`` chunks. ``data_parallel_size`` is the number of ranks whose
+    gradients are averaged: the same, except with replicated shards (``hierarchical.py``).
+    """
+
     rank: int
     world_size: int
     backend: str
 
-    def reduce_bucket(self, bucket: torch.Tensor) -> Handle: ...
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size
 
-    def gather_bucket(self, bucket: torch.Tensor) -> Handle: ...
+    def agreement_groups(self) -> list["Collectives"]:
+        """Groups that together link every pair of ranks of the job: checking that each group
+        agrees checks that the whole job does."""
+        return [self]
 
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None: ...
+    def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
+        raise NotImplementedError
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None: ...
+    def gather_bucket(self, bucket: torch.Tensor) -> Handle:
+        raise NotImplementedError
 
-    def all_gather_object(self, obj: Any) -> list[Any]: ...
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        raise NotImplementedError
 
-    def barrier(self) -> None: ...
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        raise NotImplementedError
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
 
 
-class SingleRank:
+class SingleRank(Collectives):
     """World size 1: every collective is the identity."""
 
     rank = 0

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .base import Handle
+from .base import Collectives, Handle
+from .environment import Launch
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -28,7 +30,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 _ALL_REDUCE_BACKENDS = {"gloo"}
 
 
-class TorchDistributed:
+class TorchDistributed(Collectives):
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
         self.rank = dist.get_rank(group)
@@ -71,30 +73,42 @@ class TorchDistributed:
         dist.barrier(group=self.group)
 
 
-def launched_by_torchrun() -> bool:
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-
-
-def default_backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def init_from_environment(device: torch.device) -> bool:
-    """Initialise the default process group from torchrun's environment, if there is one.
-
-    Returns whether a process group is now available."""
-    if dist.is_available() and dist.is_initialized():
-        return True
-    if not (dist.is_available() and launched_by_torchrun()):
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=default_backend(device))
+def init_process_group(backend: str, launch: Launch) -> None:
+    """Initialise the default process group for ``launch`` (torchrun's variables, or mpirun's:
+    then rank 0's host and a free port are shared over MPI, unless MASTER_ADDR/PORT are set)."""
+    if backend == "hccl":
+        import torch_npu  # noqa: F401  (registers the "npu" device and the hccl backend)
+    if backend == "xla":
+        import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" backend)
+    if launch.launcher == "mpi" and not ("MASTER_ADDR" in os.environ
+                                          and "MASTER_PORT" in os.environ):
+        os.environ.update(_rendezvous_over_mpi())
+    set_local_device(backend, launch.local_rank)
+    dist.init_process_group(backend, init_method="xla://" if backend == "xla" else None,
+                            rank=launch.rank, world_size=launch.world_size)
     # We made the group, so we tear it down: exiting with gloo's threads alive aborts.
-    atexit.register(_destroy)
-    return True
+    atexit.register(destroy)
 
 
-def _destroy() -> None:
+def set_local_device(backend: str, local_rank: int) -> None:
+    """One accelerator per rank: the local rank's."""
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    elif backend == "hccl":
+        torch.npu.set_device(local_rank)
+
+
+def _rendezvous_over_mpi() -> dict[str, str]:
+    from mpi4py import MPI
+
+    address = None
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            address = {"MASTER_ADDR": socket.gethostname(), "MASTER_PORT": str(s.getsockname()[1])}
+    return MPI.COMM_WORLD.bcast(address, root=0)
+
+
+def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
