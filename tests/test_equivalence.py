@@ -19,18 +19,30 @@ import pytest
 import torch
 
 import cases
-from distributed import run_ranks
+from distributed import mpi_ranks, run_ranks
 
 TOL = 1e-6
-WORLD_SIZES = (1, 2, 3, 4)
 STAGES = (1, 2)
+# gloo through torch.distributed at W = 1..4; MPI (mpi4py under a real mpirun) at W = 2, 3.
+RUNS = [(1, "gloo"), (2, "gloo"), (3, "gloo"), (4, "gloo"), (2, "mpi"), (3, "mpi")]
+_suites: dict = {}
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
+def suite_results(world_size: int, backend: str) -> list:
+    """Every rank's results of cases.suite, run once per (world size, backend)."""
+    if (world_size, backend) not in _suites:
+        _suites[world_size, backend] = (
+            run_ranks(world_size, cases.suite, timeout=600) if backend == "gloo"
+            else mpi_ranks(world_size, "cases:suite", timeout=600))
+    return _suites[world_size, backend]
+
+
+@pytest.fixture(scope="module", params=RUNS,
+                ids=lambda run: f"W{run[0]}" + ("" if run[1] == "gloo" else f"-{run[1]}"))
 def results(request):
-    """Per world size: every rank's results, merged to the worst value over ranks."""
-    per_rank = run_ranks(request.param, cases.suite, timeout=600)
-    return request.param, per_rank
+    """Per world size and backend: every rank's results."""
+    world_size, backend = request.param
+    return world_size, suite_results(world_size, backend)
 
 
 def worst(per_rank, key):
@@ -125,9 +137,21 @@ def test_nonfinite_gradient_skips_the_step_on_every_rank(results, stage):
                        "moved_after": True, "finite": True}
 
 
-def test_model_wrapped_in_ddp_is_not_averaged_twice(results):
-    _, per_rank = results
-    assert worst(per_rank, "ddp") < TOL
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_model_wrapped_in_ddp_is_not_averaged_twice(world_size):
+    assert worst(suite_results(world_size, "gloo"), "ddp") < TOL
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_mpi_trains_the_same_params_as_gloo(world_size, stage):
+    """AdamW with clipping and exact reduction: MPI's reduce-scatter and gloo's all-reduce
+    give bit-identical params on every rank."""
+    gloo, mpi = suite_results(world_size, "gloo"), suite_results(world_size, "mpi")
+    for by_gloo, by_mpi in zip(gloo, mpi):
+        got, want = by_mpi["trained", stage], by_gloo["trained", stage]
+        assert len(got) == len(want) > 0
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -9,6 +9,7 @@ size from 1 to 4.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,10 @@ class OddModel(nn.Module):
 def world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    if os.environ.get("ZEROOPT_BACKEND") == "mpi":  # under mpirun (distributed.mpi_ranks)
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
     return 0, 1
 
 

@@ -80,6 +80,8 @@ def init_distributed(backend: str | None = None) -> tuple[Collectives, torch.dev
     the DeepSpeed launcher, or none: a single rank) and return its collectives and the device
     this rank computes on. The backend follows the hardware unless named."""
     name = backends.requested_backend(backend)
+    if name is not None:
+        backends.check_installed(name)
     launch = environment.detect()
     device = local_device(name, launch)
     return connect(device, name), device
@@ -93,6 +95,8 @@ def local_device(backend: str | None, launch: environment.Launch) -> torch.devic
         import torch_xla
 
         return torch_xla.device()
+    if backend == "hccl":
+        import torch_npu  # noqa: F401  (registers the "npu" device type)
     device_type = backends.BACKENDS[backend].devices[0]
     if device_type == "cpu":
         return torch.device("cpu")

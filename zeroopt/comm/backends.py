@@ -64,10 +64,14 @@ def check_usable(name: str, device: torch.device) -> None:
             f"backend {name!r} moves tensors on {' or '.join(backend.devices)}, but the params "
             f"are on {device.type!r}: move the model to a {backend.devices[0]} device before "
             f"building the optimizer, or use backend={backend_for(device)!r}")
+    check_installed(name)
+
+
+def check_installed(name: str) -> None:
     missing = _missing(name)
     if missing:
         raise RuntimeError(f"backend {name!r} is not available here ({missing}). It needs "
-                           f"{backend.needs}.")
+                           f"{BACKENDS[name].needs}.")
 
 
 def _missing(name: str) -> str | None:
