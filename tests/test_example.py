@@ -58,3 +58,23 @@ def test_galore_trains_the_example(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     losses = json.loads(out.read_text())["train_losses"]
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_mpirun_launcher_trains_the_same_model_as_torchrun(tmp_path):
+    """launchers/mpirun.sh (MPI through mpi4py, no torchrun) and launchers/torchrun.sh (gloo)
+    train bit-identical params: the gradient average is exact in fp64 whoever sums it."""
+    args = ["--steps", "8", "--reduce_dtype", "fp64", "--data_max_bytes", "2000000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    summaries = {}
+    for launcher, count in (("mpirun.sh", "--np"), ("torchrun.sh", "--nproc")):
+        out = tmp_path / f"{launcher}.json"
+        run = subprocess.run(["bash", f"launchers/{launcher}", count, "2", *args,
+                              "--out_json", str(out)] + (["--backend", "gloo"]
+                                                         if launcher == "torchrun.sh" else []),
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        summaries[launcher] = json.loads(out.read_text())
+    mpi, gloo = summaries["mpirun.sh"], summaries["torchrun.sh"]
+    assert mpi["config"]["backend"] == "mpi" and mpi["world_size"] == 2
+    assert mpi["train_losses"][-1] < mpi["train_losses"][0] - 0.5
+    assert mpi["params_sha256"] == gloo["params_sha256"]
