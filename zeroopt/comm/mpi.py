@@ -3,9 +3,14 @@
 CPU tensors are handed to MPI as buffers without copies (numpy views of the same memory).
 CUDA tensors go to MPI directly when the MPI library is CUDA-aware (Open MPI's
 ``MPIX_Query_cuda_support``, or ``ZEROOPT_MPI_CUDA_AWARE=1``); otherwise they are staged
-through host memory. Gradient buckets are reduce-scattered (``MPI_Ireduce_scatter_block``) and
-param buckets all-gathered in place (``MPI_Iallgather`` with ``MPI_IN_PLACE``), the same traffic
-as NCCL's ring: (W-1)/W of a bucket each. MPI has no bfloat16 sum: reduce in fp32 (the default
+through host memory. Gradient buckets are reduce-scattered by a ring of point-to-point messages
+(below) and param buckets all-gathered in place (``MPI_Iallgather`` with ``MPI_IN_PLACE``): each
+rank sends (W-1)/W of a bucket for each, as NCCL's rings do, 2(W-1)/W in all, the volume of
+data parallelism's all-reduce (benchmarks/bench_comm.py measures it).
+
+Why a ring of our own: Open MPI's non-blocking ``MPI_Ireduce_scatter_block`` (coll/libnbc)
+reduces the whole bucket to rank 0 over a binomial tree and then scatters it, which sends
+1.25x data parallelism's volume at W=2 (1.17x at W=3, measured) and makes rank 0 a hot spot. MPI has no bfloat16 sum: reduce in fp32 (the default
 ``reduce_dtype``); moving bf16 data (all-gather, broadcast) works, as raw bytes.
 
 Non-blocking MPI collectives progress when MPI is called (Open MPI has no progress thread by
@@ -75,6 +80,7 @@ class MPICollectives(Collectives):
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         self._cuda_aware: bool | None = None
+        self._rings = 0  # reduce_bucket calls so far: the same count on every rank
 
     def split(self, color: int) -> "MPICollectives":
         """The sub-communicator of the ranks that pass the same ``color`` (ordered by rank)."""
@@ -111,13 +117,10 @@ class MPICollectives(Collectives):
 
     # -- collectives ----------------------------------------------------------------------
 
-    def reduce_bucket(self, bucket: torch.Tensor) -> _Request:
-        mine = bucket.chunk(self.world_size)[self.rank]
-        send = bucket if self._direct(bucket) else bucket.cpu()
-        received = torch.empty(mine.shape, dtype=mine.dtype, device=send.device)
-        request = self.comm.Ireduce_scatter_block(self._buffer(send, True),
-                                                  self._buffer(received, True), self.MPI.SUM)
-        return _Request(request, then=lambda: mine.copy_(received))
+    def reduce_bucket(self, bucket: torch.Tensor) -> "_RingReduceScatter":
+        self._buffer(bucket[:0], summed=True)  # a dtype MPI can sum, or a clear error
+        self._rings += 1
+        return _RingReduceScatter(self, bucket, self._rings)
 
     def gather_bucket(self, bucket: torch.Tensor) -> _Request:
         return self._run(bucket, False, lambda buf: self.comm.Iallgather(self.MPI.IN_PLACE, buf))
@@ -134,3 +137,56 @@ class MPICollectives(Collectives):
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+
+class _RingReduceScatter:
+    """Reduce-scatter of one bucket around the ring of ranks, without blocking.
+
+    In step s (0..W-2) rank r sends its running sum of chunk (r-s-1) mod W to rank r+1 and
+    receives chunk (r-s-2) mod W from rank r-1, which it adds into its own copy; after W-1
+    steps it holds the total of chunk r. ``is_completed()`` moves the ring on as far as the
+    messages have arrived (MPI has no progress thread: grad_sync polls it during backward);
+    ``wait()`` finishes it. Each bucket's messages carry its own tags, so several buckets can
+    be in flight between the same ranks.
+    """
+
+    def __init__(self, mpi: MPICollectives, bucket: torch.Tensor, sequence: int):
+        self.mpi, self.bucket = mpi, bucket
+        self.work = bucket if mpi._direct(bucket) else bucket.cpu()  # staged: CUDA, not aware
+        self.chunks = self.work.chunk(mpi.world_size)
+        self.incoming = torch.empty_like(self.chunks[0])
+        world = mpi.world_size
+        self.tag_base = (sequence % (32767 // world)) * world  # MPI guarantees tags < 32768
+        self.step, self.requests = 0, None
+        self._post()
+
+    def _post(self) -> None:
+        rank, world, comm = self.mpi.rank, self.mpi.world_size, self.mpi.comm
+        if self.step == world - 1:
+            self.requests = None
+            if self.work is not self.bucket:
+                self.bucket.chunk(world)[rank].copy_(self.chunks[rank])
+            return
+        send = self.chunks[(rank - self.step - 1) % world]
+        tag = self.tag_base + self.step
+        self.requests = [
+            comm.Irecv(MPICollectives._buffer(self.incoming, True), (rank - 1) % world, tag),
+            comm.Isend(MPICollectives._buffer(send, True), (rank + 1) % world, tag)]
+
+    def _advance(self, block: bool) -> bool:
+        MPI, rank, world = self.mpi.MPI, self.mpi.rank, self.mpi.world_size
+        while self.requests is not None:
+            if block:
+                MPI.Request.Waitall(self.requests)
+            elif not MPI.Request.Testall(self.requests):
+                return False
+            self.chunks[(rank - self.step - 2) % world].add_(self.incoming)
+            self.step += 1
+            self._post()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._advance(block=False)
+
+    def wait(self) -> None:
+        self._advance(block=True)
