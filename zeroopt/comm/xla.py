@@ -17,15 +17,31 @@ of the graph (two threads missing the compilation cache together compile twice; 
 slices "this rank's chunk" differs per rank anyway), so without channel ids the op ids differ and
 every collective waits for the others until XLA aborts ("Expected 2 threads to join the
 rendezvous, but only 1 of them arrived"): the stall seen with ``xmp.spawn`` and plain
-``xm.reduce_scatter``. Here every collective gets an explicit channel id (a per-thread counter,
-the same sequence on every rank since every rank issues the same collectives in the same order,
-reset at each ``torch_xla.sync()`` so every step's graph is the same and compiles once) with
-``use_global_device_ids`` over the one group of all replicas. ``xm.all_reduce`` takes no channel
-id, so all-reduce is a reduce-scatter plus an all-gather; ``xm.rendezvous`` (all-gathers without
-channel ids) is not used.
+``xm.reduce_scatter``. Here every collective gets an explicit channel id (a counter per replica
+device, drawn by the replica's thread and by autograd's worker thread for its device alike; the
+same sequence on every rank since every rank issues the same collectives in the same order; reset
+at each ``torch_xla.sync()`` so every step's graph is the same and compiles once) with
+``use_global_device_ids`` over the one group of all replicas. Collectives are chained with
+optimization barriers so that each replica runs them in the order issued (XLA may otherwise
+reorder independent collectives differently in the replicas' different graphs), and
+reduce-scatters skip xm's all-reduce token (dropping it at sync blocks with the GIL held).
+``xm.all_reduce`` takes no channel id, so all-reduce is a reduce-scatter plus an all-gather;
+``xm.rendezvous`` (all-gathers without channel ids) is not used.
+
+Known limit (torch_xla 2.9, CPU thread replicas): a multi-step ZeroOptimizer run still deadlocks
+now and then (one replica never reaches a collective; XLA aborts after 10 s). The collectives
+alone are reliable at W = 2, 3, 4 (tests/xla). ``ZEROOPT_XLA_TRACE=1`` prints every collective's
+channel, per rank, to debug it.
 
 On TPU / GPU each process compiles for all its replicas and the plain ``xm`` collectives work;
 ``channel_ids`` is then off by default (``XlaCollectives(channel_ids=True)`` forces it).
+
+A second limit on CPU: torch_xla runs each replica's graph on its own thread pool, of
+``XLA_THREAD_POOL_SIZE`` threads (default: the number of CPUs), and a replica blocked in a
+collective holds its thread; with more replicas than threads the last ones never start and the
+others abort in the rendezvous. ``cpu_replicas_environment(n)`` sets the pool to at least ``n``
+(and ``PJRT_DEVICE=CPU``, ``CPU_NUM_DEVICES=n``); it must be in the environment before torch_xla
+starts its runtime.
 
 This module imports without torch_xla; ``xla_collectives()`` says what to install when it is
 missing.
@@ -33,19 +49,21 @@ missing.
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 from typing import Any
 
 import torch
 
-from .base import Done, Handle
+from .base import Collectives, Done, Handle
 
 _INSTALL_HINT = (
     "zeroopt's XLA backend needs torch_xla: pip install torch_xla=={version} (the version of "
     "the installed torch), then choose the device with PJRT_DEVICE=CPU|TPU|CUDA")
 
 _REDUCE_TYPES = ("sum", "max", "min")
+_TRACE = os.environ.get("ZEROOPT_XLA_TRACE", "") not in ("", "0")
 
 
 def _import_xla():
@@ -57,6 +75,19 @@ def _import_xla():
         version = torch.__version__.split("+")[0]
         raise ImportError(_INSTALL_HINT.format(version=version) + f" ({error})") from error
     return torch_xla, xm, xr
+
+
+def cpu_replicas_environment(replicas: int, environ=None) -> dict:
+    """Set (in ``environ``, default ``os.environ``) what ``replicas`` communicating XLA:CPU
+    replicas in one process need, before torch_xla starts; returns ``environ``."""
+    environ = os.environ if environ is None else environ
+    if replicas < 1:
+        raise ValueError(f"replicas must be positive, got {replicas}")
+    environ["PJRT_DEVICE"] = "CPU"
+    environ["CPU_NUM_DEVICES"] = str(replicas)
+    pool = int(environ.get("XLA_THREAD_POOL_SIZE") or 0)
+    environ["XLA_THREAD_POOL_SIZE"] = str(max(pool, replicas, os.cpu_count() or 1))
+    return environ
 
 
 def xla_available() -> bool:
@@ -90,24 +121,48 @@ def mark_step(wait: bool = False) -> None:
     torch_xla.sync(wait=wait)
 
 
-class _Channels(threading.local):
-    """Per replica thread: the next channel id, and whether a reset is queued for the next
-    sync."""
+def _check_cpu_pool(replicas: int) -> None:
+    """Fail now, with the fix, rather than in an aborting rendezvous (see the module notes)."""
+    pool = int(os.environ.get("XLA_THREAD_POOL_SIZE") or 0) or (os.cpu_count() or 1)
+    if pool < replicas:
+        raise RuntimeError(
+            f"zeroopt: {replicas} XLA:CPU replicas need XLA_THREAD_POOL_SIZE >= {replicas} (it "
+            f"is {pool}; the default is the number of CPUs): each replica blocked in a "
+            "collective holds one of its threads. Set it before torch_xla starts, e.g. with "
+            "zeroopt.comm.xla.cpu_replicas_environment(n) or launchers/xla_spawn.py")
+
+
+class _Channels:
+    """The next channel id of each replica, by its XLA device ("xla:0", "xla:1", ...).
+
+    Keyed by device, not by thread: a replica issues collectives from its own thread and from
+    autograd's worker thread for its device (the gradient hooks), and both must draw from one
+    sequence."""
 
     def __init__(self) -> None:
-        self.next = 1
-        self.reset_queued = False
+        self._lock = threading.Lock()
+        self._next: dict[str, int] = {}
+        self.last: dict[str, torch.Tensor] = {}  # a piece of each replica's latest result
+
+    def take(self, device: str, xm) -> int:
+        with self._lock:
+            channel = self._next.get(device)
+            if channel is None:  # first since the last sync: restart at the next one
+                xm.add_step_closure(self.reset, args=(device,))
+                channel = 1
+            self._next[device] = channel + 1
+            return channel
+
+    def reset(self, device: str) -> None:
+        with self._lock:
+            self._next.pop(device, None)
+            self.last.pop(device, None)
 
 
 _channels = _Channels()
 
 
-def _reset_channels() -> None:
-    _channels.next = 1
-    _channels.reset_queued = False
-
-
-class XlaCollectives:
+class XlaCollectives(Collectives):
     """``base.Collectives`` with torch_xla's collectives, for tensors on this replica's XLA
     device. Results are lazy: they are computed when the graph runs (see the module notes)."""
 
@@ -122,30 +177,74 @@ class XlaCollectives:
         if channel_ids is None:  # needed where the replicas are threads of one process
             channel_ids = xr.device_type() == "CPU"
         self.channel_ids = bool(channel_ids)
+        if xr.device_type() == "CPU" and self.world_size > 1:
+            _check_cpu_pool(self.world_size)
 
     # -- the raw collectives ---------------------------------------------------------------
 
-    def _channel(self) -> dict:
+    def _channel(self, device: str) -> dict:
         """Keyword arguments that pin one collective's rendezvous (CPU replicas)."""
-        if not self.channel_ids:
-            return {}
-        if not _channels.reset_queued:  # back to 1 after the next sync: same graph every step
-            self._xm.add_step_closure(_reset_channels)
-            _channels.reset_queued = True
-        channel = _channels.next
-        _channels.next += 1
+        # back to 1 after each sync, so that every step traces the same graph
+        channel = _channels.take(device, self._xm)
         return dict(groups=[list(range(self.world_size))], channel_id=channel,
                     use_global_device_ids=True)
+
+    def _in_order(self, run, tensor: torch.Tensor) -> torch.Tensor:
+        """``run(tensor, **channel)``, after this replica's previous collective (CPU replicas).
+
+        XLA orders the independent ops of one graph as it likes, and the replicas' graphs
+        differ (each updates its own chunk; a rank may own no element of a bucket), so two
+        replicas could enter the same graph's collectives in different orders and wait for
+        each other for ever. An optimization barrier over (the previous collective's result,
+        this one's input) chains them: every replica runs its collectives in the order it
+        issued them, the same order everywhere."""
+        if not self.channel_ids:
+            return run(tensor)
+        device = self._torch_xla._XLAC._xla_get_default_device()
+        previous = _channels.last.get(device)
+        if previous is not None:
+            tensor = tensor.clone()
+            self._xm.optimization_barrier_([previous, tensor])
+        channel = self._channel(device)
+        if _TRACE:  # ZEROOPT_XLA_TRACE=1: which collective got which channel, where
+            import traceback
+
+            where = [f"{f.name}:{f.lineno}" for f in traceback.extract_stack()[-7:-3]]
+            print(f"zeroopt.xla: rank {self.rank} channel {channel['channel_id']} "
+                  f"shape {list(tensor.shape)} from {where}", flush=True)
+        out = run(tensor, **channel)
+        _channels.last[device] = out.reshape(-1)[:1]
+        return out
 
     def _reduce_scatter(self, flat: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """``flat`` (1-D, numel divisible by world_size) reduced over ranks; returns this
         rank's chunk, a new tensor."""
-        return self._xm.reduce_scatter(op, flat, 1.0, 0, self.world_size, **self._channel())
+        if not self.channel_ids:
+            return self._xm.reduce_scatter(op, flat, 1.0, 0, self.world_size)
+        return self._in_order(self._untokened_reduce_scatter(op), flat)
+
+    def _untokened_reduce_scatter(self, op: str):
+        """xm.reduce_scatter without its all-reduce token. xm threads a token through every
+        reduce-scatter of a replica and ``torch_xla.sync()`` drops it afterwards; with replicas
+        as threads, dropping it waits for the graph just launched while holding the GIL, and
+        that graph waits in a collective for the other replicas, which need the GIL to launch
+        theirs: a deadlock (seen at W=2 within a few steps). The barrier chain of
+        ``_in_order`` orders the collectives instead."""
+        XLAC = self._torch_xla._XLAC
+
+        def run(t: torch.Tensor, groups, channel_id, use_global_device_ids) -> torch.Tensor:
+            token = XLAC._get_all_reduce_token(XLAC._xla_get_default_device())
+            out, _ = XLAC._xla_reduce_scatter(op, t, token, 1.0, 0, self.world_size, groups,
+                                              True, channel_id, use_global_device_ids)
+            return out
+
+        return run
 
     def _all_gather(self, chunk: torch.Tensor) -> torch.Tensor:
         """Every rank's 1-D ``chunk``, concatenated in rank order (a new tensor)."""
         if self.channel_ids:
-            return self._xm.all_gather(chunk, 0, pin_layout=False, **self._channel())
+            return self._in_order(lambda t, **channel: self._xm.all_gather(
+                t, 0, pin_layout=False, **channel), chunk)
         return self._xm.all_gather(chunk, 0)
 
     def _all_reduced(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
@@ -222,4 +321,4 @@ class XlaCollectives:
                                "replicas")
 
 
-__all__ = ["XlaCollectives", "mark_step", "xla_available", "xla_collectives", "xla_device"]
+__all__ = ["XlaCollectives", "cpu_replicas_environment", "mark_step", "xla_available", "xla_collectives", "xla_device"]

@@ -1,0 +1,256 @@
+"""Run one check on N XLA:CPU replicas, the way torch_xla supports on CPU: one process with
+CPU_NUM_DEVICES=N devices and one thread per device (xmp.spawn on CPU does exactly this).
+
+    PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 python tests/xla/replicas.py collectives
+
+Each replica returns a JSON-able result; this prints one line ``RESULT <json>`` with
+{rank: result}. The tests run it as a subprocess under a timeout: a collective that some replica
+never joins makes XLA abort the whole process, and must not take pytest down with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import threading
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # this checkout's zeroopt
+
+
+def collectives():
+    import torch
+
+    from zeroopt.comm.xla import mark_step, xla_collectives
+
+    comm = xla_collectives()
+    dev, r, w = comm.device, comm.rank, comm.world_size
+    out = {"rank": r, "world_size": w}
+
+    # reduce_bucket: chunk r holds the sum over ranks; 5 elements per chunk
+    bucket = (torch.arange(5 * w, dtype=torch.float32) * (r + 1)).to(dev)
+    comm.reduce_bucket(bucket).wait()
+    out["reduced_chunk"] = bucket.chunk(w)[r].cpu().tolist()
+
+    # gather_bucket: every chunk holds its owner's chunk
+    bucket = torch.full((4 * w,), -1.0)
+    bucket[4 * r:4 * r + 4] = torch.arange(4) + 10.0 * r
+    bucket = bucket.to(dev)
+    comm.gather_bucket(bucket).wait()
+    out["gathered"] = bucket.cpu().tolist()
+
+    for op in ("sum", "max", "min"):  # odd sizes and 0-d tensors, fp32 and fp64
+        t = (torch.arange(7, dtype=torch.float32) - 3.0 * r).to(dev)
+        comm.all_reduce(t, op=op)
+        s = torch.tensor(float(r + 1), dtype=torch.float64).to(dev)
+        comm.all_reduce(s, op=op)
+        out[f"all_reduce_{op}"] = t.cpu().tolist()
+        out[f"all_reduce_{op}_scalar"] = s.cpu().item()
+
+    t = torch.full((3, 2), float(r + 7)).to(dev)
+    comm.broadcast(t, src=w - 1)
+    out["broadcast"] = t.cpu().tolist()
+    i = torch.tensor([r * 5 + 1], dtype=torch.int64).to(dev)
+    comm.broadcast(i, src=0)
+    out["broadcast_int"] = i.cpu().tolist()
+
+    out["objects"] = comm.all_gather_object({"rank": r, "pad": "x" * (3 * r)})
+    comm.barrier()
+
+    # several steps of the same graph: channel ids restart at each sync, so it compiles once
+    for step in range(3):
+        b = torch.ones(2 * w).to(dev) * (step + 1)
+        comm.reduce_bucket(b)
+        comm.gather_bucket(b)
+        mark_step()
+    out["after_steps"] = b.cpu().tolist()
+    return out
+
+
+_RNG_LOCK = threading.Lock()
+
+
+def _args() -> dict:
+    return json.loads(os.environ.get("ZEROOPT_XLA_CHECK_ARGS", "{}"))
+
+
+def _foreach_adam_step(decoupled: bool):
+    """Adam(W) with torch._foreach ops: XLA has no fused Adam kernel; its CPU fallback for
+    torch._fused_adamw_ updates copies and loses the update of params that are views of a
+    flat buffer (zeroopt's shards are). The same math as torch.optim's multi-tensor Adam."""
+    import math
+
+    import torch
+
+    from zeroopt.algorithms.base import adam_denominator, update_moments_
+
+    def step(group, shard, step_count, stats=None):
+        t = int(step_count.item())  # a CPU tensor: no device sync
+        lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        params, grads = shard.params, shard.grads
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        if wd:
+            if decoupled:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            else:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+        m, v = shard.states["exp_avg"], shard.states["exp_avg_sq"]
+        update_moments_(m, v, grads, beta1, beta2)
+        denom = adam_denominator(v, beta2, t, eps)
+        torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - beta1 ** t))
+
+    return step
+
+
+def _adam_updates_views(device) -> bool:
+    """Whether zeroopt's adamw step updates params that are views of one flat buffer on
+    ``device`` (False on XLA while adam.py calls torch._fused_adamw_ there)."""
+    import torch
+
+    from zeroopt.algorithms import ShardTensors, get_rule
+
+    rule = get_rule("adamw")
+    flat = torch.ones(8, device=device)
+    shard = ShardTensors([flat[:4], flat[4:]], [torch.ones(4, device=device)] * 2,
+                         {"exp_avg": [torch.zeros(4, device=device) for _ in range(2)],
+                          "exp_avg_sq": [torch.zeros(4, device=device) for _ in range(2)]})
+    group = dict(rule.defaults, lr=0.1)
+    rule.fused_step(group, shard, torch.ones(()), None)
+    return bool((flat.cpu() != 1).all())
+
+
+def _use_foreach_adam_if_needed(device) -> bool:
+    """Stand-in for the fix adam.py needs (a foreach path where there is no fused kernel):
+    swap it in for this process when the fused step loses view updates. Returns whether it
+    did."""
+    import dataclasses
+
+    import zeroopt.algorithms as algorithms
+
+    if _adam_updates_views(device):
+        return False
+    for name, (rule, preset) in list(algorithms._RULES.items()):
+        if rule.name in ("adam", "adamw"):
+            algorithms._RULES[name] = (dataclasses.replace(
+                rule, fused_step=_foreach_adam_step(rule.name == "adamw")), preset)
+    return True
+
+
+def adamw():
+    """ZeroOptimizer (adamw, sharded over the replicas) on the XLA device against
+    torch.optim.AdamW on CPU fed the gradient averaged over the replicas' batches."""
+    import torch
+
+    import zeroopt
+    from zeroopt.comm.xla import mark_step, xla_collectives
+
+    args = _args()
+    steps, stage = int(args.get("steps", 4)), int(args.get("stage", 1))
+    comm = xla_collectives()
+    dev, r, w = comm.device, comm.rank, comm.world_size
+    patched = _use_foreach_adam_if_needed(dev) if args.get("foreach_if_needed", True) else False
+    mark_step()
+
+    def model():
+        with _RNG_LOCK:  # the replicas are threads of one process: one global RNG
+            torch.manual_seed(0)  # same init everywhere; sizes that do not divide by 2, 3, 4
+            return torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.Tanh(),
+                                       torch.nn.Linear(29, 23), torch.nn.Tanh(),
+                                       torch.nn.Linear(23, 1))
+
+    def batch(rank, step):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        return torch.randn(6, 37, generator=g), torch.randn(6, 1, generator=g)
+
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    ref = model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **hyper)
+    net = model().to(dev)
+    opt = zeroopt.ZeroOptimizer(net.parameters(), optimizer="adamw", stage=stage, backend="xla",
+                                bucket_numel=int(args.get("bucket_numel", 600)),
+                                skip_nonfinite=bool(args.get("skip_nonfinite", False)), **hyper)
+    clip = float(args.get("clip", 0.0))
+    mark_step()
+    compiles = []
+    for step in range(steps):
+        if step in (2, steps - 1):  # graphs compiled by all replicas so far
+            comm.barrier()
+            compiles.append(_compile_count())
+        x, y = batch(r, step)
+        loss = torch.nn.functional.mse_loss(net(x.to(dev)), y.to(dev))
+        loss.backward()
+        if clip:
+            opt.clip_grad_norm_(clip)
+        opt.step()
+        opt.zero_grad()
+        mark_step()
+        ref_opt.zero_grad()
+        for rank in range(w):  # the average of every replica's gradient
+            xr_, yr_ = batch(rank, step)
+            (torch.nn.functional.mse_loss(ref(xr_), yr_) / w).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        ref_opt.step()
+    got = [p.detach().cpu() for p in net.parameters()]
+    init = list(model().parameters())
+    want = [p.detach() for p in ref.parameters()]
+    diff = max(float((a - b).abs().max()) for a, b in zip(got, want))
+    moved = max(float((a - b).abs().max()) for a, b in zip(want, init))
+    return {"max_abs_diff": diff, "moved": moved, "world_size": w,
+            "foreach_adam_stand_in": patched,
+            "compiles_in_later_steps": compiles[-1] - compiles[0] if len(compiles) == 2 else None,
+            "cpu_fallbacks": _cpu_fallbacks()}
+
+
+def _cpu_fallbacks() -> list[str]:
+    """aten ops that XLA ran on the CPU (each one cuts the graph and syncs)."""
+    import torch_xla.debug.metrics as met
+
+    return sorted(k for k in met.counter_names() if k.startswith("aten::"))
+
+
+def _compile_count() -> int:
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+CHECKS = {"collectives": collectives, "adamw": adamw}
+
+
+def _replica(index: int, name: str, results_dir: str) -> None:
+    import torch_xla.runtime as xr
+
+    if index == 0 and os.environ.get("ZEROOPT_XLA_DUMP_AFTER"):  # debugging a stall
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["ZEROOPT_XLA_DUMP_AFTER"]), repeat=True)
+
+    result = CHECKS[name]()
+    path = pathlib.Path(results_dir) / f"{xr.global_ordinal()}.json"
+    path.write_text(json.dumps(result))
+
+
+def main(argv: list[str]) -> None:
+    import tempfile
+
+    from zeroopt.comm.xla import cpu_replicas_environment
+
+    cpu_replicas_environment(int(os.environ.get("CPU_NUM_DEVICES", "2")))  # before torch_xla
+    import torch_xla.distributed.xla_multiprocessing as xmp
+
+    name = argv[0]
+    if len(argv) > 1:  # a JSON dict of the check's arguments
+        os.environ["ZEROOPT_XLA_CHECK_ARGS"] = argv[1]
+    with tempfile.TemporaryDirectory() as results:
+        xmp.spawn(_replica, args=(name, results))
+        out = {int(p.stem): json.loads(p.read_text())
+               for p in pathlib.Path(results).glob("*.json")}
+    print("RESULT " + json.dumps(out, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
