@@ -7,8 +7,9 @@
 Model: 12 x Linear(1024, 1024) + ReLU (12.6M fp32 params), batch 32 per rank, MSE loss, AdamW,
 1 thread per rank. Every run is a fresh job started by its real launcher:
 
-- ``gloo``: ``python -m torch.distributed.run`` (zeroopt all-reduces gradient buckets and
-  all-gathers params with gloo's list all_gather; DDP all-reduces its buckets);
+- ``gloo``: ``python -m torch.distributed.run`` (zeroopt reduce-scatters gradient buckets and
+  all-gathers params by rings of gloo's send/recv, zeroopt/comm/ring.py; DDP all-reduces its
+  buckets);
 - ``mpi (sm)``: ``mpirun`` with Open MPI's default transports (shared memory on one host);
   zeroopt's ring reduce-scatter (Isend/Irecv) + in-place ``Iallgather`` through mpi4py;
 - ``mpi (tcp)``: the same with ``--mca pml ob1 --mca btl self,tcp``, so every byte goes
@@ -46,8 +47,8 @@ MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 TCP_ONLY = ["--mca", "pml", "ob1", "--mca", "btl", "self,tcp"]
 NAMES = {"ddp": "DDP + AdamW (anchor)", "zeroopt1": "zeroopt stage 1", "zeroopt2": "zeroopt stage 2"}
 # Bytes each rank sends per step, in units of data parallelism's ring all-reduce 2(W-1)/W x G:
-# reduce-scatter (W-1)/W G + all-gather (W-1)/W G = 1; gloo's all-reduce 2(W-1)/W G + all-gather = 1.5.
-EXPECTED = {("ddp", "gloo"): 1.0, ("zeroopt1", "gloo"): 1.5, ("zeroopt2", "gloo"): 1.5,
+# reduce-scatter (W-1)/W G + all-gather (W-1)/W G = 1, on both backends (rings, ring.py).
+EXPECTED = {("ddp", "gloo"): 1.0, ("zeroopt1", "gloo"): 1.0, ("zeroopt2", "gloo"): 1.0,
             ("zeroopt1", "mpi (tcp)"): 1.0, ("zeroopt2", "mpi (tcp)"): 1.0,
             ("zeroopt1", "mpi (sm)"): 0.0, ("zeroopt2", "mpi (sm)"): 0.0}
 
@@ -212,15 +213,15 @@ def report(a, results, timed, counted, total_s) -> list[str]:
               "parallelism's ring all-reduce sends 2(W-1)/W G (a reduce-scatter, then an all-gather "
               "of the summed chunks); that is the unit. ZeRO as a reduce-scatter of the gradients + "
               "an all-gather of the updated params sends (W-1)/W G + (W-1)/W G = 2(W-1)/W G, the "
-              "same as DP (ratio 1): what zeroopt asks MPI for. Over gloo zeroopt all-reduces each "
-              "gradient bucket (faster on gloo than its reduce_scatter, see above) and then "
-              "all-gathers the params: 2(W-1)/W G + (W-1)/W G = 3(W-1)/W G (ratio 1.5). DDP over "
-              "gloo all-reduces: ratio 1.", "",
+              "same as DP (ratio 1): what zeroopt sends on both backends, by rings of point-to-point "
+              "messages (zeroopt/comm/ring.py). Before the rings, zeroopt all-reduced gradient "
+              "buckets over gloo: 2(W-1)/W G + (W-1)/W G, ratio 1.5. DDP over gloo all-reduces: "
+              "ratio 1.", "",
               "Measured: " + ("every TCP ratio is within 2% of the ideal one." if not bad else
               f"the other {len(agree) - len(bad)} TCP rows agree with the ideal ratio within 2%, but "
               "these do NOT (off by more than 2%): " + "; ".join(bad) + "."), "",
               "Why zeroopt's MPI reduce-scatter is a ring of its own (Isend/Irecv, "
-              "zeroopt/comm/mpi.py): Open MPI's non-blocking `MPI_Ireduce_scatter_block` "
+              "zeroopt/comm/ring.py): Open MPI's non-blocking `MPI_Ireduce_scatter_block` "
               "(coll/libnbc) is a binomial-tree reduce of the whole bucket to rank 0 followed by a "
               "scatter (`nbc_ireduce_scatter_block.c`); an earlier run of this benchmark measured "
               "it at 1.250 (W=2) and 1.167 (W=3) of DP's volume, (2 + 1/W)/2 as that algorithm "
@@ -234,8 +235,7 @@ def report(a, results, timed, counted, total_s) -> list[str]:
               f"time over gloo and {t[('zeroopt1', 'mpi (sm)')]:.2f} / "
               f"{t[('zeroopt2', 'mpi (sm)')]:.2f} over MPI with shared memory: MPI is "
               f"{'faster' if sm < g else 'slower'} by {abs(1 - sm / g):.0%}. The rows do the same "
-              "arithmetic; what differs is the transport (gloo: loopback TCP, 1.5x DP's bytes for "
-              "zeroopt; MPI: shared-memory copies, no socket, but non-blocking collectives that "
+              "arithmetic; what differs is the transport (gloo: loopback TCP; MPI: shared-memory copies, no socket, but non-blocking collectives that "
               "progress only inside MPI calls, so less overlap with backward). "
               + (f"Other processes used up to {busy:.1f} cores during some runs, so these times "
                  "are disturbed; rerun with --wait-idle on a quiet machine." if busy > 0.3 else

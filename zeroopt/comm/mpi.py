@@ -4,13 +4,11 @@ CPU tensors are handed to MPI as buffers without copies (numpy views of the same
 CUDA tensors go to MPI directly when the MPI library is CUDA-aware (Open MPI's
 ``MPIX_Query_cuda_support``, or ``ZEROOPT_MPI_CUDA_AWARE=1``); otherwise they are staged
 through host memory. Gradient buckets are reduce-scattered by a ring of point-to-point messages
-(below) and param buckets all-gathered in place (``MPI_Iallgather`` with ``MPI_IN_PLACE``): each
+(ring.py) and param buckets all-gathered in place (``MPI_Iallgather`` with ``MPI_IN_PLACE``): each
 rank sends (W-1)/W of a bucket for each, as NCCL's rings do, 2(W-1)/W in all, the volume of
 data parallelism's all-reduce (benchmarks/bench_comm.py measures it).
-
-Why a ring of our own: Open MPI's non-blocking ``MPI_Ireduce_scatter_block`` (coll/libnbc)
-reduces the whole bucket to rank 0 over a binomial tree and then scatters it, which sends
-1.25x data parallelism's volume at W=2 (1.17x at W=3, measured) and makes rank 0 a hot spot. MPI has no bfloat16 sum: reduce in fp32 (the default
+(Open MPI's own non-blocking ``MPI_Ireduce_scatter_block`` reduces the whole bucket to rank 0
+over a binomial tree and then scatters it: 1.25x DP's volume at W=2, 1.17x at W=3, measured.) MPI has no bfloat16 sum: reduce in fp32 (the default
 ``reduce_dtype``); moving bf16 data (all-gather, broadcast) works, as raw bytes.
 
 Non-blocking MPI collectives progress when MPI is called (Open MPI has no progress thread by
@@ -26,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .base import Collectives
+from .ring import Ring
 
 _NUMPY_SUMMABLE = {torch.float16, torch.float32, torch.float64, torch.int8, torch.uint8,
                    torch.int16, torch.int32, torch.int64}
@@ -117,10 +116,31 @@ class MPICollectives(Collectives):
 
     # -- collectives ----------------------------------------------------------------------
 
-    def reduce_bucket(self, bucket: torch.Tensor) -> "_RingReduceScatter":
+    def reduce_bucket(self, bucket: torch.Tensor) -> Ring:
         self._buffer(bucket[:0], summed=True)  # a dtype MPI can sum, or a clear error
         self._rings += 1
-        return _RingReduceScatter(self, bucket, self._rings)
+        if self._direct(bucket):
+            return Ring(self, bucket, self._rings, reduce=True)
+        host = bucket.cpu()  # CUDA, MPI not CUDA-aware: the ring runs on a host copy
+        mine = bucket.chunk(self.world_size)[self.rank]
+        return Ring(self, host, self._rings, reduce=True,
+                    then=lambda: mine.copy_(host.chunk(self.world_size)[self.rank]))
+
+    # -- point to point, for the ring (ring.py) -------------------------------------------
+
+    max_tag = 32767  # the MPI standard's least upper bound for tags
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int):
+        return self.comm.Isend(self._buffer(tensor, False), peer, tag)
+
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int):
+        return self.comm.Irecv(self._buffer(tensor, False), peer, tag)
+
+    def test_all(self, requests: list) -> bool:
+        return bool(self.MPI.Request.Testall(requests))
+
+    def wait_all(self, requests: list) -> None:
+        self.MPI.Request.Waitall(requests)
 
     def gather_bucket(self, bucket: torch.Tensor) -> _Request:
         return self._run(bucket, False, lambda buf: self.comm.Iallgather(self.MPI.IN_PLACE, buf))
@@ -138,55 +158,3 @@ class MPICollectives(Collectives):
     def barrier(self) -> None:
         self.comm.Barrier()
 
-
-class _RingReduceScatter:
-    """Reduce-scatter of one bucket around the ring of ranks, without blocking.
-
-    In step s (0..W-2) rank r sends its running sum of chunk (r-s-1) mod W to rank r+1 and
-    receives chunk (r-s-2) mod W from rank r-1, which it adds into its own copy; after W-1
-    steps it holds the total of chunk r. ``is_completed()`` moves the ring on as far as the
-    messages have arrived (MPI has no progress thread: grad_sync polls it during backward);
-    ``wait()`` finishes it. Each bucket's messages carry its own tags, so several buckets can
-    be in flight between the same ranks.
-    """
-
-    def __init__(self, mpi: MPICollectives, bucket: torch.Tensor, sequence: int):
-        self.mpi, self.bucket = mpi, bucket
-        self.work = bucket if mpi._direct(bucket) else bucket.cpu()  # staged: CUDA, not aware
-        self.chunks = self.work.chunk(mpi.world_size)
-        self.incoming = torch.empty_like(self.chunks[0])
-        world = mpi.world_size
-        self.tag_base = (sequence % (32767 // world)) * world  # MPI guarantees tags < 32768
-        self.step, self.requests = 0, None
-        self._post()
-
-    def _post(self) -> None:
-        rank, world, comm = self.mpi.rank, self.mpi.world_size, self.mpi.comm
-        if self.step == world - 1:
-            self.requests = None
-            if self.work is not self.bucket:
-                self.bucket.chunk(world)[rank].copy_(self.chunks[rank])
-            return
-        send = self.chunks[(rank - self.step - 1) % world]
-        tag = self.tag_base + self.step
-        self.requests = [
-            comm.Irecv(MPICollectives._buffer(self.incoming, True), (rank - 1) % world, tag),
-            comm.Isend(MPICollectives._buffer(send, True), (rank + 1) % world, tag)]
-
-    def _advance(self, block: bool) -> bool:
-        MPI, rank, world = self.mpi.MPI, self.mpi.rank, self.mpi.world_size
-        while self.requests is not None:
-            if block:
-                MPI.Request.Waitall(self.requests)
-            elif not MPI.Request.Testall(self.requests):
-                return False
-            self.chunks[(rank - self.step - 2) % world].add_(self.incoming)
-            self.step += 1
-            self._post()
-        return True
-
-    def is_completed(self) -> bool:
-        return self._advance(block=False)
-
-    def wait(self) -> None:
-        self._advance(block=True)

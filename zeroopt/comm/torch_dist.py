@@ -1,10 +1,12 @@
 """Collectives over a torch.distributed process group (gloo, nccl, and any other backend).
 
-The collective used for each bucket operation is the fastest one measured per backend:
-on gloo (CPU, 2 ranks, 25M fp32 elements) ``all_reduce`` took 0.064 s against 0.128 s for
-``reduce_scatter_tensor``, and list-form ``all_gather`` with 4M-element buckets 0.040 s
-against 0.093 s for ``all_gather_into_tensor``. NCCL implements the true reduce-scatter and
-all-gather (half the traffic of an all-reduce), in place.
+The collectives used for buckets are the fastest measured per backend. NCCL (and other
+accelerator backends) run their own reduce-scatter and all-gather, in place. gloo's are slow:
+on 4M-element fp32 buckets at W=2, ``all_reduce`` took 12.5 ms, ``reduce_scatter_tensor``
+25 ms, list ``all_gather`` 9-10 ms, against 7 ms and 5 ms for a ring of gloo's own tagged
+send/recv (ring.py), which also sends half the bytes of an all-reduce. So gloo runs the ring.
+``ZEROOPT_BUCKET_COLLECTIVES=ring|native|all_reduce`` overrides the choice (the tests use it
+to run the NCCL-style in-place collectives over gloo).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .base import Collectives, Handle
+from .base import Collectives, Done, Handle
 from .environment import Launch
+from .ring import Ring
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -26,8 +29,9 @@ _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.R
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-# Backends whose all_reduce beats their reduce_scatter / all_gather_into_tensor.
-_ALL_REDUCE_BACKENDS = {"gloo"}
+# Backends whose own bucket collectives lose to a ring of point-to-point messages.
+_RING_BACKENDS = {"gloo"}
+_CHOICES = ("auto", "ring", "native", "all_reduce")
 
 
 class TorchDistributed(Collectives):
@@ -36,26 +40,56 @@ class TorchDistributed(Collectives):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.backend = str(dist.get_backend(group))
-        # ZEROOPT_BUCKET_COLLECTIVES=reduce_scatter|all_reduce overrides the measured choice
-        # (the tests use it to run the NCCL-style in-place collectives over gloo).
         choice = os.environ.get("ZEROOPT_BUCKET_COLLECTIVES", "auto")
-        if choice not in ("auto", "reduce_scatter", "all_reduce"):
-            raise ValueError(f"ZEROOPT_BUCKET_COLLECTIVES={choice!r}: use auto, reduce_scatter "
-                             "or all_reduce")
-        self._chunked = (self.backend in _ALL_REDUCE_BACKENDS if choice == "auto"
-                         else choice == "all_reduce")
+        if choice not in _CHOICES:
+            raise ValueError(f"ZEROOPT_BUCKET_COLLECTIVES={choice!r}: use one of "
+                             f"{', '.join(_CHOICES)}")
+        if choice == "auto":
+            choice = "ring" if self.backend in _RING_BACKENDS else "native"
+        self.bucket_collectives = choice
+        self._rings = 0  # bucket rings so far: the same count on every rank
 
     def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
-        if self._chunked:
+        if self.bucket_collectives == "ring":
+            return self._ring(bucket, reduce=True)
+        if self.bucket_collectives == "all_reduce":
             return dist.all_reduce(bucket, group=self.group, async_op=True)
         mine = bucket.chunk(self.world_size)[self.rank]
         return _reduce_scatter_single(mine, bucket, group=self.group, async_op=True)
 
     def gather_bucket(self, bucket: torch.Tensor) -> Handle:
+        if self.bucket_collectives == "ring":
+            return self._ring(bucket, reduce=False)
         chunks = list(bucket.chunk(self.world_size))
-        if self._chunked:
+        if self.bucket_collectives == "all_reduce":
             return dist.all_gather(chunks, chunks[self.rank], group=self.group, async_op=True)
         return _all_gather_single(bucket, chunks[self.rank], group=self.group, async_op=True)
+
+    def _ring(self, bucket: torch.Tensor, reduce: bool) -> Handle:
+        if self.world_size == 1:
+            return Done()
+        self._rings += 1
+        return Ring(self, bucket, self._rings, reduce)
+
+    # -- point to point, for the ring (ring.py) -------------------------------------------
+
+    max_tag = 1 << 24
+
+    def _global(self, peer: int) -> int:
+        return peer if self.group is None else dist.get_global_rank(self.group, peer)
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int):
+        return dist.isend(tensor, self._global(peer), group=self.group, tag=tag)
+
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int):
+        return dist.irecv(tensor, self._global(peer), group=self.group, tag=tag)
+
+    def test_all(self, requests: list) -> bool:
+        return all(request.is_completed() for request in requests)
+
+    def wait_all(self, requests: list) -> None:
+        for request in requests:
+            request.wait()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
         dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group)
