@@ -25,6 +25,9 @@ Notes for users:
   ``opt.clip_grad_norm_`` rather than ``torch.nn.utils.clip_grad_norm_``.
 - A param with no gradient on a rank counts as a zero gradient there (as in DistributedDataParallel).
 - ``state_dict()`` is a collective: call it on every rank.
+- ``backend`` ("nccl", "gloo", "mpi", "xla", "hccl"; or ZEROOPT_BACKEND) overrides the one that
+  follows the params' device; ``shard_size=S`` shards over groups of S ranks and replicates
+  across groups (HSDP-style; ``comm/hierarchical.py``).
 """
 
 from __future__ import annotations
