@@ -109,16 +109,19 @@ def _tails(logs):
     return "\n".join(f"--- {log}\n{Path(log).read_text()[-4000:]}" for log in logs)
 
 
-@pytest.fixture(scope="module")
-def one_node(namespaces_possible, tmp_path_factory):
+def _one_node_run(tmp, extra=()):
     """The reference: the same job on one node, 4 ranks, launchers/torchrun.sh."""
-    tmp = tmp_path_factory.mktemp("one_node")
     t0 = time.monotonic()
-    single = _start(["bash", "launchers/torchrun.sh", "--nproc", "4", *ARGS,
+    single = _start(["bash", "launchers/torchrun.sh", "--nproc", "4", *ARGS, *extra,
                      "--out_json", str(tmp / "single.json")], _env(), tmp / "single.log")
     _wait_all([single], [tmp / "single.log"], TIMEOUT_S)
     print(f"one node x 4 ranks: {time.monotonic() - t0:.1f}s")
     return json.loads((tmp / "single.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_node(namespaces_possible, tmp_path_factory):
+    return _one_node_run(tmp_path_factory.mktemp("one_node"))
 
 
 def _same_training(multi, ref):
@@ -140,7 +143,8 @@ def _summary_from_node_a(tmp_path, logs):
     return json.loads((tmp_path / "node0.json").read_text())
 
 
-def test_torchrun_two_nodes_train_the_same_params_as_one_node(two_nodes, one_node, tmp_path):
+def _torchrun_two_nodes(two_nodes, tmp_path, extra=()):
+    """launchers/torchrun_multinode.sh in each namespace, 2 ranks each; node a's summary."""
     rdzv_id = f"zeroopt-{uuid.uuid4().hex[:12]}"
     head = two_nodes[0]
     procs, logs = [], []
@@ -154,13 +158,36 @@ def test_torchrun_two_nodes_train_the_same_params_as_one_node(two_nodes, one_nod
                    else "is_host=0,join_timeout=60")
         log = tmp_path / f"node{k}.log"
         logs.append(log)
-        argv = node.wrap(["bash", "launchers/torchrun_multinode.sh", *ARGS,
+        argv = node.wrap(["bash", "launchers/torchrun_multinode.sh", *ARGS, *extra,
                           "--out_json", str(tmp_path / f"node{k}.json")])
         procs.append(_start(argv, env, log))
     _wait_all(procs, logs, TIMEOUT_S)
     print(f"torchrun, two nodes x 2 ranks: {time.monotonic() - t0:.1f}s")
     # Node a has rank 0: nodes are ranked by sorting their LOCAL_ADDR (see pitfall 2).
-    _same_training(_summary_from_node_a(tmp_path, logs), one_node)
+    return _summary_from_node_a(tmp_path, logs)
+
+
+def test_torchrun_two_nodes_train_the_same_params_as_one_node(two_nodes, one_node, tmp_path):
+    _same_training(_torchrun_two_nodes(two_nodes, tmp_path), one_node)
+
+
+def test_hierarchical_sharding_across_two_nodes_equals_flat_sharding(two_nodes, tmp_path):
+    """--shard_size 2: the optimizer state is sharded within each node (the 2 ranks of a
+    node, consecutive ranks) and replicated across the nodes, whose chunks are all-reduced
+    over the veth link. It trains the params of flat 4-way sharding on one node, bit for bit,
+    with twice the state per rank. (Without clipping: the clip coefficient's fp32 norm
+    partials follow the chunking, so with clipping the two differ in the last bits.)"""
+    no_clip = ["--grad_clip", "0"]
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "nodes").mkdir()
+    flat = _one_node_run(tmp_path / "flat", no_clip)
+    hybrid = _torchrun_two_nodes(two_nodes, tmp_path / "nodes", [*no_clip, "--shard_size", "2"])
+    assert hybrid["world_size"] == flat["world_size"] == 4
+    assert hybrid["config"]["shard_size"] == 2 and flat["config"]["shard_size"] == 0
+    assert hybrid["train_losses"] == flat["train_losses"]
+    assert hybrid["params_sha256"] == flat["params_sha256"]
+    per_rank = hybrid["state_bytes_per_rank"]
+    assert min(per_rank) >= 1.9 * max(flat["state_bytes_per_rank"])
 
 
 def test_deepspeed_two_nodes_train_the_same_params_as_one_node(two_nodes, one_node, tmp_path):
