@@ -74,39 +74,10 @@ def _args() -> dict:
     return json.loads(os.environ.get("ZEROOPT_XLA_CHECK_ARGS", "{}"))
 
 
-def _foreach_adam_step(decoupled: bool):
-    """Adam(W) with torch._foreach ops: XLA has no fused Adam kernel; its CPU fallback for
-    torch._fused_adamw_ updates copies and loses the update of params that are views of a
-    flat buffer (zeroopt's shards are). The same math as torch.optim's multi-tensor Adam."""
-    import math
-
-    import torch
-
-    from zeroopt.algorithms.base import adam_denominator, update_moments_
-
-    def step(group, shard, step_count, stats=None):
-        t = int(step_count.item())  # a CPU tensor: no device sync
-        lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
-        beta1, beta2 = group["betas"]
-        params, grads = shard.params, shard.grads
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        if wd:
-            if decoupled:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            else:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-        m, v = shard.states["exp_avg"], shard.states["exp_avg_sq"]
-        update_moments_(m, v, grads, beta1, beta2)
-        denom = adam_denominator(v, beta2, t, eps)
-        torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - beta1 ** t))
-
-    return step
-
-
 def _adam_updates_views(device) -> bool:
     """Whether zeroopt's adamw step updates params that are views of one flat buffer on
-    ``device`` (False on XLA while adam.py calls torch._fused_adamw_ there)."""
+    ``device`` (torch's CPU fallback of torch._fused_adamw_ on XLA would not; adam.py runs a
+    foreach step where there is no fused kernel)."""
     import torch
 
     from zeroopt.algorithms import ShardTensors, get_rule
@@ -121,23 +92,6 @@ def _adam_updates_views(device) -> bool:
     return bool((flat.cpu() != 1).all())
 
 
-def _use_foreach_adam_if_needed(device) -> bool:
-    """Stand-in for the fix adam.py needs (a foreach path where there is no fused kernel):
-    swap it in for this process when the fused step loses view updates. Returns whether it
-    did."""
-    import dataclasses
-
-    import zeroopt.algorithms as algorithms
-
-    if _adam_updates_views(device):
-        return False
-    for name, (rule, preset) in list(algorithms._RULES.items()):
-        if rule.name in ("adam", "adamw"):
-            algorithms._RULES[name] = (dataclasses.replace(
-                rule, fused_step=_foreach_adam_step(rule.name == "adamw")), preset)
-    return True
-
-
 def adamw():
     """ZeroOptimizer (adamw, sharded over the replicas) on the XLA device against
     torch.optim.AdamW on CPU fed the gradient averaged over the replicas' batches."""
@@ -150,7 +104,7 @@ def adamw():
     steps, stage = int(args.get("steps", 4)), int(args.get("stage", 1))
     comm = xla_collectives()
     dev, r, w = comm.device, comm.rank, comm.world_size
-    patched = _use_foreach_adam_if_needed(dev) if args.get("foreach_if_needed", True) else False
+    updates_views = _adam_updates_views(dev)
     mark_step()
 
     def model():
@@ -199,7 +153,7 @@ def adamw():
     diff = max(float((a - b).abs().max()) for a, b in zip(got, want))
     moved = max(float((a - b).abs().max()) for a, b in zip(want, init))
     return {"max_abs_diff": diff, "moved": moved, "world_size": w,
-            "foreach_adam_stand_in": patched,
+            "adam_updates_views": updates_views,
             "compiles_in_later_steps": compiles[-1] - compiles[0] if len(compiles) == 2 else None,
             "cpu_fallbacks": _cpu_fallbacks()}
 

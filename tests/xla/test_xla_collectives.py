@@ -64,9 +64,8 @@ def test_collectives(world):
 
 # ZeroOptimizer on XLA:CPU replicas: not yet reliable. Some multi-step runs deadlock in a
 # collective that one replica never reaches (XLA aborts after 10 s), so these run only when
-# asked for (ZEROOPT_XLA_OPTIMIZER=1), never as a flaky CI step. They need a foreach Adam step
-# where XLA has no fused kernel (replicas.py swaps one in). Observed: W=2 passes, W=3 and W=4
-# deadlock now and then.
+# asked for (ZEROOPT_XLA_OPTIMIZER=1), never as a flaky CI step. Observed: W=2 passes, W=3 and
+# W=4 deadlock now and then.
 OPT_IN = pytest.mark.skipif(
     os.environ.get("ZEROOPT_XLA_OPTIMIZER") != "1",
     reason="ZeroOptimizer on XLA:CPU thread replicas deadlocks intermittently (known limit, "
@@ -84,5 +83,6 @@ def test_adamw_matches_torch_on_cpu(world, args):
     results = run_replicas(world, "adamw", args)
     for got in results.values():
         assert got["world_size"] == world
+        assert got["adam_updates_views"]  # adam.py's foreach path (no fused kernel on XLA)
         assert got["moved"] > 1e-2  # the params did train
         assert got["max_abs_diff"] < 1e-6, got

@@ -1,5 +1,10 @@
 """Adam and AdamW (torch.optim semantics), fused with torch's own multi-tensor kernel.
 
+torch has that kernel only on cpu, cuda and mps. On any other device (XLA, ...) the same update
+runs as torch._foreach_* ops, the way torch.optim.Adam(W)'s multi-tensor path does it: torch's
+CPU fallback for the fused kernel would update copies, and lose the update of params that are
+views of a flat buffer (zeroopt's shards are).
+
 The options ``cautious``, ``adopt`` and ``grams`` (variants.py) change the update; with any of
 them the step runs variants.py's multi-tensor path instead of the fused kernel.
 """
@@ -25,12 +30,42 @@ def _validate(group: dict) -> None:
             raise ValueError(f"{name} must be True or False, got {group[name]!r}")
 
 
+_FUSED_DEVICES = ("cpu", "cuda", "mps")  # where torch has _fused_adam(w)_
+
+
+def _foreach_step(group: dict, shard: ShardTensors, step_count: torch.Tensor,
+                  decoupled: bool) -> None:
+    """torch.optim.Adam(W)'s update (amsgrad off) with torch._foreach_* ops, for devices
+    without the fused kernel. ``step_count`` is already advanced (and on the CPU)."""
+    t = int(step_count.item())
+    lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    params, grads = shard.params, shard.grads
+    if group["maximize"]:
+        grads = torch._foreach_neg(grads)
+    if wd != 0:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+    m, v = shard.states["exp_avg"], shard.states["exp_avg_sq"]
+    torch._foreach_lerp_(m, grads, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, (1 - beta2**t) ** 0.5)  # as torch.optim
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, m, denom, -lr / (1 - beta1**t))
+
+
 def _fused(decoupled: bool):
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
 
     def step(group: dict, shard: ShardTensors, step_count: torch.Tensor, stats=None) -> None:
         if variants.any_option(group):
             return _variant_step(group, shard, step_count, stats, decoupled)
+        if shard.params and shard.params[0].device.type not in _FUSED_DEVICES:
+            return _foreach_step(group, shard, step_count, decoupled)
         beta1, beta2 = group["betas"]
         # The kernel reads (does not advance) one step tensor per tensor; they all share ours.
         kernel(shard.params, shard.grads, shard.states["exp_avg"], shard.states["exp_avg_sq"],
