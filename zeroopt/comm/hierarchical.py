@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .base import Collectives, Handle
+from .torch_dist import TorchDistributed
 
 
 class Hierarchical(Collectives):
@@ -78,11 +79,9 @@ class _ThenAcrossReplicas:
             self.done = True
 
 
-def split_torch(flat, shard_size: int) -> Hierarchical:
+def _split_torch(flat, shard_size: int) -> Hierarchical:
     """Sharding and replication groups over the default torch.distributed group."""
     import torch.distributed as dist
-
-    from .torch_dist import TorchDistributed
 
     world = flat.world_size
     shard_group, _ = dist.new_subgroups_by_enumeration(
@@ -107,8 +106,8 @@ def split(flat: Collectives, shard_size: int | str) -> Hierarchical | Collective
         return flat
     if flat.backend == "mpi":
         return Hierarchical(flat.split(flat.rank // shard_size), flat.split(flat.rank % shard_size))
-    if hasattr(flat, "group") and flat.group is None:
-        return split_torch(flat, shard_size)
+    if isinstance(flat, TorchDistributed) and flat.group is None:
+        return _split_torch(flat, shard_size)
     raise ValueError(f"shard_size needs the job's whole group to split (backend "
                      f"{flat.backend!r}); for your own groups pass "
                      "process_group=(sharding_group, replication_group)")

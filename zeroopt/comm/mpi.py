@@ -6,10 +6,12 @@ CUDA tensors go to MPI directly when the MPI library is CUDA-aware (Open MPI's
 through host memory. Gradient buckets are reduce-scattered by a ring of point-to-point messages
 (ring.py) and param buckets all-gathered in place (``MPI_Iallgather`` with ``MPI_IN_PLACE``): each
 rank sends (W-1)/W of a bucket for each, as NCCL's rings do, 2(W-1)/W in all, the volume of
-data parallelism's all-reduce (benchmarks/bench_comm.py measures it).
-(Open MPI's own non-blocking ``MPI_Ireduce_scatter_block`` reduces the whole bucket to rank 0
-over a binomial tree and then scatters it: 1.25x DP's volume at W=2, 1.17x at W=3, measured.) MPI has no bfloat16 sum: reduce in fp32 (the default
-``reduce_dtype``); moving bf16 data (all-gather, broadcast) works, as raw bytes.
+data parallelism's all-reduce (benchmarks/bench_comm.py measures it). Open MPI's own
+non-blocking ``MPI_Ireduce_scatter_block`` reduces the whole bucket to rank 0 over a binomial
+tree and then scatters it: 1.25x DP's volume at W=2, 1.17x at W=3, measured.
+
+MPI has no bfloat16 sum: reduce in fp32 (the default ``reduce_dtype``); moving bf16 data
+(all-gather, broadcast) works, as raw bytes.
 
 Non-blocking MPI collectives progress when MPI is called (Open MPI has no progress thread by
 default): overlap with backward is partial, and the handle's ``wait()`` finishes the work.
@@ -126,22 +128,6 @@ class MPICollectives(Collectives):
         return Ring(self, host, self._rings, reduce=True,
                     then=lambda: mine.copy_(host.chunk(self.world_size)[self.rank]))
 
-    # -- point to point, for the ring (ring.py) -------------------------------------------
-
-    max_tag = 32767  # the MPI standard's least upper bound for tags
-
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int):
-        return self.comm.Isend(self._buffer(tensor, False), peer, tag)
-
-    def irecv(self, tensor: torch.Tensor, peer: int, tag: int):
-        return self.comm.Irecv(self._buffer(tensor, False), peer, tag)
-
-    def test_all(self, requests: list) -> bool:
-        return bool(self.MPI.Request.Testall(requests))
-
-    def wait_all(self, requests: list) -> None:
-        self.MPI.Request.Waitall(requests)
-
     def gather_bucket(self, bucket: torch.Tensor) -> _Request:
         return self._run(bucket, False, lambda buf: self.comm.Iallgather(self.MPI.IN_PLACE, buf))
 
@@ -158,3 +144,18 @@ class MPICollectives(Collectives):
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    # -- point to point, for the ring (ring.py) -------------------------------------------
+
+    max_tag = 32767  # the MPI standard's least upper bound for tags
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int):
+        return self.comm.Isend(self._buffer(tensor, False), peer, tag)
+
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int):
+        return self.comm.Irecv(self._buffer(tensor, False), peer, tag)
+
+    def test_all(self, requests: list) -> bool:
+        return bool(self.MPI.Request.Testall(requests))
+
+    def wait_all(self, requests: list) -> None:
+        self.MPI.Request.Waitall(requests)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .base import Collectives, Done, Handle
+from .base import Collectives, Handle
 from .environment import Launch
 from .ring import Ring
 
@@ -66,8 +66,6 @@ class TorchDistributed(Collectives):
         return _all_gather_single(bucket, chunks[self.rank], group=self.group, async_op=True)
 
     def _ring(self, bucket: torch.Tensor, reduce: bool) -> Handle:
-        if self.world_size == 1:
-            return Done()
         self._rings += 1
         return Ring(self, bucket, self._rings, reduce)
 
@@ -112,14 +110,11 @@ def init_process_group(backend: str, launch: Launch) -> None:
     then rank 0's host and a free port are shared over MPI, unless MASTER_ADDR/PORT are set)."""
     if backend == "hccl":
         import torch_npu  # noqa: F401  (registers the "npu" device and the hccl backend)
-    if backend == "xla":
-        import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" backend)
     if launch.launcher == "mpi" and not ("MASTER_ADDR" in os.environ
                                           and "MASTER_PORT" in os.environ):
         os.environ.update(_rendezvous_over_mpi())
     set_local_device(backend, launch.local_rank)
-    dist.init_process_group(backend, init_method="xla://" if backend == "xla" else None,
-                            rank=launch.rank, world_size=launch.world_size)
+    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size)
     # We made the group, so we tear it down: exiting with gloo's threads alive aborts.
     atexit.register(destroy)
 
