@@ -81,20 +81,12 @@ def gather_state_dict(opt: ZeroOptimizer) -> dict:
 
 @torch.no_grad()
 def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
+    from .torch_interop import from_torch, is_torch_state_dict
+
+    if is_torch_state_dict(state_dict):  # saved by torch.optim (AdamW, SGD, ...)
+        state_dict = from_torch(opt, state_dict)
     _check_compatible(opt, state_dict)
-    for group, saved in zip(opt.param_groups, state_dict["param_groups"]):
-        update = {k: v for k, v in saved.items() if k != "params"}
-        for name in _LAYOUT_OPTIONS:  # the layout is built; these stay as constructed
-            update[name] = group[name]
-        group.update(update)
-        opt.rule.validate(group)
-    missing = set(opt.rule.state_names(opt.param_groups)) - set(opt._scratch)
-    if missing:
-        raise ValueError(f"cannot load this optimizer state: its hyperparameters need the states "
-                         f"{sorted(missing)}, which this optimizer was built without; build it "
-                         f"with the hyperparameters the state was saved with")
-    opt._windows = opt._windows_per_group()  # the groups' hyperparameters may have changed
-    opt._whole.build()
+    apply_param_groups(opt, state_dict["param_groups"])
     saved_state = state_dict["state"]
     if not saved_state:  # a fresh optimizer's state: nothing to load
         return
@@ -120,6 +112,23 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
             lo = piece.param_offset
             opt._masters[buffer.index][offset:offset + piece.numel].copy_(
                 saved["master_param"].reshape(-1)[lo:lo + piece.numel])
+
+
+def apply_param_groups(opt: ZeroOptimizer, saved_groups: list[dict]) -> None:
+    """Take the saved groups' hyperparameters (the layout's options stay as constructed)."""
+    for group, saved in zip(opt.param_groups, saved_groups):
+        update = {k: v for k, v in saved.items() if k != "params"}
+        for name in _LAYOUT_OPTIONS:  # the layout is built; these stay as constructed
+            update[name] = group[name]
+        group.update(update)
+        opt.rule.validate(group)
+    missing = set(opt.rule.state_names(opt.param_groups)) - set(opt._scratch)
+    if missing:
+        raise ValueError(f"cannot load this optimizer state: its hyperparameters need the states "
+                         f"{sorted(missing)}, which this optimizer was built without; build it "
+                         f"with the hyperparameters the state was saved with")
+    opt._windows = opt._windows_per_group()  # the groups' hyperparameters may have changed
+    opt._whole.build()
 
 
 def _gather_tensor_states(opt: ZeroOptimizer) -> dict[int, dict]:

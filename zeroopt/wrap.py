@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 
 from .optimizer import ZeroOptimizer
-
-# Keys torch.optim puts in param groups that choose an implementation, not the math.
-_IMPLEMENTATION_KEYS = {"foreach", "fused", "capturable", "differentiable",
-                        "decoupled_weight_decay", "initial_lr"}
+from .torch_interop import IMPLEMENTATION_KEYS as _IMPLEMENTATION_KEYS
 
 
 def _rule_name(optimizer: torch.optim.Optimizer) -> str | None:

@@ -41,7 +41,7 @@ def load_piece(region: RegionStates, name: str, saved: dict, param_offset: int, 
             at = region_lo // BLOCK
             region.tensors[name][region_lo:region_lo + numel].copy_(codes[:numel])
             region.tensors[name + "_absmax"][at:at + end - first].copy_(absmax)
-            region.release(region_lo, numel)
+            region.release(region_lo, (end - first) * BLOCK)  # whole blocks, as paged
             return
         padded = torch.zeros((end - first) * BLOCK, dtype=torch.uint8)
         padded[:codes.numel()] = codes

@@ -1,0 +1,114 @@
+"""``save_checkpoint`` / ``load_checkpoint``: the model and a ZeroOptimizer's sharded state,
+written by every rank in parallel with torch.distributed.checkpoint, and read back at any
+world size (or with another bucket size, state precision or shard_size).
+
+    zeroopt.save_checkpoint("ckpt/step_1000", model, opt, step=1000, scheduler=sched.state_dict())
+    extras = zeroopt.load_checkpoint("ckpt/step_1000", model, opt)   # {"step": 1000, ...}
+
+Both are collectives: call them on every rank. The model's entries are saved once (DCP spreads
+the replicated tensors over the ranks); the optimizer's per-param state is saved flat, each
+rank its own ranges (``optimizer_items.py``). Saves are atomic and loads verified
+(``directory.py``); a checkpoint from another model or optimizer is refused with the first
+difference named (``compat.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from . import compat, directory
+from .directory import CheckpointError
+from .job import job_for
+from .optimizer_items import load_targets, save_items
+
+
+def save_checkpoint(path: str, model: torch.nn.Module | None, optimizer, **extra) -> None:
+    """Save ``model`` (or None) and ``optimizer`` (a ZeroOptimizer, or None) to the directory
+    ``path``, replacing what is there only once the new checkpoint is complete. ``extra``
+    values (picklable: a step count, a scheduler's or data loader's state) are rank 0's."""
+    job = _job(optimizer)
+    items = {} if model is None else {f"model.{k}": v for k, v in model.state_dict().items()}
+    if optimizer is not None:
+        items.update(save_items(optimizer, job.writes_state))
+    items["extra"] = pickle.dumps(extra)
+    staging = directory.staging_dir(path, job)
+    with _quiet():
+        dcp.save(items, storage_writer=dcp.FileSystemWriter(staging), process_group=job.group,
+                 no_dist=not job.distributed)
+    directory.write_manifest(staging, job, {"world_size": job.world_size,
+                                            **compat.describe(model, optimizer)})
+    directory.publish(staging, path, job)
+
+
+@torch.no_grad()
+def load_checkpoint(path: str, model: torch.nn.Module | None, optimizer) -> dict:
+    """Load a checkpoint that ``save_checkpoint`` wrote, at this job's world size, into
+    ``model`` and ``optimizer`` (either may be None); returns the saved extras."""
+    job = _job(optimizer)
+    path = directory.resolve(path)
+    manifest = directory.read_manifest(path)
+    compat.check_matches(path, manifest, model, optimizer)
+    directory.verify(path, manifest, job)
+    reader = dcp.FileSystemReader(path)
+    metadata = reader.read_metadata()
+
+    def read(items: dict) -> dict:
+        with _quiet():
+            dcp.load(items, storage_reader=reader, process_group=job.group,
+                     no_dist=not job.distributed)
+        return items
+
+    if optimizer is not None:
+        optimizer.grads.finish()
+        optimizer.grads.zero()
+        # The groups first: their hyperparameters decide which states there are to read.
+        groups = read({"optimizer.param_groups": None})["optimizer.param_groups"]
+        from ..state_dict import apply_param_groups
+
+        apply_param_groups(optimizer, pickle.loads(groups)["groups"])
+    items = {"extra": None}
+    if model is not None:
+        items.update({f"model.{k}": v for k, v in model.state_dict().items()})
+    apply = None
+    if optimizer is not None:
+        try:
+            targets, apply = load_targets(optimizer, metadata)
+        except KeyError as missing:
+            raise CheckpointError(f"checkpoint {path} has no {missing} for this optimizer: it "
+                                  "was saved with other hyperparameters (states differ)") from None
+        items.update(targets)
+    read(items)
+    if apply is not None:
+        apply(items)
+        optimizer._publish_params()  # masters of 16-bit params -> the model's params
+    return pickle.loads(items["extra"])
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP's notices that are not news here: ShardedTensor's deprecation (it is what DCP reads
+    for uneven ranges) and "no process group: single process" (that is the intent)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*ShardedTensor", FutureWarning)
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
+def _job(optimizer):
+    return job_for(optimizer.comm if optimizer is not None else _default_comm())
+
+
+def _default_comm():
+    import torch.distributed as dist
+
+    from ..comm import SingleRank, TorchDistributed
+
+    return TorchDistributed(None) if dist.is_initialized() else SingleRank()
+
+
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,163 @@
+"""A ZeroOptimizer's state as torch.distributed.checkpoint items, per param and layout-free.
+
+Keys (``i`` is the param's state_dict index, as in torch.optim):
+
+- ``optimizer.state.i.<name>``: state ``name`` of param ``i``, flattened in the param's element
+  order: fp32 or bf16 values, or 8-bit codes with ``<name>_absmax`` (one fp32 per 256-element
+  block of the param, as bitsandbytes keeps them); ``master_param`` for 16-bit params. Each rank
+  writes the ranges it owns (``ranges.py``).
+- params stepped whole (GaLore, APOLLO, Adafactor): their per-tensor states under the same
+  prefix, in the rule's own shapes, written by their owner; their other values (step, APOLLO's
+  seed) in ``optimizer.state.i.values``.
+- ``optimizer.steps`` (per group) and ``optimizer.param_groups`` (hyperparameters, counters).
+
+A load reads the ranges its own layout gives it, in whatever form they were saved, and converts
+them into the form this optimizer keeps (``states/encoding.py``): 8-bit codes are copied as they
+are where both are 8-bit, and decoded otherwise.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+
+import torch
+
+from ..states import encoding
+from ..states.blockwise import BLOCK
+from .ranges import flat_tensor, merge
+
+PREFIX = "optimizer.state"
+_STRIDES = "__strides__"
+
+
+def save_items(opt, writes_state: bool) -> dict:
+    opt.grads.finish()  # no reduction may be in flight while the shard is read
+    items = {"optimizer.steps": torch.stack([s.float() for s in opt._steps]).clone(),
+             "optimizer.param_groups": _groups_blob(opt)}
+    if not writes_state:  # another replica holds the same shard and writes it
+        return items
+    for piece in opt.layout.pieces:
+        slot = piece.slot
+        buffer = opt.layout.buffers[slot.buffer]
+        region_lo = piece.shard_offset - buffer.shard_offset
+        if not buffer.kind.whole:
+            region = opt._regions[buffer.index]
+            for name in opt.rule.states(opt.param_groups[slot.group]):
+                for saved, (tensor, per) in region.encoded(name).items():
+                    first, end = _covering(piece.param_offset, piece.numel, per)
+                    items[f"{PREFIX}.{slot.index}.{saved}"] = flat_tensor(
+                        -(-slot.numel // per),
+                        {(first, end): tensor[region_lo // per:region_lo // per + end - first]})
+        if buffer.index in opt._masters:
+            master = opt._masters[buffer.index][region_lo:region_lo + piece.numel]
+            items[f"{PREFIX}.{slot.index}.master_param"] = flat_tensor(
+                slot.numel, {(piece.param_offset, piece.param_offset + piece.numel): master})
+    for owned in opt._whole.all_owned():
+        saved = opt._whole.states.saved(owned.slot.index)
+        saved.pop("param_index", None)
+        values = {k: v for k, v in saved.items() if not isinstance(v, torch.Tensor)}
+        # Memory order too: a column-major GaLore basis multiplies (and rounds) differently
+        values[_STRIDES] = {k: v.stride() for k, v in saved.items() if isinstance(v, torch.Tensor)}
+        items[f"{PREFIX}.{owned.slot.index}.values"] = pickle.dumps(values)
+        for name, value in saved.items():
+            if isinstance(value, torch.Tensor):
+                items[f"{PREFIX}.{owned.slot.index}.{name}"] = value
+    return items
+
+
+def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
+    """The items this rank reads (tensors to fill, in the saved dtypes) and the function that
+    puts them into the optimizer once DCP has filled them."""
+    saved = metadata.state_dict_metadata
+    targets = {"optimizer.steps": torch.zeros(len(opt._steps)),
+               "optimizer.param_groups": None}
+    reads = []  # (piece, state name, {saved name: (key, first, end)})
+    wanted: dict[str, list[tuple[int, int]]] = {}
+    for piece in opt.layout.pieces:
+        slot = piece.slot
+        buffer = opt.layout.buffers[slot.buffer]
+        names = [] if buffer.kind.whole else list(opt.rule.states(opt.param_groups[slot.group]))
+        if buffer.index in opt._masters and f"{PREFIX}.{slot.index}.master_param" in saved:
+            names.append("master_param")
+        for name in names:
+            key = f"{PREFIX}.{slot.index}.{name}"
+            codes = saved[key].properties.dtype == torch.uint8
+            # 8-bit codes are read by whole blocks: their scale is per block
+            per_block = BLOCK if codes else 1
+            first, end = _covering(piece.param_offset, piece.numel, per_block)
+            ranges = {name: (key, first * per_block, min(end * per_block, slot.numel))}
+            if codes:
+                ranges[name + "_absmax"] = (key + "_absmax", first, end)
+            for key_, lo, hi in ranges.values():
+                wanted.setdefault(key_, []).append((lo, hi))
+            reads.append((piece, name, ranges))
+    local: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    for key, ranges in wanted.items():
+        dtype = saved[key].properties.dtype
+        local[key] = {(lo, hi): torch.empty(hi - lo, dtype=dtype, device=opt.device)
+                      for lo, hi in merge(ranges)}
+        targets[key] = flat_tensor(saved[key].size.numel(), local[key])
+    whole = {}
+    for owned in opt._whole.all_owned():
+        prefix = f"{PREFIX}.{owned.slot.index}."
+        keys = [k for k in saved if k.startswith(prefix) and k != prefix + "master_param"]
+        whole[owned.slot.index] = keys
+        for key in keys:
+            targets[key] = None if key == prefix + "values" else torch.empty(
+                saved[key].size, dtype=saved[key].properties.dtype, device=opt.device)
+
+    def apply(loaded: dict) -> None:
+        for index, master in opt._make_masters().items():  # from the params just loaded
+            opt._masters[index].copy_(master)  # (in place: the step's windows view them)
+        opt.skipped_steps = pickle.loads(loaded["optimizer.param_groups"])["skipped_steps"]
+        for step, value in zip(opt._steps, loaded["optimizer.steps"]):
+            step.fill_(float(value))
+        for piece, name, ranges in reads:
+            _apply_piece(opt, piece, name, {
+                saved_name: _slice(local[key], lo, hi) for saved_name, (key, lo, hi)
+                in ranges.items()}, ranges[name][1])
+        for index, keys in whole.items():
+            entry = pickle.loads(loaded[f"{PREFIX}.{index}.values"])
+            strides = entry.pop(_STRIDES, {})
+            for key in keys:
+                name = key.rsplit(".", 1)[1]
+                if name != "values":
+                    value = loaded[key]
+                    entry[name] = torch.empty_strided(
+                        value.shape, strides.get(name, value.stride()), dtype=value.dtype,
+                        device=value.device).copy_(value)
+            slot = next(s for s in opt.layout.slots if s.index == index)
+            opt._whole.states.load(index, entry, opt.param_groups[slot.group])
+
+    return targets, apply
+
+
+def _apply_piece(opt, piece, name: str, values: dict, first_element: int) -> None:
+    buffer = opt.layout.buffers[piece.slot.buffer]
+    region_lo = piece.shard_offset - buffer.shard_offset
+    offset = piece.param_offset - first_element  # where the piece starts in what was read
+    if name == "master_param":
+        opt._masters[buffer.index][region_lo:region_lo + piece.numel].copy_(
+            values[name][offset:offset + piece.numel])
+        return
+    encoding.load_piece(opt._regions[buffer.index], name, values, offset, piece.numel,
+                        region_lo)
+
+
+def _covering(offset: int, numel: int, per: int) -> tuple[int, int]:
+    """The entries [first, end) that cover elements [offset, offset + numel) at ``per``
+    elements an entry."""
+    return offset // per, -(-(offset + numel) // per)
+
+
+def _slice(parts: dict[tuple[int, int], torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    for (start, end), tensor in parts.items():
+        if start <= lo and hi <= end:
+            return tensor[lo - start:hi - start]
+    raise AssertionError("a read range outside the ranges requested")
+
+
+def _groups_blob(opt) -> bytes:
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return pickle.dumps({"groups": groups, "skipped_steps": opt.skipped_steps})

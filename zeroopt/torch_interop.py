@@ -1,0 +1,92 @@
+"""Moving between zeroopt and torch.optim, in both directions.
+
+``export_torch_state_dict(opt)`` gives the state dict the equivalent torch.optim optimizer
+(AdamW, Adam, SGD, Adagrad, RMSprop) saves: states decoded to fp32 in each param's shape (8-bit
+and bf16 states are decoded; fp32 masters are dropped: torch.optim keeps none), the group keys
+torch's class knows. ``ZeroOptimizer.load_state_dict`` takes such a dict (``from_torch``
+fills in what torch.optim leaves out), so state moves either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .states.blockwise import BLOCK, dequantize
+
+TORCH_EQUIVALENT = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
+                    "sgd": torch.optim.SGD, "nesterov": torch.optim.SGD,
+                    "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
+# zeroopt options torch.optim has no counterpart for, with the value that means "off"
+_ZEROOPT_ONLY = dict(cautious=False, adopt=False, grams=False)
+# Keys torch.optim puts in param groups that choose an implementation, not the math.
+IMPLEMENTATION_KEYS = {"foreach", "fused", "capturable", "differentiable",
+                       "decoupled_weight_decay", "initial_lr"}
+
+
+def export_torch_state_dict(optimizer) -> dict | None:
+    """The optimizer's whole state as torch.optim's equivalent class saves it, on rank 0
+    (None on the others). A collective: call it on every rank."""
+    rule = optimizer.rule.name
+    torch_class = TORCH_EQUIVALENT.get(rule)
+    if torch_class is None:
+        raise ValueError(f"optimizer {rule!r} has no torch.optim equivalent (those are "
+                         f"{', '.join(sorted(TORCH_EQUIVALENT))}); use optimizer.state_dict() "
+                         "or zeroopt.save_checkpoint to save it")
+    for group in optimizer.param_groups:
+        on = [k for k, off in _ZEROOPT_ONLY.items() if group.get(k, off) != off]
+        if on:
+            raise ValueError(f"torch.optim.{torch_class.__name__} has no {on[0]!r}: a state "
+                             f"trained with {on[0]}=True is not what it would continue")
+    full = optimizer.state_dict()  # every rank takes part in the gather
+    if (dist.get_rank() if dist.is_initialized() else optimizer.comm.rank) != 0:
+        return None
+    torch_keys = set(torch_class([torch.zeros(1)]).defaults)
+    groups = [{k: v for k, v in group.items() if k in torch_keys or k == "params"}
+              for group in full["param_groups"]]
+    state = {}
+    for index, entry in full["state"].items():
+        names = [k for k in entry if k not in ("step", "master_param")
+                 and not k.endswith("_absmax")]
+        out = {name: _decoded(entry, name, optimizer) for name in names}
+        if torch_class is not torch.optim.SGD:  # SGD keeps no step count
+            out["step"] = torch.tensor(float(entry["step"]))
+        state[index] = out
+    return {"state": state, "param_groups": groups}
+
+
+def is_torch_state_dict(state_dict: dict) -> bool:
+    return isinstance(state_dict, dict) and "zeroopt" not in state_dict \
+        and "state" in state_dict and "param_groups" in state_dict
+
+
+def from_torch(optimizer, state_dict: dict) -> dict:
+    """A torch.optim state dict in the form ZeroOptimizer saves: the implementation keys
+    dropped, a step count where torch keeps none (SGD: 1 once a momentum buffer exists)."""
+    known = set(optimizer.defaults)
+    groups = []
+    for saved in state_dict["param_groups"]:
+        group = {k: v for k, v in saved.items() if k not in IMPLEMENTATION_KEYS}
+        unknown = sorted(set(group) - known - {"params", "param_names"})
+        if unknown:
+            raise ValueError(f"cannot load this torch.optim state into {optimizer.rule.name!r}: "
+                             f"its param groups have {unknown}, which this rule does not take")
+        groups.append(group)
+    state = {}
+    for index, entry in state_dict["state"].items():
+        entry = {k: v for k, v in entry.items() if v is not None}
+        if "step" not in entry:
+            entry["step"] = torch.tensor(1.0 if entry else 0.0)
+        state[index] = entry
+    return {"state": state, "param_groups": groups}
+
+
+def _decoded(entry: dict, name: str, optimizer) -> torch.Tensor:
+    value = entry[name]
+    if value.dtype != torch.uint8:
+        return value.float()
+    absmax = entry[name + "_absmax"].reshape(-1).float()
+    codes = torch.zeros(absmax.numel() * BLOCK, dtype=torch.uint8, device=value.device)
+    codes[:value.numel()] = value.reshape(-1)
+    signed = name not in optimizer.rule.nonnegative_states
+    return dequantize(codes, absmax, signed)[:value.numel()].view(value.shape)
