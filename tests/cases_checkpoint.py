@@ -97,3 +97,12 @@ def resume(cases: list[str], root: str) -> dict[str, list[torch.Tensor]]:
         train(model, opt, range(SAVED_AT + 1, TOTAL + 1))
         finals[case] = params_of(model)
     return finals
+
+
+MPI_CASES = ["adamw", "adamw_8bit", "galore_adamw"]
+
+
+def save_partway_under_mpi() -> dict[str, list[torch.Tensor]]:
+    """``save_partway`` for distributed.mpi_ranks (no arguments there): the directory comes
+    from ZEROOPT_TEST_CHECKPOINTS. DCP gets a gloo group bootstrapped over MPI."""
+    return save_partway(MPI_CASES, os.environ["ZEROOPT_TEST_CHECKPOINTS"])

