@@ -24,7 +24,8 @@ Notes for users:
 - ``param.grad`` is consumed during backward (it is None afterwards); use
   ``opt.clip_grad_norm_`` rather than ``torch.nn.utils.clip_grad_norm_``.
 - A param with no gradient on a rank counts as a zero gradient there (as in DistributedDataParallel).
-- ``state_dict()`` is a collective: call it on every rank.
+- ``state_dict()`` is a collective: call it on every rank. For checkpoints, prefer
+  ``zeroopt.save_checkpoint`` (every rank writes its own part; loads at any world size).
 - ``backend`` ("nccl", "gloo", "mpi", "xla", "hccl"; or ZEROOPT_BACKEND) overrides the one that
   follows the params' device; ``shard_size=S`` shards over groups of S ranks and replicates
   across groups (HSDP-style; ``comm/hierarchical.py``).
@@ -338,6 +339,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return state_io.gather_state_dict(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load what ``state_dict()`` returned (at any world size), or a torch.optim
+        optimizer's state dict (AdamW, Adam, SGD, Adagrad, RMSprop)."""
         state_io.load_state_dict(self, state_dict)
 
     # -- internals ------------------------------------------------------------------------
