@@ -3,6 +3,10 @@
 #
 #   bash launchers/torchrun.sh [--nproc N] [extra args passed to train_gpt.py]
 #   bash launchers/torchrun.sh --nproc 4 --steps 50 --stage 2
+#   SCRIPT=examples/pretrain_llama.py CONFIG=configs/llama_tiny.json bash launchers/torchrun.sh
+#
+# SCRIPT and CONFIG pick the example and its config (default examples/train_gpt.py with
+# configs/gpt_tiny.json).
 #
 # Uses `python -m torch.distributed.run` (= torchrun) so it works without torchrun on PATH.
 set -euo pipefail
@@ -33,5 +37,7 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
 fi
 
 PYTHON="${PYTHON:-python}"
+SCRIPT="${SCRIPT:-examples/train_gpt.py}"
+CONFIG="${CONFIG:-configs/gpt_tiny.json}"
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
-  examples/train_gpt.py --config configs/gpt_tiny.json "$@"
+  "$SCRIPT" --config "$CONFIG" "$@"

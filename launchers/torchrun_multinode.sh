@@ -30,6 +30,8 @@
 #                                     can reach (default: torchrun uses socket.getfqdn()); set
 #                                     it where the hostname does not resolve to such an address
 #   CONFIG                            JSON config (default configs/multinode.json)
+#   SCRIPT                            the example (default examples/train_gpt.py; e.g.
+#                                     examples/pretrain_llama.py with CONFIG=configs/llama_1b.json)
 #   PYTHON                            the interpreter (default python)
 #   TORCHRUN_ARGS                     any further torchrun flags (word-split)
 # Everything else on the command line is passed to examples/train_gpt.py.
@@ -108,6 +110,7 @@ fi
 # Run from the repository root so the relative paths below resolve wherever we are called from.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CONFIG="${CONFIG:-configs/multinode.json}"
+SCRIPT="${SCRIPT:-examples/train_gpt.py}"
 
 # Share this node's CPU cores among its ranks (at least one thread each), unless the user chose.
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
@@ -128,4 +131,4 @@ exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
   --rdzv_backend "$RDZV_BACKEND" --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID" \
   ${EXTRA[@]+"${EXTRA[@]}"} \
-  examples/train_gpt.py --config "$CONFIG" ${ARGS[@]+"${ARGS[@]}"}
+  "$SCRIPT" --config "$CONFIG" ${ARGS[@]+"${ARGS[@]}"}
