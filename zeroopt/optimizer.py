@@ -240,7 +240,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._sync_gradients()
         norm, self._grad_norm = self._grad_norm, None
         if norm is None and self.skip_nonfinite:
-            norm = self._global_grad_norm(2.0)
+            norm = self._grad_norm_over_ranks(2.0)
         self.last_step_skipped = norm is not None and not bool(torch.isfinite(norm))
         if self.last_step_skipped:
             self.skipped_steps += 1
@@ -284,7 +284,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                "Transformers' layerwise optimizers). Use the name without "
                                "'_layerwise' to clip")
         self._sync_gradients()
-        norm = self._global_grad_norm(float(norm_type))
+        norm = self._grad_norm_over_ranks(float(norm_type))
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         self.grads.shard.mul_(coef)
         self._grad_norm = norm
@@ -302,7 +302,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _switch_mode(self, train: bool) -> None:
         move = self.rule.to_train if train else self.rule.to_eval
-        if move is None:
+        # Already there: nothing to gather (the Trainer calls train() before every micro-step).
+        if move is None or all(group["train_mode"] == train for group in self.param_groups):
             return
         for group, windows in zip(self.param_groups, self._windows):
             if group["train_mode"] != train:
@@ -370,7 +371,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         totals = iter(flat.split([p.numel() for p in present]))
         return [None if p is None else next(totals).view_as(p) for p in partials]
 
-    def _global_grad_norm(self, norm_type: float) -> torch.Tensor:
+    def _grad_norm_over_ranks(self, norm_type: float) -> torch.Tensor:
+        # (Not named _global_grad_norm: DeepSpeed's engine reads that attribute of its
+        # optimizer as the last step's norm; zeroopt.deepspeed sets it.)
         shard = self.grads.shard
         if norm_type == float("inf"):
             norm = shard.abs().max() if shard.numel() else shard.new_zeros(())

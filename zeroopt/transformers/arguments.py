@@ -1,0 +1,212 @@
+"""TrainingArguments -> ZeroOptimizer: the optimizer Transformers' Trainer would build from
+``optim``, ``optim_args`` and ``optim_target_modules``, built sharded by zeroopt.
+
+The hyperparameters each name takes from the arguments follow Transformers' own handlers
+(``transformers/trainer_optimizer.py``): ``learning_rate`` for all; ``adam_beta1/2`` and
+``adam_epsilon`` for the Adam family (Lion takes the betas only; GaLore and Adafactor neither,
+as there); ``warmup_steps`` for schedule-free; GaLore's and APOLLO's projection keys (and
+their defaults) from ``optim_args``. Params are grouped as the Trainer groups them:
+``weight_decay`` on all but biases and norms, which get 0.
+
+``optim_args`` ("key=value,key=value") may also carry:
+- ``optimizer=NAME``: any zeroopt name, including those TrainingArguments does not accept
+  (``lamb``, ``lars``, ``nesterov``...); it replaces ``optim``;
+- ZeroOptimizer's options: ``stage``, ``shard_size``, ``bucket_numel``, ``reduce_dtype``
+  (``float64``...), ``skip_nonfinite``, ``window_numel``, ``page_dir``, ``backend``;
+- any hyperparameter of the rule (``state_precision=8bit``, ``cautious=true``, ``momentum=0.9``);
+  an unknown one is an error that names the closest known one.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+from ..algorithms import available_optimizers, get_preset
+from ..optimizer import ZeroOptimizer
+from ..param_groups import galore_param_groups
+
+# Transformers' optim names that zeroopt runs under another name: the same update rule.
+RENAMED = {"adamw_torch_xla": "adamw", "adamw_torch_npu_fused": "adamw",
+           "rmsprop_bnb": "rmsprop", "rmsprop_bnb_32bit": "rmsprop"}
+
+# ZeroOptimizer's own keyword arguments that optim_args may set (the rest are hyperparameters).
+OPTIMIZER_OPTIONS = ("stage", "shard_size", "bucket_numel", "reduce_dtype", "skip_nonfinite",
+                     "window_numel", "page_dir", "backend", "average_grads")
+
+# The projection keys and their defaults, as Transformers' GaLore and APOLLO handlers set them.
+GALORE_DEFAULTS = dict(rank=128, update_proj_gap=200, scale=0.25, proj_type="std")
+APOLLO_DEFAULTS = dict(rank=128, proj="random", scale_type="channel", update_proj_gap=200,
+                       scale=1.0, proj_type="std")
+
+# The Trainer's rule for which params get no weight decay (Trainer.get_decay_parameter_names).
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def create_optimizer(args, model: nn.Module, *, decay_parameter_names: list[str] | None = None,
+                     process_group=None, **overrides) -> ZeroOptimizer:
+    """The ZeroOptimizer for ``model`` that ``args`` (a TrainingArguments) describe.
+    ``overrides`` win over ``args`` and ``optim_args`` (same keys as ``optim_args``, values
+    already typed). Build it after the model is on its device and in its dtype."""
+    name, groups, options = optimizer_arguments(args, model, decay_parameter_names, overrides)
+    return ZeroOptimizer(groups, name, process_group=process_group, **options)
+
+
+def optimizer_arguments(args, model: nn.Module, decay_parameter_names: list[str] | None = None,
+                        overrides: dict | None = None) -> tuple[str, list[dict], dict]:
+    """(zeroopt name, param groups, keyword arguments) for ``ZeroOptimizer``."""
+    settings = {**parse_optim_args(args.optim_args), **(overrides or {})}
+    name = settings.pop("optimizer", None) or zeroopt_name(args.optim)
+    rule, _ = get_preset(name)  # an unknown name: an error with the closest known one
+    name = name.lower()
+    options = {key: settings.pop(key) for key in OPTIMIZER_OPTIONS if key in settings}
+    if isinstance(options.get("reduce_dtype"), str):
+        options["reduce_dtype"] = _dtype(options["reduce_dtype"])
+    projection = _projection(name, args, settings)
+    weight_decay = settings.pop("weight_decay", args.weight_decay)
+    hyperparameters = {"lr": args.learning_rate, **_from_training_arguments(rule.name, args),
+                       **_renamed_keys(rule.name, args, settings), **settings}
+    if decay_parameter_names is None:
+        decay_parameter_names = default_decay_parameter_names(model)
+    groups = param_groups(model, set(decay_parameter_names), weight_decay, projection,
+                          args.optim_target_modules, name)
+    return name, groups, {**options, **hyperparameters}
+
+
+def zeroopt_name(optim) -> str:
+    """The zeroopt name for a TrainingArguments ``optim`` (a string or OptimizerNames)."""
+    optim = getattr(optim, "value", optim)
+    name = RENAMED.get(optim, optim)
+    if name in available_optimizers():
+        return name
+    close = difflib.get_close_matches(str(optim), available_optimizers(), n=1, cutoff=0.5)
+    hint = f" The closest zeroopt name is {close[0]!r}." if close else ""
+    raise ValueError(
+        f"zeroopt has no update rule for optim={optim!r}.{hint} Pick a name zeroopt runs: "
+        f"optim=... where TrainingArguments accepts it, or optim_args='optimizer=NAME' for any "
+        f"of: {', '.join(available_optimizers())}")
+
+
+def parse_optim_args(text: str | None) -> dict:
+    """``"k=v,k=v"`` as Transformers splits it, with each value typed: true/false, an int, a
+    float (``1e-3`` too), else the string."""
+    if not text:
+        return {}
+    parsed = {}
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"optim_args must read 'key=value,key=value'; {item!r} in "
+                             f"{text!r} has no key=value")
+        parsed[key] = _typed(value)
+    return parsed
+
+
+def default_decay_parameter_names(model: nn.Module) -> list[str]:
+    """The Trainer's default: every param but biases, norms and LayerNorm weights."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    return get_parameter_names(model, [nn.LayerNorm], NO_DECAY_PATTERNS)
+
+
+def param_groups(model: nn.Module, decay: set[str], weight_decay: float,
+                 projection: dict | None, target_modules, name: str) -> list[dict]:
+    """The Trainer's two groups (decayed, not decayed), and for GaLore/APOLLO a third: the
+    target Linear weights, with the projection keys. Empty groups are left out."""
+    projected = set()
+    if projection is not None:
+        if target_modules is None:
+            raise ValueError(f"{name} projects the weights of the modules named in "
+                             f"optim_target_modules: set it (a list of names, a regex, or "
+                             f"'all-linear'), as Transformers requires")
+        chosen = galore_param_groups(model, target_modules, **projection)[1]["params"]
+        projected = {id(p) for p in chosen}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in trainable if n in decay and id(p) not in projected],
+         "weight_decay": weight_decay},
+        {"params": [p for n, p in trainable if n not in decay and id(p) not in projected],
+         "weight_decay": 0.0},
+    ]
+    if projected:
+        groups.append({"params": [p for _, p in trainable if id(p) in projected],
+                       "weight_decay": weight_decay, **projection})
+    return [group for group in groups if group["params"]]
+
+
+def _from_training_arguments(rule: str, args) -> dict:
+    """The hyperparameters Transformers' handler for this rule reads from TrainingArguments."""
+    adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if rule in ("adamw", "adam", "lamb", "apollo_adamw"):
+        return adam
+    if rule == "lion":
+        return dict(betas=adam["betas"])
+    if rule == "ademamix":  # bitsandbytes' AdEMAMix as the Trainer sets it up
+        return dict(betas=(*adam["betas"], 0.9999), alpha=5.0, eps=args.adam_epsilon)
+    if rule == "schedule_free_adamw":
+        return dict(adam, warmup_steps=_warmup_steps(args))
+    return {}
+
+
+def _renamed_keys(rule: str, args, settings: dict) -> dict:
+    """optim_args keys Transformers reads under other names: beta1/beta2/beta3 (AdEMAMix's
+    betas), t_alpha/t_beta3 (its warmups)."""
+    renamed = {}
+    parts = [settings.pop(key, None) for key in ("beta1", "beta2", "beta3")]
+    if any(part is not None for part in parts):
+        defaults = (args.adam_beta1, args.adam_beta2, 0.9999)
+        count = 3 if rule == "ademamix" else 2
+        if rule != "ademamix" and parts[2] is not None:
+            raise ValueError(f"beta3 in optim_args is AdEMAMix's; {rule} has two betas")
+        renamed["betas"] = tuple(float(part if part is not None else default)
+                                 for part, default in zip(parts[:count], defaults))
+    if rule == "ademamix":
+        for key, ours in (("t_alpha", "alpha_warmup"), ("t_beta3", "beta3_warmup")):
+            if key in settings:
+                renamed[ours] = int(settings.pop(key))
+    return renamed
+
+
+def _projection(name: str, args, settings: dict) -> dict | None:
+    """GaLore's or APOLLO's projection keys (Transformers' defaults, optim_args win), taken
+    out of ``settings``; None for names that project nothing."""
+    if name.startswith("galore_"):
+        defaults = GALORE_DEFAULTS
+    elif name.startswith("apollo_"):
+        defaults = APOLLO_DEFAULTS
+    else:
+        return None
+    return {key: settings.pop(key, default) for key, default in defaults.items()}
+
+
+def _warmup_steps(args) -> int:
+    """Schedule-free's warmup is a number of steps; TrainingArguments also allows a ratio."""
+    steps = args.warmup_steps
+    if 0 < steps < 1:
+        raise ValueError(f"schedule_free_adamw warms up over a number of steps; warmup_steps="
+                         f"{steps} is a ratio. Give a step count (warmup_steps=N), or "
+                         f"optim_args='warmup_steps=N'")
+    return int(steps)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"reduce_dtype={name!r} is not a torch dtype; use float32, float64 or "
+                         f"bfloat16")
+    return dtype
+
+
+def _typed(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value

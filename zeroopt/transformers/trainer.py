@@ -1,0 +1,204 @@
+"""ZeroTrainer: Transformers' Trainer with a ZeroOptimizer, and the Trainer's habits that do not
+fit a sharded optimizer turned to ones that do.
+
+What differs from the Trainer, and why:
+- The optimizer is a ZeroOptimizer built from ``optim``/``optim_args``/``optim_target_modules``
+  (arguments.py), or the one passed as ``optimizers=(opt, scheduler)``.
+- Multi-process: the model is not wrapped in DistributedDataParallel. The ZeroOptimizer
+  averages the gradients itself, bucket by bucket during backward; DDP would average them a
+  second time and hold a full gradient copy. (A ZeroOptimizer built with
+  ``average_grads=False`` keeps the Trainer's DDP wrapper and takes DDP's averaged grads.)
+- Clipping (``max_grad_norm``): the Trainer clips ``param.grad``, which the ZeroOptimizer has
+  already taken into its shard during backward, so it would clip nothing and log a norm of 0.
+  Here the ZeroOptimizer clips by the global norm over all ranks' shards, and that norm is
+  logged. Layerwise names step during backward, before a global norm exists: they need
+  ``max_grad_norm=0`` (Transformers' layerwise optimizers ignore it silently).
+- Gradient accumulation: micro-steps run inside ``opt.no_sync()``, so the sum is reduced once
+  (and layerwise names step once, on it).
+- Checkpoints: the optimizer state is saved by every rank in parallel with
+  ``zeroopt.save_checkpoint`` (a collective; the Trainer would call ``state_dict()`` on the main
+  process only, where a collective hangs) and can be resumed at another world size. Resuming
+  from a plain Trainer's ``optimizer.pt`` also works (torch.optim's layout loads directly).
+- Accelerate does not round-trip the optimizer state through ``state_dict()`` to "place" it:
+  the state is already on the params' device, and the round trip would gather the whole state
+  on every rank.
+
+The params become views of the optimizer's flat buffers: the model must not be moved or cast
+after the ZeroOptimizer is built (the Trainer moves it to ``args.device`` in ``__init__``; when
+passing ``optimizers=``, move the model there first). ZeroTrainer checks this and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from transformers import Trainer
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..grad_sync import LocalGradients
+from ..optimizer import ZeroOptimizer
+from .arguments import create_optimizer
+
+OPTIMIZER_DIR = "zeroopt_optimizer"  # in each checkpoint-N folder
+SCHEDULER_NAME = "scheduler.pt"  # as the Trainer names it
+
+# Trainer methods ZeroTrainer overrides. The private ones may change between Transformers
+# versions: if one is gone, the override would silently never run, so refuse to start.
+_HOOKED = ("create_accelerator_and_postprocess", "create_optimizer", "_move_model_to_device",
+           "training_step", "_clip_grad_norm", "_get_grad_norm",
+           "_save_optimizer_and_scheduler", "_load_optimizer_and_scheduler")
+
+
+class ZeroTrainer(Trainer):
+    """``Trainer`` with a ZeroOptimizer. Takes the Trainer's arguments, plus ``zeroopt``: a
+    dict of settings that win over TrainingArguments (the keys ``optim_args`` takes, values
+    typed: ``{"optimizer": "lamb", "stage": 2}``)."""
+
+    def __init__(self, *args, zeroopt: dict | None = None, **kwargs):
+        missing = [name for name in _HOOKED if not hasattr(Trainer, name)]
+        if missing:
+            import transformers
+
+            raise ImportError(f"ZeroTrainer overrides Trainer.{', '.join(missing)}, which "
+                              f"transformers {transformers.__version__} does not have; it was "
+                              f"written for transformers 5.x (tested with 5.23)")
+        self.zeroopt_settings = dict(zeroopt or {})
+        super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError("ZeroTrainer shards the optimizer state itself; it does not combine "
+                             "with DeepSpeed or FSDP. Drop the deepspeed/fsdp arguments (or use "
+                             "Trainer with them and no zeroopt)")
+        if self.optimizer_cls_and_kwargs is not None:
+            raise ValueError("ZeroTrainer builds a ZeroOptimizer: optimizer_cls_and_kwargs would "
+                             "be ignored. Pass optim/optim_args, zeroopt={...}, or optimizers="
+                             "(ZeroOptimizer(...), None)")
+        self._views_checked = False
+
+    # -- the optimizer ----------------------------------------------------------------------
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        model = self.model if model is None else model
+        if self.optimizer is None:
+            self.optimizer = create_optimizer(
+                self.args, model, decay_parameter_names=self.get_decay_parameter_names(model),
+                **self.zeroopt_settings)
+        zero = self.zero_optimizer
+        if is_layerwise(zero) and self.args.max_grad_norm > 0:
+            raise ValueError(
+                f"{zero.rule.name} with layerwise=True steps each matrix during backward, before "
+                f"a global gradient norm exists, so it cannot clip: set max_grad_norm=0 in "
+                f"TrainingArguments (got {self.args.max_grad_norm}), or use the name without "
+                f"'_layerwise' to clip")
+        check_params_are_views(zero)
+        return self.optimizer
+
+    @property
+    def zero_optimizer(self) -> ZeroOptimizer:
+        """The ZeroOptimizer inside Accelerate's wrapper."""
+        opt = self.optimizer
+        while not isinstance(opt, ZeroOptimizer) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        if not isinstance(opt, ZeroOptimizer):
+            raise TypeError(f"ZeroTrainer trains with a ZeroOptimizer, got {type(opt).__name__}: "
+                            f"pass optimizers=(zeroopt.ZeroOptimizer(...), None) or "
+                            f"zeroopt.wrap(your_optimizer), or use Trainer")
+        return opt
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        accelerator = self.accelerator
+        prepare_model, prepare_optimizer = accelerator.prepare_model, accelerator.prepare_optimizer
+
+        def prepare_model_without_ddp(model, device_placement=None, evaluation_mode=False):
+            # evaluation_mode: Accelerate's preparation without the data-parallel wrapper
+            # (autocast and compilation still apply)
+            averages = self.optimizer is not None and averages_grads(self.zero_optimizer)
+            if is_on(model, accelerator.device):
+                device_placement = False  # a no-op move that copies (see is_on)
+            return prepare_model(model, device_placement=device_placement,
+                                 evaluation_mode=evaluation_mode or averages)
+
+        def prepare_optimizer_in_place(optimizer, device_placement=None):
+            return prepare_optimizer(optimizer, device_placement=False)
+
+        accelerator.prepare_model = prepare_model_without_ddp
+        accelerator.prepare_optimizer = prepare_optimizer_in_place
+
+    def _move_model_to_device(self, model, device) -> None:
+        if not is_on(model, device):  # a real move (before the optimizer is built, or an error)
+            super()._move_model_to_device(model, device)
+
+    # -- the training step ------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._views_checked:  # after Accelerate's preparation, which may move the model
+            check_params_are_views(self.zero_optimizer)
+            self._views_checked = True
+        accumulating = not self.accelerator.sync_gradients
+        with self.zero_optimizer.no_sync() if accumulating else contextlib.nullcontext():
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def _clip_grad_norm(self, model):
+        return self.zero_optimizer.clip_grad_norm_(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        zero = self.zero_optimizer
+        if grad_norm is None and not is_layerwise(zero):
+            # max_grad_norm=0: the norm, for the logs (step() reuses it for its inf/nan check;
+            # clipping at inf costs one multiply by 1 over this rank's shard)
+            grad_norm = zero.clip_grad_norm_(float("inf"))
+        return grad_norm
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        save_checkpoint(os.path.join(output_dir, OPTIMIZER_DIR), None, self.zero_optimizer)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, OPTIMIZER_DIR)
+        if not os.path.isdir(path):  # a plain Trainer's optimizer.pt, or nothing to load
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_checkpoint(path, None, self.zero_optimizer)
+        scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
+        if os.path.isfile(scheduler):
+            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+
+
+def check_params_are_views(zero: ZeroOptimizer) -> None:
+    """Each param the ZeroOptimizer steps must still be a view of its flat buffer: a moved or
+    cast model trains copies the optimizer never reads."""
+    for slot in zero.layout.slots:
+        buffer = zero.layout.buffers[slot.buffer].data
+        expected = buffer.data_ptr() + slot.start * buffer.element_size()
+        if slot.param.data_ptr() != expected:
+            raise RuntimeError(
+                f"a param of shape {list(slot.param.shape)} is no longer a view of the "
+                f"ZeroOptimizer's flat buffer: the model was moved or cast (model.to(...)) after "
+                f"the optimizer was built. Build the ZeroOptimizer after the model is on its "
+                f"device and in its dtype (the Trainer moves it to args.device: do that first), "
+                f"or let ZeroTrainer build it from TrainingArguments")
+
+
+def is_layerwise(zero: ZeroOptimizer) -> bool:
+    return any(group.get("layerwise", False) for group in zero.param_groups)
+
+
+def averages_grads(zero: ZeroOptimizer) -> bool:
+    """False for ``average_grads=False``: a model that DDP wraps averages them."""
+    return not isinstance(zero.grads, LocalGradients)
+
+
+def is_on(model: torch.nn.Module, device) -> bool:
+    """Whether every param is already on ``device``. Moving there anyway is not free: in a
+    multi-process CPU job Accelerate's device is "cpu:0", and ``tensor.to("cpu:0")`` copies a
+    "cpu" tensor, which would cut the params loose from the optimizer's flat buffers."""
+    device = torch.device(device)
+    return all(p.device.type == device.type and
+               (device.type == "cpu" or p.device.index == device.index)
+               for p in model.parameters())
