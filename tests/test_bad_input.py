@@ -207,3 +207,13 @@ def test_invalid_options_of_the_other_rules(name, hp, message):
     # does not take is an unexpected hyperparameter).
     with pytest.raises(ValueError, match=message):
         zeroopt.ZeroOptimizer([{"params": model().parameters(), **hp}], name)
+
+
+def test_a_model_moved_after_the_optimizer_was_built_is_an_error():
+    model = torch.nn.Linear(8, 4)
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw")
+    model.to(torch.float64)  # new storage: the optimizer's updates would no longer reach it
+    model(torch.ones(2, 8, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"moved or cast \(model.to\(...\)\) after the "
+                                           "optimizer was built"):
+        opt.step()

@@ -266,6 +266,20 @@ class Layout:
             flat.copy_(slot.param.detach().reshape(-1))
             slot.param.data = flat.view(slot.param.shape)
 
+    def first_detached(self) -> ParamSlot | None:
+        """A param that is no longer a view of its flat buffer (the model was moved or cast
+        after the optimizer was built), checking one param per buffer: ``.to()`` moves all."""
+        for buffer in self.buffers:
+            slot = next(s for s in self.slots if s.buffer == buffer.index)
+            try:
+                moved = slot.param.untyped_storage().data_ptr() != \
+                    buffer.data.untyped_storage().data_ptr()
+            except RuntimeError:  # a lazy device (XLA) has no storage to compare
+                continue
+            if moved:
+                return slot
+        return None
+
     def bucket_view(self, bucket: Bucket) -> torch.Tensor:
         return self.buffers[bucket.buffer].data[bucket.start:bucket.start + bucket.numel]
 
