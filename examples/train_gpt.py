@@ -8,6 +8,8 @@ gradient reduction itself.
     bash launchers/torchrun.sh                      # 2 ranks on CPU, configs/gpt_tiny.json
     bash launchers/torchrun.sh --nproc 4 --stage 2 --optimizer lion --lr 3e-4
     python examples/train_gpt.py --steps 10          # one process, world size 1
+    bash launchers/torchrun.sh --deepspeed_config configs/deepspeed_zeroopt.json
+                                 # the same training through DeepSpeed's engine (deepspeed_train.py)
 
 Any key of the config file can be overridden on the command line (--steps 20, --dtype bf16,
 --grad_accum 2, ...). Rank 0 prints a line every log_interval steps and, at the end, one
@@ -24,13 +26,15 @@ import os
 import pathlib
 import sys
 import time
+from functools import partial
 
 import torch
 from tqdm import tqdm
 
 import zeroopt
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # for the two helpers below
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # for the helpers below
+import deepspeed_train  # noqa: E402  (--deepspeed_config: the loop through DeepSpeed's engine)
 from data import ByteBatches, load_stdlib_bytes, train_val_split  # noqa: E402
 from gpt_model import GPT, GPTConfig  # noqa: E402
 
@@ -121,6 +125,27 @@ def lr_lambda(cfg):
     return f
 
 
+def zeroopt_train_step(model, opt, sched, batches, cfg, device):
+    """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm)."""
+    accum = cfg["grad_accum"]
+    step_loss = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = batches.next(device)
+        # Only the last micro-step lets zeroopt reduce the gradients.
+        sync = micro == accum - 1
+        with contextlib.nullcontext() if sync else opt.no_sync():
+            _, loss = model(x, y)
+            (loss / accum).backward()
+        step_loss += loss.detach() / accum
+
+    # clip_grad_norm_ returns the global norm; max_norm=inf measures without clipping.
+    grad_norm = opt.clip_grad_norm_(cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
 @torch.no_grad()
 def evaluate(comm, model, batches, n_batches, device):
     """Mean validation loss over n_batches per rank, averaged over ranks."""
@@ -163,12 +188,18 @@ def main(argv=None):
                           n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"]))
     model.to(device=device, dtype=DTYPES[cfg["dtype"]])
 
-    opt = zeroopt.ZeroOptimizer(
-        optimizer_groups(model, cfg), optimizer=cfg["optimizer"], stage=cfg["stage"],
-        lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"],
-        reduce_dtype=DTYPES[cfg["reduce_dtype"]], backend=cfg["backend"] or None,
-        shard_size=cfg["shard_size"] or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    if cfg["deepspeed_config"]:  # the same training through DeepSpeed's engine
+        engine, opt, sched = deepspeed_train.initialize(model, optimizer_groups(model, cfg), cfg,
+                                                        lr_lambda(cfg))
+        train_step = partial(deepspeed_train.train_step, engine, train_batches, device)
+    else:
+        opt = zeroopt.ZeroOptimizer(
+            optimizer_groups(model, cfg), optimizer=cfg["optimizer"], stage=cfg["stage"],
+            lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"],
+            reduce_dtype=DTYPES[cfg["reduce_dtype"]], backend=cfg["backend"] or None,
+            shard_size=cfg["shard_size"] or None)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        train_step = partial(zeroopt_train_step, model, opt, sched, train_batches, cfg, device)
 
     accum = cfg["grad_accum"]
     tokens_per_step = bs * T * accum * world  # summed over all ranks
@@ -183,21 +214,7 @@ def main(argv=None):
                desc="train", dynamic_ncols=True)
     t_start = t_window = time.perf_counter()
     for step in range(1, cfg["steps"] + 1):
-        step_loss = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = train_batches.next(device)
-            # Only the last micro-step lets zeroopt reduce the gradients.
-            sync = micro == accum - 1
-            with contextlib.nullcontext() if sync else opt.no_sync():
-                _, loss = model(x, y)
-                (loss / accum).backward()
-            step_loss += loss.detach() / accum
-
-        # clip_grad_norm_ returns the global norm; max_norm=inf measures without clipping.
-        grad_norm = opt.clip_grad_norm_(cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        step_loss, grad_norm = train_step()
         window.append(step_loss)
         bar.update(1)
 

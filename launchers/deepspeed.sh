@@ -3,6 +3,8 @@
 # Only the launcher is DeepSpeed's: the example still trains with zeroopt (no
 # deepspeed.initialize, no ds_config); it joins the job from the RANK/WORLD_SIZE/LOCAL_RANK/
 # MASTER_ADDR/MASTER_PORT variables that DeepSpeed's launch.py sets. Needs: pip install deepspeed
+# Add --deepspeed_config configs/deepspeed_zeroopt.json to train through DeepSpeed's engine too
+# (zeroopt.deepspeed.initialize: docs/DEEPSPEED.md).
 #
 #   bash launchers/deepspeed.sh [--num_gpus N] [train_gpt.py args...]
 #   bash launchers/deepspeed.sh --num_gpus 2 --steps 50 --stage 2          # 2 ranks on this node

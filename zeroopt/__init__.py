@@ -1,8 +1,9 @@
 """zeroopt: ZeRO-style optimizer-state sharding for data-parallel PyTorch training."""
 
-from . import comm
+from . import comm, deepspeed  # deepspeed itself is imported only when used
 from .algorithms import ReferenceOptimizer, available_optimizers
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .fused import FusedOptimizer
 from .optimizer import ZeroOptimizer
 from .param_groups import galore_param_groups
 from .torch_interop import export_torch_state_dict
@@ -10,6 +11,6 @@ from .wrap import wrap
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ReferenceOptimizer", "ZeroOptimizer", "available_optimizers",
-           "comm", "export_torch_state_dict", "galore_param_groups", "load_checkpoint",
-           "save_checkpoint", "wrap"]
+__all__ = ["CheckpointError", "FusedOptimizer", "ReferenceOptimizer", "ZeroOptimizer",
+           "available_optimizers", "comm", "deepspeed", "export_torch_state_dict",
+           "galore_param_groups", "load_checkpoint", "save_checkpoint", "wrap"]
