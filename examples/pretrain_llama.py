@@ -14,12 +14,9 @@ Each rank writes log_dir/log_rank{r}.csv (step, loss, lr, tokens/s, memory; see 
 and log_dir/summary_rank{r}.json (final and validation loss, tokens/s, state bytes, a SHA-256
 of its params: equal on every rank when the ranks stayed in step). docs/EXAMPLES.md has more.
 """
-import argparse
 import contextlib
-import hashlib
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -29,13 +26,14 @@ import torch
 import zeroopt
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the helpers beside this file
+import common  # noqa: E402
+from common import DTYPES, lr_lambda, mean_over_ranks, params_digest  # noqa: E402
 from data import ByteBatches, load_stdlib_bytes, train_val_split  # noqa: E402
 from llama_model import Llama, LlamaConfig  # noqa: E402
 import run_checkpoints  # noqa: E402
 from run_log import RunLog, memory_columns, peak_rss_bytes  # noqa: E402
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "llama_tiny.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 MODEL_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "rope_theta",
               "norm_eps", "tie_embeddings")
 LOW_RANK_PREFIXES = ("galore_", "apollo_")  # rules that project the groups carrying "rank"
@@ -45,35 +43,11 @@ LOW_RANK_PREFIXES = ("galore_", "apollo_")  # rules that project the groups carr
 
 def parse_config(argv=None) -> dict:
     """Load --config (JSON), then let --<key> VALUE override any key in it."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=str(DEFAULT_CONFIG))
-    known, _ = pre.parse_known_args(argv)
-    with open(known.config) as f:
-        cfg = json.load(f)
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
-    for key, value in cfg.items():
-        kind = type(value)  # an override has the type of the config's value
-        if kind is bool:
-            kind = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
-        elif kind is int:
-            kind = lambda s: int(float(s))  # noqa: E731  (accepts 1e3)
-        parser.add_argument(f"--{key}", type=kind, default=value, metavar=type(value).__name__)
-    args = parser.parse_args(argv)
-    cfg = {key: getattr(args, key) for key in cfg}
-
-    for key in ("steps", "batch_size", "grad_accum", "log_interval", "eval_batches"):
-        if cfg[key] < 1:
-            parser.error(f"--{key} must be at least 1, got {cfg[key]}")
+    cfg, _, parser = common.parse_config(argv, DEFAULT_CONFIG, __doc__.split("\n")[0])
     if cfg["save_every"] < 0:
         parser.error(f"--save_every must be >= 0 (0: never save), got {cfg['save_every']}")
-    if cfg["dtype"] not in DTYPES:
-        parser.error(f"--dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
     if cfg["autocast"] not in ("", "bf16"):
         parser.error(f"--autocast must be '' (off) or 'bf16', got {cfg['autocast']!r}")
-    if cfg["optimizer"] not in zeroopt.available_optimizers():
-        parser.error(f"--optimizer {cfg['optimizer']!r} is not in zeroopt: "
-                     f"choose one of {zeroopt.available_optimizers()}")
     if cfg["optimizer"].endswith("_layerwise") and cfg["grad_clip"] > 0:
         parser.error(f"--optimizer {cfg['optimizer']} steps each matrix during backward, before "
                      "a global gradient norm exists to clip by: pass --grad_clip 0")
@@ -121,35 +95,7 @@ def build_optimizer(model, cfg) -> zeroopt.ZeroOptimizer:
         shard_size=cfg["shard_size"] or None, **hyper)
 
 
-def lr_lambda(cfg):
-    """Multiplier on the base lr: linear warmup, then cosine decay to min_lr_ratio."""
-    warmup, total, floor = cfg["warmup_steps"], cfg["steps"], cfg["min_lr_ratio"]
-
-    def f(step):  # step = optimizer steps taken so far
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return f
-
-
 # ----------------------------------------------------------------------------- helpers
-
-def mean_over_ranks(comm, t: torch.Tensor) -> torch.Tensor:
-    """Average over ranks (SUM then divide: gloo has no AVG), in fp64 so the mean does not
-    depend on the order of the sum."""
-    t = t.double()
-    comm.all_reduce(t)
-    return t / comm.world_size
-
-
-def params_digest(model) -> str:
-    """SHA-256 of the params' bytes: two ranks (or runs) hold the same model iff they match."""
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
 
 def load_tokens(cfg) -> torch.Tensor:
     """Byte tokens: data_file's bytes (memory-mapped, any size), else the stdlib's source;
@@ -298,9 +244,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    # Leave without interpreter finalization, as train_gpt.py does: with torch 2.13 and gloo,
-    # about 1 exit in 8 aborted there ("terminate called without an active exception"), after
-    # the work was done and saved. Nothing is left to run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    common.exit_now()

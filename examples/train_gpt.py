@@ -17,12 +17,9 @@ line with final_train_loss= and val_loss= ; --out_json PATH also writes a JSON s
 
 --dtype bf16 is meant for GPUs: on a CPU without bf16 matmul instructions it runs ~10x slower.
 """
-import argparse
 import contextlib
-import hashlib
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -35,11 +32,12 @@ import zeroopt
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # for the helpers below
 import deepspeed_train  # noqa: E402  (--deepspeed_config: the loop through DeepSpeed's engine)
+import common  # noqa: E402
+from common import DTYPES, lr_lambda, mean_over_ranks, params_digest  # noqa: E402
 from data import ByteBatches, load_stdlib_bytes, train_val_split  # noqa: E402
 from gpt_model import GPT, GPTConfig  # noqa: E402
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "gpt_tiny.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -63,67 +61,15 @@ def optimizer_groups(model, cfg):
 
 def parse_config(argv=None):
     """Load --config (JSON), then let --<key> VALUE override any key in it."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=str(DEFAULT_CONFIG))
-    known, _ = pre.parse_known_args(argv)
-    with open(known.config) as f:
-        cfg = json.load(f)
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
-    parser.add_argument("--out_json", default=None, help="write a JSON summary here (rank 0)")
-    for key, value in cfg.items():
-        # The type of each override is the type of the value in the config file.
-        kind = type(value)
-        if kind is bool:
-            kind = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
-        elif kind is int:
-            kind = lambda s: int(float(s))  # noqa: E731  (accepts 1e3)
-        parser.add_argument(f"--{key}", type=kind, default=value, metavar=type(value).__name__)
-    args = parser.parse_args(argv)
-
-    cfg = {key: getattr(args, key) for key in cfg}
-    for key in ("steps", "batch_size", "grad_accum", "log_interval", "eval_batches"):
-        if cfg[key] < 1:
-            parser.error(f"--{key} must be at least 1, got {cfg[key]}")
-    if cfg["dtype"] not in DTYPES:
-        parser.error(f"--dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
-    if cfg["optimizer"] not in zeroopt.available_optimizers():
-        parser.error(f"--optimizer {cfg['optimizer']!r} is not in zeroopt: "
-                     f"choose one of {zeroopt.available_optimizers()}")
+    cfg, args, _ = common.parse_config(
+        argv, DEFAULT_CONFIG, __doc__.split("\n")[0], lambda parser: parser.add_argument(
+            "--out_json", default=None, help="write a JSON summary here (rank 0)"))
     return cfg, args.out_json
 
 
 # ----------------------------------------------------------------------------- distributed
 
-def mean_over_ranks(comm, t: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over ranks (SUM then divide: gloo has no AVG), in fp64 so the mean does
-    not depend on the order of the sum."""
-    t = t.double()
-    comm.all_reduce(t)
-    return t / comm.world_size
-
-
-def params_digest(model) -> str:
-    """SHA-256 of the trained params' bytes: two runs trained the same iff they match."""
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------- schedule
-
-def lr_lambda(cfg):
-    """Multiplier on the base lr: linear warmup, then cosine decay to min_lr_ratio."""
-    warmup, total, floor = cfg["warmup_steps"], cfg["steps"], cfg["min_lr_ratio"]
-
-    def f(step):  # step = number of optimizer steps taken so far
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return f
-
 
 def zeroopt_train_step(model, opt, sched, batches, cfg, device):
     """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm)."""
@@ -257,9 +203,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    # Leave without interpreter finalization: with torch 2.13 and gloo, about 1 exit in 8
-    # aborted there ("terminate called without an active exception", a C++ thread destroyed
-    # during static destruction), after the work was done and saved. Nothing is left to run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    common.exit_now()

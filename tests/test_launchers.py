@@ -56,7 +56,7 @@ def test_configs_have_the_examples_keys():
     """parse_config only knows the keys of the config it loads: a config without one of
     gpt_tiny.json's keys would make that command-line override an error."""
     tiny = json.loads((ROOT / "configs/gpt_tiny.json").read_text())
-    for name in ("multinode.json", "deepspeed_cpu.json"):
+    for name in ("multinode.json", "deepspeed_cpu.json", "mpi.json"):
         config = json.loads((ROOT / "configs" / name).read_text())
         assert config.keys() == tiny.keys(), name
     assert json.loads((ROOT / "configs/multinode.json").read_text())["reduce_dtype"] == "fp64"
