@@ -213,7 +213,8 @@ def resume_from_checkpoint(path: str) -> dict:
     """8-bit states, bf16 params, WarmupLR, clipping, stage 2: 3 steps, save_checkpoint, 3 more;
     against a fresh engine (other initial weights) that loads the checkpoint and runs the same 3.
     Then load_module_only into a third engine: its fp32 masters must follow the loaded weights
-    (WarmupLR's first lr is 0, so its first step must leave the weights exactly as loaded)."""
+    (WarmupLR's first lr is 0, so its first step must leave the weights exactly as loaded), and
+    the steps after must move them (the step updates the masters the params are published from)."""
     rank = join_deepspeed()
     top = dict(bf16={"enabled": True}, gradient_clipping=1.0, scheduler=WARMUP)
     cfg = config(2, {"optimizer": "adamw_8bit", "min_8bit_size": 256}, **top)
@@ -234,6 +235,9 @@ def resume_from_checkpoint(path: str) -> dict:
     third, _, _, _ = zeroopt.deepspeed.initialize(model=mlp(seed=2), config=cfg)
     third.load_checkpoint(path, load_module_only=True)
     run(third, range(3, 4))
+    kept = all(torch.equal(p, q) for p, q in zip(third.module.parameters(), saved))
+    run(third, range(4, 6))  # and later steps move them: the step updates those masters
+    moved = any(not torch.equal(p, q) for p, q in zip(third.module.parameters(), saved))
     tag_dir = os.path.join(path, "global_step3")
     deepspeed_file = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"),
                                 weights_only=False)
@@ -244,8 +248,7 @@ def resume_from_checkpoint(path: str) -> dict:
             "zeroopt_dir": os.listdir(os.path.join(tag_dir, "zeroopt")),
             "deepspeed_saved_optimizer": deepspeed_file["optimizer"],
             "eight_bit_states": opt.state_dict()["state"][0]["exp_avg"].dtype == torch.uint8,
-            "module_only_kept_weights": all(torch.equal(p, q) for p, q in
-                                            zip(third.module.parameters(), saved))}
+            "module_only_kept_weights": kept, "module_only_then_trains": moved}
 
 
 # -- zeroopt's FusedOptimizer inside DeepSpeed's ZeRO -----------------------------------------

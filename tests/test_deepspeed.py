@@ -115,7 +115,7 @@ def test_checkpoint_resumes_bit_identically(engine_runs):
         assert os.path.dirname(out["load_path"]) == out["tag_dir"]
         assert {".metadata", "zeroopt.json"} <= set(out["zeroopt_dir"])
         assert out["deepspeed_saved_optimizer"] is None
-        assert out["module_only_kept_weights"]
+        assert out["module_only_kept_weights"] and out["module_only_then_trains"]
 
 
 BAD_CONFIGS = [

@@ -139,6 +139,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for p in params:
             p._zeroopt_owner = weakref.ref(self)
 
+    @torch.no_grad()
+    def refresh_masters(self) -> None:
+        """Take the fp32 masters of 16-bit params from the params again, after something other
+        than the optimizer changed them (a model-only load). In place: the step views them."""
+        for index, master in self._make_masters().items():
+            self._masters[index].copy_(master)
+
     def _make_masters(self) -> dict[int, torch.Tensor]:
         """fp32 master copies of the owned chunks of 16-bit buffers (fp32 buffers are their
         own masters: the update writes straight into the model's params)."""

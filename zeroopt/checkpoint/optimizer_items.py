@@ -108,8 +108,7 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
                 saved[key].size, dtype=saved[key].properties.dtype, device=opt.device)
 
     def apply(loaded: dict) -> None:
-        for index, master in opt._make_masters().items():  # from the params just loaded
-            opt._masters[index].copy_(master)  # (in place: the step's windows view them)
+        opt.refresh_masters()  # from the params just loaded (a saved master then overrides)
         opt.skipped_steps = pickle.loads(loaded["optimizer.param_groups"])["skipped_steps"]
         for step, value in zip(opt._steps, loaded["optimizer.steps"]):
             step.fill_(float(value))

@@ -106,7 +106,7 @@ def _checkpoint_optimizer_beside_deepspeed(engine, optimizer: ZeroOptimizer) -> 
         if load_optimizer_states and not load_module_only:
             load_optimizer_state(os.path.join(os.path.dirname(path), OPTIMIZER_DIR), optimizer)
         else:  # the model's weights changed under the optimizer: masters follow them
-            optimizer._masters = optimizer._make_masters()
+            optimizer.refresh_masters()
         return path, client_state
 
     engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
