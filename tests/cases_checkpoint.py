@@ -106,3 +106,13 @@ def save_partway_under_mpi() -> dict[str, list[torch.Tensor]]:
     """``save_partway`` for distributed.mpi_ranks (no arguments there): the directory comes
     from ZEROOPT_TEST_CHECKPOINTS. DCP gets a gloo group bootstrapped over MPI."""
     return save_partway(MPI_CASES, os.environ["ZEROOPT_TEST_CHECKPOINTS"])
+
+
+def extras_round_trip(root: str) -> dict:
+    """Each rank saves its own rank as an extra; every rank loads rank 0's."""
+    import torch.distributed as dist
+
+    model, opt = build("adamw")
+    train(model, opt, range(1, 2))
+    zeroopt.save_checkpoint(root, model, opt, saved_by=dist.get_rank())
+    return zeroopt.load_checkpoint(root, model, opt)

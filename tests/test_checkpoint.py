@@ -55,6 +55,10 @@ def test_hierarchical_checkpoint_resumes_flat(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(finals[case], resumed[case])), case
 
 
+def test_extras_are_rank_0s_on_every_rank(tmp_path):
+    assert run_ranks(2, cases.extras_round_trip, str(tmp_path / "ckpt")) == [{"saved_by": 0}] * 2
+
+
 # --- atomic saves and verified loads (one process: the files are what is tested) ------------
 
 

@@ -35,7 +35,8 @@ def save_checkpoint(path: str, model: torch.nn.Module | None, optimizer, **extra
     items = {} if model is None else {f"model.{k}": v for k, v in model.state_dict().items()}
     if optimizer is not None:
         items.update(save_items(optimizer, job.writes_state))
-    items["extra"] = pickle.dumps(extra)
+    if job.rank == 0:  # DCP would otherwise write whichever rank's copy balances the files
+        items["extra"] = pickle.dumps(extra)
     staging = directory.staging_dir(path, job)
     with _quiet():
         dcp.save(items, storage_writer=dcp.FileSystemWriter(staging), process_group=job.group,
