@@ -293,5 +293,13 @@ def write_section(path: Path, name: str, body: str, title: str = "# Benchmarks")
     path.write_text(text)
 
 
+def publish(report: str, out: str, name: str, lead: str = "\n") -> None:
+    """Print `report` (after `lead`) and, unless `out` is '', write it as section `name` of `out`."""
+    print(lead + report)
+    if out:
+        write_section(Path(out), name, report)
+        print(f"\nwrote {out}")
+
+
 def command_line() -> str:
     return shlex.join(["python"] + sys.argv)
