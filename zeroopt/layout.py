@@ -270,7 +270,7 @@ class Layout:
         """A param that is no longer a view of its flat buffer (the model was moved or cast
         after the optimizer was built), checking one param per buffer: ``.to()`` moves all."""
         for buffer in self.buffers:
-            slot = next(s for s in self.slots if s.buffer == buffer.index)
+            slot = buffer.buckets[0].slots[0]
             try:
                 moved = slot.param.untyped_storage().data_ptr() != \
                     buffer.data.untyped_storage().data_ptr()
