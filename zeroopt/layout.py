@@ -266,9 +266,10 @@ class Layout:
             flat.copy_(slot.param.detach().reshape(-1))
             slot.param.data = flat.view(slot.param.shape)
 
-    def first_detached(self) -> ParamSlot | None:
-        """A param that is no longer a view of its flat buffer (the model was moved or cast
-        after the optimizer was built), checking one param per buffer: ``.to()`` moves all."""
+    def check_params_in_place(self) -> None:
+        """Refuse params that are no longer views of their flat buffer (the model was moved
+        or cast after the optimizer was built: its updates would no longer reach them). One
+        param per buffer tells: ``.to()`` moves them all."""
         for buffer in self.buffers:
             slot = buffer.buckets[0].slots[0]
             try:
@@ -277,8 +278,11 @@ class Layout:
             except RuntimeError:  # a lazy device (XLA) has no storage to compare
                 continue
             if moved:
-                return slot
-        return None
+                raise RuntimeError(
+                    f"a param of shape {list(slot.param.shape)} is no longer in ZeroOptimizer's "
+                    "buffers: the model was moved or cast (model.to(...)) after the optimizer "
+                    "was built. Move the model to its device and dtype first, then build the "
+                    "optimizer")
 
     def bucket_view(self, bucket: Bucket) -> torch.Tensor:
         return self.buffers[bucket.buffer].data[bucket.start:bucket.start + bucket.numel]

@@ -245,12 +245,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise RuntimeError("ZeroOptimizer.step() in eval mode: call opt.train() before "
                                "training again (and opt.eval() before evaluating)")
         self._sync_gradients()
-        moved = self.layout.first_detached()
-        if moved is not None:  # its updates would no longer reach the model
-            raise RuntimeError(
-                f"a param of shape {list(moved.param.shape)} is no longer in ZeroOptimizer's "
-                "buffers: the model was moved or cast (model.to(...)) after the optimizer was "
-                "built. Move the model to its device and dtype first, then build the optimizer")
+        self.layout.check_params_in_place()
         norm, self._grad_norm = self._grad_norm, None
         if norm is None and self.skip_nonfinite:
             norm = self._grad_norm_over_ranks(2.0)
