@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from . import compat, directory
 from .directory import CheckpointError
 from .job import job_for
-from .optimizer_items import load_targets, save_items
+from .optimizer_items import apply_groups, load_targets, save_items
 
 
 def save_checkpoint(path: str, model: torch.nn.Module | None, optimizer, **extra) -> None:
@@ -68,10 +68,7 @@ def load_checkpoint(path: str, model: torch.nn.Module | None, optimizer) -> dict
         optimizer.grads.finish()
         optimizer.grads.zero()
         # The groups first: their hyperparameters decide which states there are to read.
-        groups = read({"optimizer.param_groups": None})["optimizer.param_groups"]
-        from ..state_dict import apply_param_groups
-
-        apply_param_groups(optimizer, pickle.loads(groups)["groups"])
+        apply_groups(optimizer, read({"optimizer.param_groups": None})["optimizer.param_groups"])
     items = {"extra": None}
     if model is not None:
         items.update({f"model.{k}": v for k, v in model.state_dict().items()})

@@ -70,8 +70,7 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
     """The items this rank reads (tensors to fill, in the saved dtypes) and the function that
     puts them into the optimizer once DCP has filled them."""
     saved = metadata.state_dict_metadata
-    targets = {"optimizer.steps": torch.zeros(len(opt._steps)),
-               "optimizer.param_groups": None}
+    targets = {"optimizer.steps": torch.zeros(len(opt._steps))}
     reads = []  # (piece, state name, {saved name: (key, first, end)})
     wanted: dict[str, list[tuple[int, int]]] = {}
     for piece in opt.layout.pieces:
@@ -109,7 +108,6 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
 
     def apply(loaded: dict) -> None:
         opt.refresh_masters()  # from the params just loaded (a saved master then overrides)
-        opt.skipped_steps = pickle.loads(loaded["optimizer.param_groups"])["skipped_steps"]
         for step, value in zip(opt._steps, loaded["optimizer.steps"]):
             step.fill_(float(value))
         for piece, name, ranges in reads:
@@ -155,6 +153,16 @@ def _slice(parts: dict[tuple[int, int], torch.Tensor], lo: int, hi: int) -> torc
         if start <= lo and hi <= end:
             return tensor[lo - start:hi - start]
     raise AssertionError("a read range outside the ranges requested")
+
+
+def apply_groups(opt, blob: bytes) -> None:
+    """The saved groups' hyperparameters and counters; read (and applied) before the targets
+    are built, since the hyperparameters decide which states there are to read."""
+    from ..state_dict import apply_param_groups
+
+    saved = pickle.loads(blob)
+    apply_param_groups(opt, saved["groups"])
+    opt.skipped_steps = saved["skipped_steps"]
 
 
 def _groups_blob(opt) -> bytes:
