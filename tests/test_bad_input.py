@@ -1,6 +1,9 @@
 """Bad input gets an error that names the cause and the fix."""
 
+import contextlib
+import errno
 import re
+import subprocess
 
 import pytest
 import torch
@@ -217,3 +220,175 @@ def test_a_model_moved_after_the_optimizer_was_built_is_an_error():
     with pytest.raises(RuntimeError, match=r"moved or cast \(model.to\(...\)\) after the "
                                            "optimizer was built"):
         opt.step()
+
+
+# -- ranks that disagree: every rank gets the same error, at W = 2 and 3 ---------------------
+
+DISAGREEMENTS = {  # case (tests/cases_robustness.py) -> the error, {last}: the rank that differs
+    "state_precision": "RuntimeError: zeroopt: ranks disagree about param group 1's "
+                       "'state_precision': rank 0 has '32bit', rank {last} has '8bit'",
+    "min_8bit_size": "RuntimeError: zeroopt: ranks disagree about param group 1's "
+                     "'min_8bit_size': rank 0 has 4096, rank {last} has 16",
+    "galore_rank": "RuntimeError: zeroopt: ranks disagree about param group 1's 'rank': "
+                   "rank 0 has no such key, rank {last} has 4",
+    "skip_nonfinite": "RuntimeError: zeroopt: ranks disagree about skip_nonfinite: rank 0 has "
+                      "True, rank {last} has False",
+    "lr": "RuntimeError: zeroopt: ranks disagree about param group 1's 'lr': rank 0 has 0.001, "
+          "rank {last} has 0.002",
+    "betas": "RuntimeError: zeroopt: ranks disagree about param group 0's 'betas': rank 0 has "
+             "(0.9, 0.999), rank {last} has (0.9, 0.99)",
+    "weight_decay": "RuntimeError: zeroopt: ranks disagree about param group 0's "
+                    "'weight_decay': rank 0 has 0.0, rank {last} has 0.1",
+    "order": "RuntimeError: zeroopt: ranks disagree about the parameters: param 0 is "
+             "'0.weight' shape [64, 64] float32 in group 0 on rank 0 but '1.weight' shape "
+             "[64, 64] float32 in group 0 on rank {last}",
+    "page_dir": "ValueError: zeroopt: on rank {last}: page_dir '{page_dir}/missing' does not "
+                "exist: create it",
+}
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["W2", "W3"])
+def disagreement_errors(request, tmp_path_factory):
+    """Every case's error on every rank, from one job per world size (the cases run one after
+    another: each raises on every rank after the same collective)."""
+    page_dir = str(tmp_path_factory.mktemp("pages"))
+    errors = run_ranks(request.param, cases_robustness.disagreements, list(DISAGREEMENTS),
+                       page_dir, timeout=180)
+    return request.param, page_dir, errors
+
+
+@pytest.mark.parametrize("case", DISAGREEMENTS)
+def test_ranks_that_disagree_all_get_the_same_error(disagreement_errors, case):
+    world_size, page_dir, errors = disagreement_errors
+    messages = [rank_errors[case] for rank_errors in errors]
+    assert len(set(messages)) == 1, messages  # the same error on every rank
+    assert DISAGREEMENTS[case].format(last=world_size - 1, page_dir=page_dir) in messages[0], \
+        messages[0]
+
+
+def test_a_disagreement_seen_by_one_sharding_group_reaches_every_rank():
+    errors = run_ranks(4, cases_robustness.disagreement_in_one_sharding_group, timeout=180)
+    assert len(set(errors)) == 1, errors
+    assert "ranks disagree about bucket_numel: rank 2 has 700, rank 3 has 800" in errors[0], \
+        errors[0]
+
+
+# -- bad input, refused at construction with the cause and the fix ---------------------------
+
+def test_complex_params_are_refused():
+    m = model()
+    z = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"param 4 of group 0 is complex \(complex64, shape "
+                                         r"\[3\]\): torch.optim steps complex params as pairs of "
+                                         r"reals \(torch.view_as_real\), and zeroopt does not yet"):
+        zeroopt.ZeroOptimizer([*m.parameters(), z])
+    with pytest.raises(ValueError, match=r"store torch.view_as_real\(w\) as the Parameter.* or "
+                                         r"give the complex params to a plain torch.optim"):
+        zeroopt.ZeroOptimizer([("z", z)])
+
+
+@pytest.mark.parametrize("how", ["one group", "two groups", "named"])
+def test_a_tensor_given_twice_is_refused(how):
+    m = model()
+    w = m[0].weight
+    params = {"one group": [w, m[0].bias, w],
+              "two groups": [{"params": [w]}, {"params": m[0].parameters()}],
+              "named": [("first", w), ("second", w)]}[how]
+    where = {"one group": "param 0 of group 0 and as param 2 of group 0",
+             "two groups": "param 0 of group 0 and as param 0 of group 1",
+             "named": "'first' \\(param 0 of group 0\\) and as 'second' \\(param 1 of group 0\\)"}
+    with pytest.raises(ValueError, match=r"the same tensor \(shape \[3, 4\]\) is given twice: "
+                                         rf"as {where[how]}\. Give each param once"):
+        zeroopt.ZeroOptimizer(params)
+
+
+def test_params_on_the_meta_device_are_refused():
+    with torch.device("meta"):
+        m = model()
+    with pytest.raises(ValueError, match=r"param 0 of group 0 is on the meta device .*Materialize "
+                                         r"the model first, e.g. model.to_empty\(device='cpu'\)"):
+        zeroopt.ZeroOptimizer(m.parameters())
+
+
+@pytest.mark.parametrize("group, message", [
+    ({"lrr": 0.1}, r"param group 1 has an unknown key 'lrr'\. Did you mean 'lr'\? A param group "
+                   r"of adamw takes: params, param_names, initial_lr, lr, betas"),
+    ({"rank": 4}, r"param group 1 has an unknown key 'rank'\. A param group of adamw takes"),
+    ({"state_precison": "8bit"}, r"unknown key 'state_precison'\. Did you mean "
+                                 r"'state_precision'\?"),
+])
+def test_an_unknown_key_in_a_param_group_is_refused(group, message):
+    m = model()
+    with pytest.raises(TypeError, match=message):
+        zeroopt.ZeroOptimizer([{"params": m[0].parameters()},
+                               {"params": m[1].parameters(), **group}], "adamw")
+
+
+def test_the_keys_a_param_group_may_carry_are_accepted():
+    """torch's named params, LR schedulers' initial_lr, and the rules' own group keys."""
+    m = model()
+    zeroopt.ZeroOptimizer([{"params": list(m[0].named_parameters()), "initial_lr": 0.1},
+                           {"params": list(m[1].named_parameters()), "weight_decay": 0.0}])
+    projected = dict(rank=2, update_proj_gap=10, scale=0.25, proj_type="std")
+    for name, extra in (("galore_adamw", {}), ("galore_adamw_8bit", {}),
+                        ("galore_adafactor", {}),
+                        ("apollo_adamw", dict(proj="random", scale_type="tensor"))):
+        m = model()
+        opt = zeroopt.ZeroOptimizer([{"params": [m[0].bias, m[1].bias]},
+                                     {"params": [m[0].weight, m[1].weight], **projected,
+                                      **extra}], name, lr=1e-3)
+        assert opt.param_groups[1]["rank"] == 2
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("bucket_numel", 4e6, r"bucket_numel must be an int, got 4000000.0 \(float\): write "
+                          r"4_000_000 \(an int\)"),
+    ("bucket_numel", True, r"bucket_numel must be an int, got True \(bool\)"),
+    ("stage", "2", r"stage must be an int, got '2' \(str\): use stage=1 or stage=2"),
+    ("stage", True, r"stage must be an int, got True \(bool\)"),
+    ("window_numel", 4e6, r"window_numel must be an int, got 4000000.0 \(float\)"),
+])
+def test_size_options_must_be_ints(option, value, message):
+    with pytest.raises(TypeError, match=message):
+        zeroopt.ZeroOptimizer(model().parameters(), **{option: value})
+
+
+@contextlib.contextmanager
+def _tmpfs(path, options: str):
+    """A tmpfs mounted at ``path`` (root, and a kernel that lets this process mount)."""
+    path.mkdir(exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount permission): "
+                    f"{mount.stderr.strip()}")
+    try:
+        yield path
+    finally:  # lazy: detached even if a failed test left a mapping of it open
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_page_dir_that_does_not_exist_or_is_not_writable(tmp_path):
+    params = [torch.nn.Parameter(torch.randn(300))]
+    with pytest.raises(ValueError, match=r"page_dir '.*/nowhere' does not exist: create it "
+                                         r"\(os.makedirs\)"):
+        zeroopt.ZeroOptimizer(params, "paged_adamw_32bit", page_dir=str(tmp_path / "nowhere"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"page_dir '.*/file' is not a directory"):
+        zeroopt.ZeroOptimizer(params, "paged_adamw_32bit", page_dir=str(tmp_path / "file"))
+    with _tmpfs(tmp_path / "ro", "ro,size=64k") as read_only:
+        with pytest.raises(ValueError, match=r"page_dir '.*/ro' is not writable by this process "
+                                             r"\(Read-only file system\): pass a directory"):
+            zeroopt.ZeroOptimizer(params, "paged_adamw_32bit", page_dir=str(read_only))
+
+
+def test_a_page_dir_too_small_is_an_error_at_construction(tmp_path):
+    """Not a SIGBUS at the first step: the paged file's space is reserved at construction."""
+    params = [torch.nn.Parameter(torch.randn(256, 256))]  # 2 fp32 states: 512 KiB
+    with _tmpfs(tmp_path / "small", "size=64k") as small:
+        with pytest.raises(OSError, match=rf"zeroopt: page_dir '{small}' has no room for this "
+                                          r"rank's paged states: this file of them needs 524288 "
+                                          r"bytes \(0.50 MiB\), and \d+ bytes are free there"
+                                          ) as caught:
+            zeroopt.ZeroOptimizer(params, "paged_adamw_32bit", page_dir=str(small))
+        assert caught.value.errno == errno.ENOSPC

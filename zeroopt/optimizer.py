@@ -29,6 +29,16 @@ Notes for users:
 - ``backend`` ("nccl", "gloo", "mpi", "xla", "hccl"; or ZEROOPT_BACKEND) overrides the one that
   follows the params' device; ``shard_size=S`` shards over groups of S ranks and replicates
   across groups (HSDP-style; ``comm/hierarchical.py``).
+- ``timeout`` (seconds, or a datetime.timedelta; default None) bounds every wait of the
+  optimizer's collectives: a rank that hangs or dies then stops the others with
+  ``zeroopt.comm.CollectiveTimeout`` naming the timeout (and the rank waited on, where known),
+  instead of a hang until the process group's own timeout (``init_process_group(timeout=...)``,
+  30 minutes by default), which still bounds torch's own calls. If the optimizer makes the
+  process group itself (launched by torchrun, none made yet), the group gets this timeout too.
+- At construction the ranks check, in one all-gather, that they agree about everything that
+  decides the layout, the state kinds, the collectives and the update (params, their order and
+  names, every param group's hyperparameters, stage, bucket size...): ranks that disagree all
+  get one error naming the first difference.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from .grad_sync import BucketedReducer, LocalGradients
 from .layout import DEFAULT_BUCKET_NUMEL, Layout
 from .states import kinds
 from .states.storage import RegionStates
+from .validation import check_group_keys, check_options, check_params, page_dir_problem
 from .whole_tensors import WholeTensors
 
 log = logging.getLogger("zeroopt")
@@ -60,7 +71,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  bucket_numel: int = DEFAULT_BUCKET_NUMEL,
                  reduce_dtype: torch.dtype = torch.float32, skip_nonfinite: bool = True,
                  window_numel: int | None = None, page_dir: str | None = None,
-                 **hyperparameters):
+                 timeout=None, **hyperparameters):
+        stage, bucket_numel, window_numel = check_options(stage, bucket_numel, window_numel)
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 (shard optimizer states) or 2 (states and "
                              f"gradients), got {stage!r}")
@@ -72,10 +84,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.rule, preset = get_preset(optimizer)
         self.stage, self.skip_nonfinite = stage, skip_nonfinite
         self._constructed = False
+        params = check_params(params)  # complex, meta, a tensor twice
         super().__init__(params, resolve_defaults(self.rule, {**preset, **hyperparameters}))
         for group in self.param_groups:
             self.rule.validate(group)
             kinds.validate(group, self.rule)
+        check_group_keys(self.param_groups, self.rule)
 
         trainable = [[(i, p) for i, p in _indexed(self.param_groups, g) if p.requires_grad]
                      for g in range(len(self.param_groups))]
@@ -83,10 +97,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError("ZeroOptimizer got no trainable params (all have requires_grad=False)")
         self._claim(p for group in trainable for _, p in group)  # local checks before collectives
         self.device = next(p for group in trainable for _, p in group).device
-        self.comm = collectives_for(self.device, process_group, backend)
+        self.comm = collectives_for(self.device, process_group, backend, timeout)
         check_ranks_agree(self.comm, describe_params(self.param_groups), dict(
             optimizer=self.rule.name, stage=stage, average_grads=average_grads,
-            bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype), shard_size=shard_size))
+            bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype), shard_size=shard_size,
+            skip_nonfinite=skip_nonfinite), problem=page_dir_problem(page_dir))
         if shard_size is not None:  # shard within groups, replicate across them
             self.comm = split(self.comm, shard_size)
 

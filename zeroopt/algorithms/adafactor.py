@@ -23,7 +23,8 @@ import math
 import torch
 
 from .base import UpdateRule, _number
-from .projection import galore_project, galore_project_back, is_projected, validate_projected
+from .projection import (GROUP_KEYS, galore_project, galore_project_back, is_projected,
+                         validate_projected)
 
 
 def _validate(group: dict) -> None:
@@ -128,4 +129,5 @@ ADAFACTOR = UpdateRule(
     whole_tensors=lambda group: True,
     tensor_step=_step,
     tensor_states_8bit=("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"),
+    group_keys=GROUP_KEYS,  # galore_adafactor
 )

@@ -98,4 +98,5 @@ APOLLO_ADAMW = UpdateRule(
     whole_tensors=is_projected,
     tensor_step=_step,
     tensor_states_8bit=("exp_avg", "exp_avg_sq"),
+    group_keys=("rank", *_PROJECTED_KEYS),
 )

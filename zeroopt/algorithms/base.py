@@ -100,6 +100,9 @@ class UpdateRule:
     whole_tensors: Callable[[dict], bool] = lambda group: False
     tensor_step: ReferenceStep | None = None
     tensor_states_8bit: tuple[str, ...] = ()
+    # Keys a param group may carry besides ``defaults`` (GaLore's ``rank``, ...): a group with
+    # any other key is refused at construction (validation.py), as a misspelt one would be.
+    group_keys: tuple[str, ...] = ()
 
     def state_names(self, groups: list[dict]) -> tuple[str, ...]:
         """Every state some group needs, in a stable order."""

@@ -23,7 +23,8 @@ import torch
 
 from . import adam
 from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative
-from .projection import galore_project, galore_project_back, is_projected, validate_projected
+from .projection import (GROUP_KEYS, galore_project, galore_project_back, is_projected,
+                         validate_projected)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -128,6 +129,7 @@ GALORE_ADAMW = UpdateRule(
     whole_tensors=is_projected,
     tensor_step=_galore_adamw_tensor,
     tensor_states_8bit=_MOMENTS,
+    group_keys=GROUP_KEYS,
 )
 
 
@@ -147,4 +149,5 @@ GALORE_ADAMW_8BIT = UpdateRule(
     whole_tensors=is_projected,
     tensor_step=_adamw_8bit_tensor,
     tensor_states_8bit=_MOMENTS,
+    group_keys=GROUP_KEYS,
 )

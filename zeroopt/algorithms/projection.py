@@ -22,6 +22,7 @@ import torch
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 GALORE_KEYS = dict(update_proj_gap=200, scale=0.25, proj_type="std")  # Transformers' defaults
+GROUP_KEYS = ("rank", *GALORE_KEYS)  # what a projected param group may carry
 SVD_CALLS = {"count": 0}  # SVDs run by this process: tests count them across ranks
 
 

@@ -44,6 +44,9 @@ class Collectives:
     rank: int
     world_size: int
     backend: str
+    # Seconds any one wait may take before CollectiveTimeout (deadline.py); None: as long as
+    # the backend waits. Set through comm.with_timeout.
+    timeout: float | None = None
 
     @property
     def data_parallel_size(self) -> int:

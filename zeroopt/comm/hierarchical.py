@@ -94,6 +94,10 @@ def _split_torch(flat, shard_size: int) -> Hierarchical:
 def split(flat: Collectives, shard_size: int | str) -> Hierarchical | Collectives:
     """``flat``'s ranks in sharding groups of ``shard_size`` consecutive ranks; "node": the
     ranks the launcher started on this node."""
+    if flat.timeout is not None:  # the new groups wait as long as the job's
+        from . import with_timeout
+
+        return with_timeout(split(with_timeout(flat, None), shard_size), flat.timeout)
     if shard_size == "node":
         from .environment import detect
 

@@ -15,6 +15,10 @@ MPI has no bfloat16 sum: reduce in fp32 (the default ``reduce_dtype``); moving b
 
 Non-blocking MPI collectives progress when MPI is called (Open MPI has no progress thread by
 default): overlap with backward is partial, and the handle's ``wait()`` finishes the work.
+
+MPI's waits take no timeout. With ``timeout`` set (``deadline.py``), a wait tests its requests
+until the deadline instead, and the pickled all-gather of the construction check is preceded by
+a non-blocking barrier waited for so (once every rank is there, it cannot hang).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .base import Collectives
+from .deadline import poll_until
 from .ring import Ring
 
 _NUMPY_SUMMABLE = {torch.float16, torch.float32, torch.float64, torch.int8, torch.uint8,
@@ -56,16 +61,22 @@ def cuda_aware() -> bool:
 
 
 class _Request:
-    """A pending MPI request; ``then`` runs once it has finished (copy out a result)."""
+    """A pending MPI request; ``then`` runs once it has finished (copy out a result).
+    ``timeout``: seconds ``wait()`` may take (tested until then), or None (MPI's Wait)."""
 
-    def __init__(self, request, then: Callable[[], None] | None = None):
+    def __init__(self, request, then: Callable[[], None] | None = None,
+                 timeout: float | None = None, what: str = ""):
         self.request, self.then = request, then
+        self.timeout, self.what = timeout, what
 
     def is_completed(self) -> bool:
         return bool(self.request.Test())
 
     def wait(self) -> None:
-        self.request.Wait()
+        if self.timeout is None:
+            self.request.Wait()
+        else:
+            poll_until(self.request.Test, self.timeout, self.what)
         if self.then is not None:
             self.then()
             self.then = None
@@ -81,7 +92,9 @@ class MPICollectives(Collectives):
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         self._cuda_aware: bool | None = None
-        self._rings = 0  # reduce_bucket calls so far: the same count on every rank
+        # reduce_bucket calls so far: the same count on every rank; shared with the copies
+        # that carry another timeout (comm.with_timeout), whose rings share the tags
+        self._rings = [0]
 
     def split(self, color: int) -> "MPICollectives":
         """The sub-communicator of the ranks that pass the same ``color`` (ordered by rank)."""
@@ -109,40 +122,50 @@ class MPICollectives(Collectives):
             flat = flat.view(torch.uint8)
         return flat if flat.device.type != "cpu" else flat.numpy()
 
-    def _run(self, tensor: torch.Tensor, summed: bool, start) -> _Request:
+    def _run(self, tensor: torch.Tensor, summed: bool, start, what: str) -> _Request:
         """Start a collective on ``tensor`` in place (staged through the host if needed)."""
         if self._direct(tensor):
-            return _Request(start(self._buffer(tensor, summed)))
+            return _Request(start(self._buffer(tensor, summed)), timeout=self.timeout,
+                            what=what)
         host = tensor.cpu()
-        return _Request(start(self._buffer(host, summed)), then=lambda: tensor.copy_(host))
+        return _Request(start(self._buffer(host, summed)), then=lambda: tensor.copy_(host),
+                        timeout=self.timeout, what=what)
 
     # -- collectives ----------------------------------------------------------------------
 
     def reduce_bucket(self, bucket: torch.Tensor) -> Ring:
         self._buffer(bucket[:0], summed=True)  # a dtype MPI can sum, or a clear error
-        self._rings += 1
+        self._rings[0] += 1
         if self._direct(bucket):
-            return Ring(self, bucket, self._rings, reduce=True)
+            return Ring(self, bucket, self._rings[0], reduce=True)
         host = bucket.cpu()  # CUDA, MPI not CUDA-aware: the ring runs on a host copy
         mine = bucket.chunk(self.world_size)[self.rank]
-        return Ring(self, host, self._rings, reduce=True,
+        return Ring(self, host, self._rings[0], reduce=True,
                     then=lambda: mine.copy_(host.chunk(self.world_size)[self.rank]))
 
     def gather_bucket(self, bucket: torch.Tensor) -> _Request:
-        return self._run(bucket, False, lambda buf: self.comm.Iallgather(self.MPI.IN_PLACE, buf))
+        return self._run(bucket, False, lambda buf: self.comm.Iallgather(self.MPI.IN_PLACE, buf),
+                         "all-gather of a param bucket")
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
         self._run(tensor, True, lambda buf: self.comm.Iallreduce(
-            self.MPI.IN_PLACE, buf, self._ops[op])).wait()
+            self.MPI.IN_PLACE, buf, self._ops[op]), "all_reduce").wait()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        self._run(tensor, False, lambda buf: self.comm.Ibcast(buf, root=src)).wait()
+        self._run(tensor, False, lambda buf: self.comm.Ibcast(buf, root=src),
+                  f"broadcast from rank {src}").wait()
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.timeout is not None:  # allgather takes no timeout: meet at a barrier first
+            _Request(self.comm.Ibarrier(), timeout=self.timeout,
+                     what="all_gather_object: the optimizer's construction check").wait()
         return self.comm.allgather(obj)
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        if self.timeout is None:
+            self.comm.Barrier()
+        else:
+            _Request(self.comm.Ibarrier(), timeout=self.timeout, what="barrier").wait()
 
     # -- point to point, for the ring (ring.py) -------------------------------------------
 
@@ -157,5 +180,9 @@ class MPICollectives(Collectives):
     def test_all(self, requests: list) -> bool:
         return bool(self.MPI.Request.Testall(requests))
 
-    def wait_all(self, requests: list) -> None:
-        self.MPI.Request.Waitall(requests)
+    def wait_all(self, requests: list, what: str = "point-to-point messages",
+                 peer: int | None = None) -> None:
+        if self.timeout is None:
+            self.MPI.Request.Waitall(requests)
+        else:
+            poll_until(lambda: self.test_all(requests), self.timeout, what, peer)

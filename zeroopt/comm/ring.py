@@ -15,6 +15,8 @@ list ``all_gather`` (benchmarks/bench_comm.py measures bytes and step times).
 ``is_completed()`` moves the ring on as far as the messages have arrived (so polling during
 backward makes progress, which MPI needs: it has no progress thread); ``wait()`` finishes it.
 Each ring's messages carry tags of their own, so several buckets can be in flight at once.
+A blocking wait tells the backend what it waits for and on whom (``wait_all``), so that with a
+``timeout=`` the error names the previous rank in the ring.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class PointToPoint(Protocol):
 
     def test_all(self, requests: list) -> bool: ...
 
-    def wait_all(self, requests: list) -> None: ...
+    def wait_all(self, requests: list, what: str, peer: int) -> None: ...
 
 
 class Ring:
@@ -69,7 +71,10 @@ class Ring:
         rank, world = self.p2p.rank, self.p2p.world_size
         while self.requests is not None:
             if block:
-                self.p2p.wait_all(self.requests)
+                kind = "reduce-scatter" if self.reduce else "all-gather"
+                previous = (rank - 1) % world
+                self.p2p.wait_all(self.requests, f"ring {kind} of a bucket, step "
+                                  f"{self.step + 1} of {world - 1}", previous)
             elif not self.p2p.test_all(self.requests):
                 return False
             if self.reduce:

@@ -7,12 +7,22 @@ on 4M-element fp32 buckets at W=2, ``all_reduce`` took 12.5 ms, ``reduce_scatter
 send/recv (ring.py), which also sends half the bytes of an all-reduce. So gloo runs the ring.
 ``ZEROOPT_BUCKET_COLLECTIVES=ring|native|all_reduce`` overrides the choice (the tests use it
 to run the NCCL-style in-place collectives over gloo).
+
+With ``timeout`` set (seconds; ``deadline.py``), a wait that passes it raises
+``CollectiveTimeout``: the ring's send/recv wait with ``Work.wait(timeout)`` (gloo honours it,
+with no polling on the hot path); the collectives poll ``Work.is_completed()`` until the
+deadline, since not every backend honours ``wait(timeout)``. gloo's reduce-scatter honours
+neither (torch 2.13: its ``is_completed()`` stays False even once done), so it is waited for
+on a helper thread, as are the collectives of backends not tried here (hccl...). Without a timeout the calls are torch's plain blocking ones, bounded by the
+process group's own timeout.
 """
 
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
+import pickle
 import socket
 from typing import Any
 
@@ -20,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .base import Collectives, Handle
+from .deadline import poll_until, timed_out, wait_in_thread
 from .environment import Launch
 from .ring import Ring
 
@@ -53,17 +64,21 @@ class TorchDistributed(Collectives):
         if self.bucket_collectives == "ring":
             return self._ring(bucket, reduce=True)
         if self.bucket_collectives == "all_reduce":
-            return dist.all_reduce(bucket, group=self.group, async_op=True)
+            return self._timed(dist.all_reduce(bucket, group=self.group, async_op=True),
+                               "all_reduce of a gradient bucket")
         mine = bucket.chunk(self.world_size)[self.rank]
-        return _reduce_scatter_single(mine, bucket, group=self.group, async_op=True)
+        return self._timed(_reduce_scatter_single(mine, bucket, group=self.group, async_op=True),
+                           "reduce-scatter of a gradient bucket", testable=self.backend == "nccl")
 
     def gather_bucket(self, bucket: torch.Tensor) -> Handle:
         if self.bucket_collectives == "ring":
             return self._ring(bucket, reduce=False)
         chunks = list(bucket.chunk(self.world_size))
         if self.bucket_collectives == "all_reduce":
-            return dist.all_gather(chunks, chunks[self.rank], group=self.group, async_op=True)
-        return _all_gather_single(bucket, chunks[self.rank], group=self.group, async_op=True)
+            return self._timed(dist.all_gather(chunks, chunks[self.rank], group=self.group,
+                                               async_op=True), "all-gather of a param bucket")
+        return self._timed(_all_gather_single(bucket, chunks[self.rank], group=self.group,
+                                              async_op=True), "all-gather of a param bucket")
 
     def _ring(self, bucket: torch.Tensor, reduce: bool) -> Handle:
         self._rings += 1
@@ -85,36 +100,121 @@ class TorchDistributed(Collectives):
     def test_all(self, requests: list) -> bool:
         return all(request.is_completed() for request in requests)
 
-    def wait_all(self, requests: list) -> None:
+    def wait_all(self, requests: list, what: str = "point-to-point messages",
+                 peer: int | None = None) -> None:
         for request in requests:
-            request.wait()
+            self._wait(request, what, None if peer is None else self._global(peer), p2p=True)
+
+    # -- waits with the optimizer's timeout (deadline.py) ---------------------------------
+
+    def _wait(self, work, what: str, peer: int | None = None, p2p: bool = False,
+              testable: bool | None = None) -> None:
+        """``work.wait()``, giving up after ``timeout`` seconds when one is set. ``p2p``: a
+        send or recv (honours wait(timeout)). ``testable``: whether ``work.is_completed()``
+        turns True once it is done (default: on gloo and nccl); else it is waited for on a
+        helper thread."""
+        if self.timeout is None:
+            work.wait()
+        elif p2p:
+            try:
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+            except RuntimeError as error:  # gloo: "Timed out waiting 5000ms for recv ..."
+                if "timed out" in str(error).lower():
+                    raise timed_out(self.timeout, what, peer) from error
+                raise
+        elif testable if testable is not None else self.backend in ("gloo", "nccl"):
+            poll_until(work.is_completed, self.timeout, what, peer)
+            work.wait()  # done (or failed: its error is raised here)
+        else:
+            wait_in_thread(work.wait, self.timeout, what, peer)
+
+    def _timed(self, work, what: str, testable: bool | None = None) -> Handle:
+        return work if self.timeout is None else _Timed(self, work, what, testable)
+
+    def _run(self, start, what: str, peer: int | None = None) -> None:
+        """A collective run to completion: blocking as torch runs it, or async and waited
+        for with the timeout."""
+        if self.timeout is None:
+            start(False)
+        else:
+            self._wait(start(True), what, peer)
+
+    # -- small collectives ----------------------------------------------------------------
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
-        dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group)
+        self._run(lambda async_op: dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group,
+                                                   async_op=async_op), "all_reduce")
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        dist.broadcast(tensor, src=dist.get_global_rank(self.group, src)
-                       if self.group is not None else src, group=self.group)
+        source = self._global(src)
+        self._run(lambda async_op: dist.broadcast(tensor, src=source, group=self.group,
+                                                  async_op=async_op),
+                  f"broadcast from rank {source}", source)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.timeout is not None:
+            return self._all_gather_object_timed(obj)
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def _all_gather_object_timed(self, obj: Any) -> list[Any]:
+        """dist.all_gather_object's two steps (sizes, then the padded pickles), each waited
+        for with the timeout: torch's own takes none."""
+        what = "all_gather_object: the optimizer's construction check"
+        device = _object_device(self.backend)
+        payload = pickle.dumps(obj)
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(sizes, size, group=self.group, async_op=True), what)
+        lengths = [int(s) for s in sizes]
+        data = torch.zeros(max(lengths), dtype=torch.uint8)
+        data[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        gathered = [torch.empty(max(lengths), dtype=torch.uint8, device=device)
+                    for _ in range(self.world_size)]
+        self._wait(dist.all_gather(gathered, data.to(device), group=self.group, async_op=True),
+                   what)
+        return [pickle.loads(t[:n].cpu().numpy().tobytes()) for t, n in zip(gathered, lengths)]
+
     def barrier(self) -> None:
-        dist.barrier(group=self.group)
+        self._run(lambda async_op: dist.barrier(group=self.group, async_op=async_op), "barrier")
 
 
-def init_process_group(backend: str, launch: Launch) -> None:
+class _Timed:
+    """A bucket collective's handle whose ``wait()`` gives up after the timeout."""
+
+    def __init__(self, comm: TorchDistributed, work, what: str, testable: bool | None):
+        self.comm, self.work, self.what, self.testable = comm, work, what, testable
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
+
+    def wait(self) -> None:
+        self.comm._wait(self.work, self.what, testable=self.testable)
+
+
+def _object_device(backend: str) -> torch.device:
+    """Where dist.all_gather_object's tensors live for ``backend`` (as torch puts them)."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "hccl":
+        return torch.device("npu", torch.npu.current_device())
+    return torch.device("cpu")
+
+
+def init_process_group(backend: str, launch: Launch, timeout: float | None = None) -> None:
     """Initialise the default process group for ``launch`` (torchrun's variables, or mpirun's:
-    then rank 0's host and a free port are shared over MPI, unless MASTER_ADDR/PORT are set)."""
+    then rank 0's host and a free port are shared over MPI, unless MASTER_ADDR/PORT are set).
+    ``timeout`` (seconds) becomes the group's own, as ``init_process_group(timeout=...)``;
+    None keeps torch's default."""
     if backend == "hccl":
         import torch_npu  # noqa: F401  (registers the "npu" device and the hccl backend)
     if launch.launcher == "mpi" and not ("MASTER_ADDR" in os.environ
                                           and "MASTER_PORT" in os.environ):
         os.environ.update(_rendezvous_over_mpi())
     set_local_device(backend, launch.local_rank)
-    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size)
+    extra = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, **extra)
     # We made the group, so we tear it down: exiting with gloo's threads alive aborts.
     atexit.register(destroy)
 

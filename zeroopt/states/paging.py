@@ -2,15 +2,17 @@
 pinned host memory for an accelerator's.
 
 The file is created in ``directory`` (``ZeroOptimizer(page_dir=...)``, default the system's temp
-dir) and unlinked at once, so it vanishes with the process however it ends. Pages are brought in
-ahead of use (``prefetch``: the kernel reads them asynchronously) and dropped from the process
-after use (``release``: MADV_DONTNEED, which for a shared file mapping keeps the data in the file
-and the page cache and only unmaps it), so the states resident in the process stay within the
-window being stepped.
+dir) and unlinked at once, so it vanishes with the process however it ends. Its space is
+reserved when it is made (``reserve``), so a disk too small is an error at construction, not a
+SIGBUS in the first step. Pages are brought in ahead of use (``prefetch``: the kernel reads them
+asynchronously) and dropped from the process after use (``release``: MADV_DONTNEED, which for a
+shared file mapping keeps the data in the file and the page cache and only unmaps it), so the
+states resident in the process stay within the window being stepped.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import tempfile
@@ -32,10 +34,10 @@ class MappedFile:
         for name, (numel, dtype) in sizes.items():
             offsets[name] = nbytes
             nbytes += -(-numel * _itemsize(dtype) // _ALIGN) * _ALIGN
-        directory = directory or tempfile.gettempdir()
+        default, directory = directory is None, directory or tempfile.gettempdir()
         fd, path = tempfile.mkstemp(prefix="zeroopt-states-", dir=directory)
         try:
-            os.ftruncate(fd, max(nbytes, PAGE))  # sparse: zeros until written
+            reserve(fd, max(nbytes, PAGE), directory, default)
             self._map = mmap.mmap(fd, max(nbytes, PAGE), mmap.MAP_SHARED)
         finally:
             os.close(fd)
@@ -74,6 +76,51 @@ class MappedFile:
                 elif inside and line.startswith("Rss:"):
                     return int(line.split()[1]) * 1024
         raise RuntimeError("the states' mapping is not in /proc/self/smaps")
+
+
+def reserve(fd: int, nbytes: int, directory: str, default: bool = False) -> None:
+    """Give the file ``fd`` (in ``directory``) ``nbytes`` of disk space now, zero-filled.
+
+    A sparse file is allocated page by page as the states are first written, and a mapped
+    page the file system then has no room for kills the process with SIGBUS, with no Python
+    error. So the space is reserved here: posix_fallocate, or writing zeros where the file
+    system (or the platform) does not support it. ``default``: ``directory`` is the temp dir,
+    not the user's choice (the message says so).
+
+    Args:
+        fd: the open file.
+        nbytes: its size.
+        directory: where it is (named in the error).
+        default: whether ``directory`` is the default temp dir.
+
+    Raises:
+        OSError: ENOSPC (or EDQUOT, EFBIG), naming ``directory`` and the bytes needed, if they
+            do not fit.
+    """
+    full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+            return
+        except AttributeError:  # no posix_fallocate on this platform (macOS)
+            pass
+        except OSError as error:  # EOPNOTSUPP, EINVAL: write the zeros instead
+            if error.errno in full:
+                raise
+        zeros = bytes(min(nbytes, 1 << 20))
+        for offset in range(0, nbytes, len(zeros)):
+            os.pwrite(fd, zeros[:nbytes - offset], offset)
+    except OSError as error:
+        if error.errno not in full:
+            raise
+        stat = os.statvfs(directory)
+        raise OSError(error.errno, (
+            f"zeroopt: page_dir {directory!r}{' (the default: the temp dir)' if default else ''}"
+            f" has no room for this rank's paged states: this "
+            f"file of them needs {nbytes} bytes ({nbytes / 2**20:.2f} MiB), and "
+            f"{stat.f_bavail * stat.f_frsize} bytes are free there. Pass page_dir= a "
+            "directory with room for every rank's paged states on that disk, or page fewer "
+            "states (paged=False in some param groups)")) from error
 
 
 def _address(buffer) -> int:
