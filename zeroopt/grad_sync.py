@@ -56,15 +56,34 @@ class BucketedReducer:
         self._largest_bucket = max(bucket.numel for bucket in layout.buckets)
         self._in_backward = False
         self.on_reduced = None  # (bucket index) -> None, after a bucket is harvested
-        self._hooks = [slot.param.register_post_accumulate_grad_hook(partial(self._on_grad, slot))
-                       for slot in layout.slots]
+        # 1 where this rank staged a gradient for the slot (layout.slots order) since zero()
+        self._used = bytearray(len(layout.slots))
+        self._hooks = [slot.param.register_post_accumulate_grad_hook(
+            partial(self._on_grad, position, slot)) for position, slot in enumerate(layout.slots)]
 
     # -- backward ------------------------------------------------------------------------
 
-    def _on_grad(self, slot: ParamSlot, param: torch.Tensor) -> None:
+    def _on_grad(self, position: int, slot: ParamSlot, param: torch.Tensor) -> None:
         if not self._in_backward:
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        self._stage(position, slot)
+        b = slot.bucket
+        self._arrived[b] += 1
+        if self.sync:
+            while (self._next_launch < len(self._arrived) and self._arrived[self._next_launch]
+                   == len(self.layout.buckets[self._next_launch].slots)):
+                self._launch(self._next_launch)
+
+    def _stage(self, position: int, slot: ParamSlot) -> None:
+        """Move ``slot.param.grad`` into its bucket's staging buffer (added to what an earlier
+        micro-step staged) and free it."""
+        grad = slot.param.grad
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"zeroopt: a param of shape {list(slot.param.shape)} got a sparse gradient "
+                "(nn.Embedding(sparse=True) or nn.EmbeddingBag(sparse=True)?); ZeroOptimizer "
+                "shards dense gradients only. Build the module with sparse=False")
         b = slot.bucket
         if self._work[b] is not None:  # the previous pass's reduction still owns the buffer
             self._harvest(b)
@@ -72,17 +91,21 @@ class BucketedReducer:
         bucket = self.layout.buckets[b]
         view = staging[slot.start - bucket.start:slot.end - bucket.start]
         if slot in self._written[b]:
-            view.add_(param.grad.reshape(-1))
+            view.add_(grad.reshape(-1))
         else:
-            view.copy_(param.grad.reshape(-1))
+            view.copy_(grad.reshape(-1))
             self._written[b].add(slot)
-        param.grad = None
+        slot.param.grad = None
         self.received = True
-        self._arrived[b] += 1
-        if self.sync:
-            while (self._next_launch < len(self._arrived) and self._arrived[self._next_launch]
-                   == len(self.layout.buckets[self._next_launch].slots)):
-                self._launch(self._next_launch)
+        self._used[position] = 1
+
+    def take_detached(self) -> None:
+        """Stage the gradients that did not come through backward's hooks: ``p.grad``
+        assigned by hand, ``torch.autograd.grad`` results assigned to it. (A hook frees
+        ``p.grad`` as it stages it, so whatever is still there arrived another way.)"""
+        for position, slot in enumerate(self.layout.slots):
+            if slot.param.grad is not None:
+                self._stage(position, slot)
 
     def _on_backward_end(self) -> None:
         self._in_backward = False
@@ -174,19 +197,50 @@ class BucketedReducer:
     # -- step ----------------------------------------------------------------------------
 
     def finish(self) -> None:
-        """Reduce whatever is still staged (in bucket order) and harvest every bucket."""
-        for b in range(len(self._written)):
-            if self._written[b]:
-                self._launch(b)
+        """Harvest every reduction in flight. Starts no collective: safe on one rank alone."""
         for b, work in enumerate(self._work):
             if work is not None:
                 self._harvest(b)
-        if self.received:  # unfilled buckets (no gradient anywhere) hold stale values
-            for b, filled in enumerate(self._shard_filled):
-                if not filled:
-                    bucket = self.layout.buckets[b]
-                    self.shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel].zero_()
-                    self._shard_filled[b] = True
+
+    def used(self) -> torch.Tensor:
+        """fp64 flags, one per slot (``layout.slots`` order): 1 where this rank has staged a
+        gradient for the param since ``zero()``."""
+        return torch.frombuffer(self._used, dtype=torch.uint8).double()
+
+    def pending(self) -> torch.Tensor:
+        """fp64 flags, one per bucket: 1 where this rank holds staged gradients that no
+        reduction has taken yet (hand-assigned ones, or micro-steps run in ``no_sync()``)."""
+        return torch.tensor([1.0 if written else 0.0 for written in self._written],
+                            dtype=torch.float64)
+
+    def complete(self, launch: list[int]) -> None:
+        """Reduce buckets ``launch`` (every rank passes the same list; a rank with nothing
+        staged in one sends zeros), harvest everything, and zero the shard's chunks of buckets
+        that no reduction filled since ``zero()``."""
+        self.finish()
+        for b in launch:
+            self._launch(b)
+        self.finish()
+        for b, filled in enumerate(self._shard_filled):
+            if not filled:
+                bucket = self.layout.buckets[b]
+                self.shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel].zero_()
+                self._shard_filled[b] = True
+
+    def carry_over(self, old: "BucketedReducer") -> None:
+        """Take over this step from ``old``, the reducer of this layout before it grew (params
+        unfrozen after construction were packed after the existing ones): its reduced shard,
+        which the new buckets' chunks follow, and its flags. ``old`` has nothing in flight."""
+        old.finish()  # (``old.layout`` is this one: it grew in place)
+        filled, used = old.filled_buckets(), old.used().to(torch.uint8).tolist()
+        self.shard[:old.shard.numel()].copy_(old.shard)
+        self._shard_filled[:len(filled)] = filled
+        self._used[:len(used)] = bytes(used)
+        self.received = old.received
+
+    def filled_buckets(self) -> list[bool]:
+        """Per bucket, whether its chunk of the shard holds this step's reduced gradient."""
+        return list(self._shard_filled)
 
     def zero(self, set_to_none: bool = True) -> None:
         for b, work in enumerate(self._work):
@@ -196,6 +250,7 @@ class BucketedReducer:
         self._written = [set() for _ in self._written]
         self._shard_filled = [False] * len(self._shard_filled)
         self.received = False
+        self._used[:] = bytes(len(self._used))
         for slot in self.layout.slots:
             slot.param.grad = None
 
@@ -224,6 +279,23 @@ class LocalGradients:
         return any(slot.param.grad is not None for slot in self.layout.slots)
 
     def finish(self) -> None:
+        pass  # nothing is ever in flight
+
+    def take_detached(self) -> None:
+        pass  # every gradient is read from param.grad
+
+    def used(self) -> torch.Tensor:
+        return torch.tensor([float(slot.param.grad is not None) for slot in self.layout.slots],
+                            dtype=torch.float64)
+
+    def pending(self) -> torch.Tensor:
+        return torch.zeros(len(self.layout.buckets), dtype=torch.float64)
+
+    def carry_over(self, old: "LocalGradients") -> None:
+        pass  # everything is read from param.grad again
+
+    def complete(self, launch: list[int]) -> None:
+        """Copy the owned pieces of the (already averaged) ``param.grad`` into the shard."""
         for piece in self.layout.pieces:
             dst = self.shard[piece.shard_offset:piece.shard_offset + piece.numel]
             grad = piece.slot.param.grad

@@ -142,15 +142,23 @@ class Layout:
         buffers, and a kind's ``block_numel`` (1 if absent) aligns and pads its params."""
         self.world_size = world_size
         self.rank = rank
+        self.bucket_numel, self.pad_multiple = bucket_numel, pad_multiple
+        self.kind_of = kind_of or (lambda group, param: None)
         self.buffers: list[FlatBuffer] = []
         self.buckets: list[Bucket] = []
         self.slots: list[ParamSlot] = []
         self._svd_work = [0] * world_size  # per rank, over the whole-param buckets so far
-        align = world_size * pad_multiple
+        self.shard_numel = 0
+        self.extend(groups)
 
+    def extend(self, groups: list[list[tuple[int, torch.nn.Parameter]]]) -> int:
+        """Pack more params (params unfrozen after construction) into new buffers after the
+        existing ones: every existing buffer, bucket, slot and shard offset stays where it is.
+        Returns the index of the first new buffer (``allocate_param_buffers`` takes it)."""
+        first_new = len(self.buffers)
+        align = self.world_size * self.pad_multiple
         # Reverse order: the last params get their gradients first in backward.
-        kind_of = kind_of or (lambda group, param: None)
-        ordered = [(g, i, p, kind_of(g, p)) for g, group in enumerate(groups)
+        ordered = [(g, i, p, self.kind_of(g, p)) for g, group in enumerate(groups)
                    for i, p in group][::-1]
         for key in dict.fromkeys((p.dtype, p.device, kind) for _, _, p, kind in ordered):
             dtype, device, kind = key
@@ -158,13 +166,14 @@ class Layout:
             self.buffers.append(buffer)
             block = getattr(kind, "block_numel", 1)
             whole = getattr(kind, "whole", False)
-            assert pad_multiple % block == 0, "blocks must not straddle chunks"
+            assert self.pad_multiple % block == 0, "blocks must not straddle chunks"
             bucket, largest = None, 0
             for group, index, param, param_kind in ordered:
                 if (param.dtype, param.device, param_kind) != key:
                     continue
                 if bucket is None:
-                    bucket = Bucket(len(self.buckets), buffer.index, buffer.numel, 0, world_size)
+                    bucket = Bucket(len(self.buckets), buffer.index, buffer.numel, 0,
+                                    self.world_size)
                 slot = ParamSlot(param, index, group, buffer.index, bucket.index,
                                  bucket.start + bucket.numel, param.numel(),
                                  _round_up(param.numel(), block))
@@ -172,22 +181,21 @@ class Layout:
                 bucket.numel += slot.extent
                 self.slots.append(slot)
                 largest = max(largest, slot.extent) if whole else 0
-                if bucket.numel >= max(bucket_numel, world_size * largest):
-                    self._close(bucket, buffer, align, whole, pad_multiple)
+                if bucket.numel >= max(self.bucket_numel, self.world_size * largest):
+                    self._close(bucket, buffer, align, whole, self.pad_multiple)
                     bucket, largest = None, 0
             if bucket is not None:
-                self._close(bucket, buffer, align, whole, pad_multiple)
+                self._close(bucket, buffer, align, whole, self.pad_multiple)
 
-        shard_offset = 0
-        for buffer in self.buffers:
-            buffer.shard_offset = shard_offset
+        for buffer in self.buffers[first_new:]:
+            buffer.shard_offset = self.shard_numel
             for bucket in buffer.buckets:
-                bucket.shard_offset = shard_offset
-                shard_offset += bucket.chunk_numel
-            buffer.shard_numel = shard_offset - buffer.shard_offset
-        self.shard_numel = shard_offset
-        self.pieces = self.pieces_of(rank)
-        self.padded_pieces = self.pieces_of(rank, padded=True)
+                bucket.shard_offset = self.shard_numel
+                self.shard_numel += bucket.chunk_numel
+            buffer.shard_numel = self.shard_numel - buffer.shard_offset
+        self.pieces = self.pieces_of(self.rank)
+        self.padded_pieces = self.pieces_of(self.rank, padded=True)
+        return first_new
 
     def _close(self, bucket: Bucket, buffer: FlatBuffer, align: int, whole: bool,
                pad_multiple: int) -> None:
@@ -241,13 +249,16 @@ class Layout:
                                              bucket.shard_offset + start - lo, end - start))
         return pieces
 
-    def runs(self) -> list[tuple[int, Bucket, int, int]]:
-        """This rank's pieces merged into maximal runs ``(group, bucket, shard_offset, numel)``
-        that lie in one bucket's chunk and one param group: the tensors an element-wise update
-        steps over, padding included: a padded param and its gradient are zero there, and every
-        rule leaves a zero param with a zero gradient at zero."""
+    def runs(self, slots: set[ParamSlot] | None = None) -> list[tuple[int, Bucket, int, int]]:
+        """This rank's pieces (of ``slots`` only, if given) merged into maximal runs
+        ``(group, bucket, shard_offset, numel)`` that lie in one bucket's chunk and one param
+        group: the tensors an element-wise update steps over, padding included: a padded param
+        and its gradient are zero there, and every rule leaves a zero param with a zero
+        gradient at zero."""
         runs: list[list] = []
         for piece in self.padded_pieces:
+            if slots is not None and piece.slot not in slots:
+                continue
             group, bucket = piece.slot.group, self.buckets[piece.slot.bucket]
             last = runs[-1] if runs else None
             if last and last[0] == group and last[1] is bucket \
@@ -257,11 +268,14 @@ class Layout:
                 runs.append([group, bucket, piece.shard_offset, piece.numel])
         return [tuple(r) for r in runs]
 
-    def allocate_param_buffers(self) -> None:
-        """Move the params into their flat buffers; each param becomes a view of its buffer."""
-        for buffer in self.buffers:
+    def allocate_param_buffers(self, first: int = 0) -> None:
+        """Move the params of buffers ``first`` on into their flat buffers; each param becomes
+        a view of its buffer."""
+        for buffer in self.buffers[first:]:
             buffer.data = torch.zeros(buffer.numel, dtype=buffer.dtype, device=buffer.device)
         for slot in self.slots:
+            if slot.buffer < first:
+                continue
             flat = self.buffers[slot.buffer].data[slot.start:slot.end]
             flat.copy_(slot.param.detach().reshape(-1))
             slot.param.data = flat.view(slot.param.shape)

@@ -23,7 +23,10 @@ Notes for users:
   params become views into flat buffers (``model.to(...)`` afterwards would detach them).
 - ``param.grad`` is consumed during backward (it is None afterwards); use
   ``opt.clip_grad_norm_`` rather than ``torch.nn.utils.clip_grad_norm_``.
-- A param with no gradient on a rank counts as a zero gradient there (as in DistributedDataParallel).
+- A param with no gradient on a rank counts as a zero gradient there (as in DistributedDataParallel);
+  one with no gradient on any rank is not stepped (as torch.optim skips ``grad is None``).
+  Gradients assigned to ``p.grad`` by hand count too; params frozen at construction are laid
+  out when they first get a gradient.
 - ``state_dict()`` is a collective: call it on every rank. For checkpoints, prefer
   ``zeroopt.save_checkpoint`` (every rank writes its own part; loads at any world size).
 - ``backend`` ("nccl", "gloo", "mpi", "xla", "hccl"; or ZEROOPT_BACKEND) overrides the one that
@@ -48,8 +51,8 @@ import weakref
 
 import torch
 
+from . import ownership, shard_windows
 from . import state_dict as state_io
-from . import shard_windows
 from .algorithms import ShardTensors, get_preset
 from .algorithms.base import resolve_defaults
 from .checks import check_ranks_agree, describe_params
@@ -58,6 +61,7 @@ from .grad_sync import BucketedReducer, LocalGradients
 from .layout import DEFAULT_BUCKET_NUMEL, Layout
 from .states import kinds
 from .states.storage import RegionStates
+from .step_inputs import StepInputs, settle
 from .validation import check_group_keys, check_options, check_params, page_dir_problem
 from .whole_tensors import WholeTensors
 
@@ -84,6 +88,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.rule, preset = get_preset(optimizer)
         self.stage, self.skip_nonfinite = stage, skip_nonfinite
         self._constructed = False
+        self._retired = False
+        # The user's group dicts stay as they are: torch.optim writes its defaults into them,
+        # and a second optimizer given the same list would take those as the user's choices.
+        params = params if isinstance(params, torch.Tensor) else [
+            dict(p) if isinstance(p, dict) else p for p in params]
         params = check_params(params)  # complex, meta, a tensor twice
         super().__init__(params, resolve_defaults(self.rule, {**preset, **hyperparameters}))
         for group in self.param_groups:
@@ -95,7 +104,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
                      for g in range(len(self.param_groups))]
         if not any(trainable):
             raise ValueError("ZeroOptimizer got no trainable params (all have requires_grad=False)")
-        self._claim(p for group in trainable for _, p in group)  # local checks before collectives
+        ownership.take_over([p for group in trainable for _, p in group], self)
+        # Params frozen now get no state until one gets a gradient (_lay_out_unfrozen).
+        self._frozen_at_build = [p for group in self.param_groups for p in group["params"]
+                                 if not p.requires_grad]
         self.device = next(p for group in trainable for _, p in group).device
         self.comm = collectives_for(self.device, process_group, backend, timeout)
         check_ranks_agree(self.comm, describe_params(self.param_groups), dict(
@@ -113,59 +125,132 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
             self.comm.broadcast(buffer.data, src=0)
         self._masters = self._make_masters()
-        names = self.rule.state_names(self.param_groups)
         self._regions = [RegionStates(self._state_names_in(buffer), self.rule.nonnegative_states,
                                       buffer.shard_numel, buffer.kind, self.device, page_dir)
                          for buffer in self.layout.buffers]
         self.window_numel = _window_numel(window_numel, self.device)
-        # fp32 windows the non-resident states are decoded into: no larger than needed
-        largest = max([b.shard_numel for b in self.layout.buffers if not b.kind.in_place],
-                      default=0)
-        self._scratch = {name: torch.zeros(min(self.window_numel, largest), device=self.device)
-                         for name in names}
-        self._steps = [torch.zeros((), dtype=torch.float32) for _ in self.param_groups]
-        self.grads = (BucketedReducer(self.layout, self.comm, keep_staging=stage == 1,
-                                      reduce_dtype=reduce_dtype, device=self.device)
-                      if average_grads else LocalGradients(self.layout, self.device))
-        weakref.finalize(self, self.grads.remove_hooks)  # a dead optimizer takes no more grads
-        self._windows = self._windows_per_group()
+        self._scratch = self._make_scratch()
+        # torch.optim's per-param step count: a param stepped only when it has a gradient
+        self._step_counts = [0] * len(self.layout.slots)
+        self._positions_in_group = self._group_positions()
+        self._gradient_options = dict(average_grads=average_grads, reduce_dtype=reduce_dtype,
+                                      page_dir=page_dir)
+        self.grads = self._gradient_source()
+        self._window_cache: dict[tuple[int, frozenset[int]], list[shard_windows.Window]] = {}
         self._whole = WholeTensors(self)
-        if self._whole.layerwise_in_bucket and average_grads:
-            self.grads.on_reduced = self._whole.on_bucket_reduced
-        self._set_initial_values()
-        self._grad_norm: torch.Tensor | None = None  # from clip_grad_norm_, reused by step()
+        self._connect_layerwise()
+        for g in range(len(self.param_groups)):
+            self._set_initial_values(g, self._windows_for(g, self._positions_in_group[g]))
+        self._param_versions = self._versions_of_16bit_params()
+        self._inputs: StepInputs | None = None  # agreed by clip_grad_norm_, reused by step()
         self.skipped_steps = 0
         self.last_step_skipped = False
         self._constructed = True
 
     # -- construction helpers -------------------------------------------------------------
 
-    def _claim(self, params) -> None:
-        """Each param can feed one ZeroOptimizer: a second one's hooks would find its
-        gradient already taken."""
-        params = list(params)
-        for p in params:
-            owner = getattr(p, "_zeroopt_owner", None)
-            if owner is not None and owner() is not None:
-                raise RuntimeError(
-                    f"a param of shape {list(p.shape)} already belongs to another ZeroOptimizer; "
-                    "give each param to one optimizer (delete the old one first, or put both "
-                    "sets of params in one optimizer as param groups)")
-        for p in params:
-            p._zeroopt_owner = weakref.ref(self)
-
     @torch.no_grad()
     def refresh_masters(self) -> None:
-        """Take the fp32 masters of 16-bit params from the params again, after something other
-        than the optimizer changed them (a model-only load). In place: the step views them."""
+        """Take the fp32 masters of 16-bit params from the params again, wholly. In place:
+        the step views them. (``step()`` already takes what was written into the params
+        outside the optimizer; see ``sync_masters``.)"""
         for index, master in self._make_masters().items():
             self._masters[index].copy_(master)
+        self._param_versions = self._versions_of_16bit_params()
 
-    def _make_masters(self) -> dict[int, torch.Tensor]:
-        """fp32 master copies of the owned chunks of 16-bit buffers (fp32 buffers are their
-        own masters: the update writes straight into the model's params)."""
+    @torch.no_grad()
+    def sync_masters(self) -> None:
+        """Take into the fp32 masters whatever was written into 16-bit params outside the
+        optimizer since it last wrote them (``model.load_state_dict``, a model-only
+        checkpoint load, an in-place edit), so the next step starts from the new weights, as
+        torch.optim's would: the master of a param written so becomes its value. Found by
+        the params' version counters, which every in-place write bumps except one through
+        ``p.data`` (call ``refresh_masters()`` after those). Runs in ``step()``,
+        ``eval()``/``train()`` and before a save."""
+        changed = {slot for slot, version in self._param_versions
+                   if slot.param._version != version}
+        if not changed:
+            return
+        for piece in self.layout.pieces:
+            if piece.slot not in changed:
+                continue
+            buffer = self.layout.buffers[piece.slot.buffer]
+            at = piece.shard_offset - buffer.shard_offset
+            master = self._masters[buffer.index][at:at + piece.numel]
+            master.copy_(piece.slot.param.detach().reshape(-1)[
+                piece.param_offset:piece.param_offset + piece.numel])
+        self._param_versions = self._versions_of_16bit_params()
+
+    def _versions_of_16bit_params(self) -> list[tuple]:
+        """(slot, version counter) of every param whose buffer keeps fp32 masters."""
+        return [(slot, slot.param._version) for slot in self.layout.slots
+                if slot.buffer in self._masters]
+
+    def _gradient_source(self):
+        """Where the averaged gradients come from: the bucketed reducer (its backward hooks),
+        or, for a model wrapped in DDP (``average_grads=False``), ``param.grad`` itself."""
+        if self._gradient_options["average_grads"]:
+            grads = BucketedReducer(self.layout, self.comm, keep_staging=self.stage == 1,
+                                    reduce_dtype=self._gradient_options["reduce_dtype"],
+                                    device=self.device)
+        else:
+            grads = LocalGradients(self.layout, self.device)
+        weakref.finalize(self, grads.remove_hooks)  # a dead optimizer takes no more grads
+        return grads
+
+    def _connect_layerwise(self) -> None:
+        if self._whole.layerwise_in_bucket and self._gradient_options["average_grads"]:
+            self.grads.on_reduced = self._whole.on_bucket_reduced
+
+    @torch.no_grad()
+    def _lay_out_unfrozen(self, params: list[torch.nn.Parameter]) -> None:
+        """Params frozen at construction that now have a gradient on some rank (gradual
+        unfreezing): pack them into new buffers after the existing ones. Nothing laid out
+        before moves (states, masters and this step's reduced gradients stay where they are);
+        the new params start with fresh states, as torch.optim creates a param's state at its
+        first step. Every rank calls it with the same params (step_inputs agreed on them)."""
+        wanted = {id(p) for p in params}
+        first = self.layout.extend([[(i, p) for i, p in _indexed(self.param_groups, g)
+                                     if id(p) in wanted] for g in range(len(self.param_groups))])
+        ownership.take_over(params, self)
+        self.layout.allocate_param_buffers(first)
+        for buffer in self.layout.buffers[first:]:  # rank 0's values, as at construction
+            self.comm.broadcast(buffer.data, src=0)
+        self._masters.update(self._make_masters(first))
+        self._regions += [RegionStates(self._state_names_in(buffer), self.rule.nonnegative_states,
+                                       buffer.shard_numel, buffer.kind, self.device,
+                                       self._gradient_options["page_dir"])
+                          for buffer in self.layout.buffers[first:]]
+        self._scratch = self._make_scratch()
+        self._step_counts += [0] * (len(self.layout.slots) - len(self._step_counts))
+        self._positions_in_group = self._group_positions()
+        old = self.grads
+        old.remove_hooks()
+        self.grads = self._gradient_source()
+        self.grads.carry_over(old)
+        self._window_cache.clear()
+        self._whole.build()
+        self._connect_layerwise()
+        self._frozen_at_build = [p for p in self._frozen_at_build if id(p) not in wanted]
+        self._param_versions = self._versions_of_16bit_params()
+
+    def _group_positions(self) -> list[list[int]]:
+        """Per param group, the positions of its slots in ``layout.slots``."""
+        return [[k for k, slot in enumerate(self.layout.slots) if slot.group == g]
+                for g in range(len(self.param_groups))]
+
+    def _make_scratch(self) -> dict[str, torch.Tensor]:
+        """The fp32 windows the non-resident states are decoded into: no larger than needed."""
+        largest = max([b.shard_numel for b in self.layout.buffers if not b.kind.in_place],
+                      default=0)
+        return {name: torch.zeros(min(self.window_numel, largest), device=self.device)
+                for name in self.rule.state_names(self.param_groups)}
+
+    def _make_masters(self, first: int = 0) -> dict[int, torch.Tensor]:
+        """fp32 master copies of the owned chunks of the 16-bit buffers from ``first`` on
+        (fp32 buffers are their own masters: the update writes straight into the params)."""
         masters = {}
-        for buffer in self.layout.buffers:
+        for buffer in self.layout.buffers[first:]:
             if buffer.dtype == torch.float32:
                 continue
             master = torch.empty(buffer.shard_numel, dtype=torch.float32, device=self.device)
@@ -182,46 +267,76 @@ class ZeroOptimizer(torch.optim.Optimizer):
         groups = {slot.group for slot in self.layout.slots if slot.buffer == buffer.index}
         return self.rule.state_names([self.param_groups[g] for g in sorted(groups)])
 
-    def _windows_per_group(self) -> list[list[shard_windows.Window]]:
-        """Each group's part of the shard, cut into windows (see shard_windows): merged runs
-        for element-wise groups, one piece per param for groups whose rule needs whole-param
-        statistics, none for groups stepped whole (whole_tensors.py)."""
-        result, runs = [], self.layout.runs()
-        for g, group in enumerate(self.param_groups):
-            if self.rule.whole_tensors(group):
-                result.append([])
-                continue
+    def _windows_for(self, g: int, positions) -> list[shard_windows.Window]:
+        """Group ``g``'s part of the shard for the slots at ``positions`` (``layout.slots``
+        order), cut into windows (see shard_windows): merged runs for element-wise groups, one
+        piece per param for groups whose rule needs whole-param statistics, none for groups
+        stepped whole (whole_tensors.py). Cached: the set of params with gradients rarely
+        changes from one step to the next."""
+        key = (g, frozenset(positions))
+        if key in self._window_cache:
+            return self._window_cache[key]
+        group = self.param_groups[g]
+        slots = {self.layout.slots[k] for k in key[1]}
+        if self.rule.whole_tensors(group):
+            windows = []
+        else:
             if self.rule.per_tensor(group):
                 template = self._per_param_facts(g, group)
-                dense = {index: k for k, (index, p) in enumerate(
-                    (i, p) for i, p in _indexed(self.param_groups, g) if p.requires_grad)}
+                dense = {index: k for k, index in enumerate(self._trainable_indices(g))}
                 spans = [(p.slot.buffer, p.shard_offset, p.numel, dense[p.slot.index])
-                         for p in self.layout.padded_pieces if p.slot.group == g]
+                         for p in self.layout.padded_pieces if p.slot in slots]
             else:
                 template = ShardTensors([], [])
-                spans = [(b.buffer, offset, numel, None) for group_of, b, offset, numel in runs
-                         if group_of == g]
-            result.append(shard_windows.build_windows(
+                spans = [(b.buffer, offset, numel, None)
+                         for _, b, offset, numel in self.layout.runs(slots)]
+            windows = shard_windows.build_windows(
                 spans, self.layout, self._regions, self.rule.states(group), self._master_view,
-                self.grads.shard, self._scratch, self.window_numel, template))
-        return result
+                self.grads.shard, self._scratch, self.window_numel, template)
+        if len(self._window_cache) > 64:  # params used at random (say, experts): stay bounded
+            self._window_cache.clear()
+        self._window_cache[key] = windows
+        return windows
 
-    def _set_initial_values(self) -> None:
-        """States that do not start at zero (Adagrad's accumulator, schedule-free's z)."""
-        for group, windows in zip(self.param_groups, self._windows):
-            starts = self.rule.initial_values(group)
-            if not starts:
-                continue
+    def _set_initial_values(self, g: int, windows: list[shard_windows.Window]) -> None:
+        """States that do not start at zero (Adagrad's accumulator, schedule-free's z), set
+        when a param is first stepped (so z copies the weights it starts from, loaded or not)
+        and at construction."""
+        starts = self.rule.initial_values(self.param_groups[g])
+        if not starts:
+            return
 
-            def fill(shard: ShardTensors) -> None:
-                for name, value in starts.items():
-                    for state, param in zip(shard.states[name], shard.params):
-                        state.copy_(param) if value == "param" else state.fill_(value)
+        def fill(shard: ShardTensors) -> None:
+            for name, value in starts.items():
+                for state, param in zip(shard.states[name], shard.params):
+                    state.copy_(param) if value == "param" else state.fill_(value)
 
-            shard_windows.run(windows, fill, load=False, store=True)
+        shard_windows.run(windows, fill, load=False, store=True)
+
+    def param_steps(self) -> torch.Tensor:
+        """torch.optim's per-param ``step`` counts, fp32, indexed by state_dict index (0 for
+        params never stepped and params not trained)."""
+        counts = torch.zeros(sum(len(g["params"]) for g in self.param_groups))
+        for slot, count in zip(self.layout.slots, self._step_counts):
+            counts[slot.index] = float(count)
+        return counts
+
+    def load_param_steps(self, counts) -> None:
+        """Set the per-param step counts from ``counts[state_dict index]`` (what
+        ``param_steps()`` returned)."""
+        for k, slot in enumerate(self.layout.slots):
+            self._step_counts[k] = int(counts[slot.index])
+
+    def rebuild_windows(self) -> None:
+        """Forget the cached windows: the groups' hyperparameters (which states) changed."""
+        self._window_cache.clear()
+
+    def _trainable_indices(self, g: int) -> list[int]:
+        """State-dict indices of group ``g``'s params in the layout, in group order."""
+        return sorted(self.layout.slots[k].index for k in self._positions_in_group[g])
 
     def _per_param_facts(self, g: int, group: dict) -> ShardTensors:
-        trainable = [i for i, p in _indexed(self.param_groups, g) if p.requires_grad]
+        trainable = self._trainable_indices(g)
         slots = {slot.index: slot for slot in self.layout.slots}
         names = group.get("param_names")
         position = {index: k for k, (index, _) in enumerate(_indexed(self.param_groups, g))}
@@ -252,6 +367,22 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Update this rank's shard with the averaged gradients and all-gather the params.
+
+        As torch.optim: a param with no gradient on any rank since ``zero_grad()`` is left as
+        it is (no weight decay, no momentum, its step count unchanged). Gradients are taken
+        however they arrived: through backward, assigned to ``p.grad`` by hand, or from
+        ``closure`` (re-evaluates the model and returns the loss; run with grad enabled).
+
+        Returns:
+            The closure's loss, or None.
+
+        Raises:
+            RuntimeError: in eval mode (schedule-free), after a newer ZeroOptimizer took over
+                these params, when the model was moved or cast after the optimizer was built,
+                or when a param frozen at construction got a gradient.
+        """
+        self._check_can_step("step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -259,59 +390,88 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if not all(group.get("train_mode", True) for group in self.param_groups):
             raise RuntimeError("ZeroOptimizer.step() in eval mode: call opt.train() before "
                                "training again (and opt.eval() before evaluating)")
-        self._sync_gradients()
         self.layout.check_params_in_place()
-        norm, self._grad_norm = self._grad_norm, None
-        if norm is None and self.skip_nonfinite:
-            norm = self._grad_norm_over_ranks(2.0)
+        inputs, self._inputs = self._inputs, None
+        if inputs is None:
+            inputs = self._settle(2.0 if self.skip_nonfinite else None)
+        norm = inputs.norm
         self.last_step_skipped = norm is not None and not bool(torch.isfinite(norm))
-        if self.last_step_skipped:
-            self.skipped_steps += 1
-            if self.comm.rank == 0:
-                log.warning("zeroopt: gradient norm is %s; step skipped, states untouched "
-                            "(%d skipped so far)", norm.item(), self.skipped_steps)
+        if self.last_step_skipped or not inputs.active:
+            if self.last_step_skipped:
+                self.skipped_steps += 1
+                if self.comm.rank == 0:
+                    log.warning("zeroopt: gradient norm is %s; step skipped, states untouched "
+                                "(%d skipped so far)", norm.item(), self.skipped_steps)
+            elif self.comm.rank == 0:
+                log.warning("zeroopt: step() found no gradient on any rank, so nothing was "
+                            "updated (as torch.optim). Call loss.backward() before step(), "
+                            "and zero_grad() after it, not before it")
             self._whole.end_step()
             self.grads.zero()
             return loss
-        for group, step in zip(self.param_groups, self._steps):
-            step += 1
+        self.sync_masters()
+        for group in self.param_groups:
             if self.rule.before_step:
                 self.rule.before_step(group)
-        statistics = self._whole_param_statistics()
-        for group, windows, step, stats in zip(self.param_groups, self._windows, self._steps,
-                                               statistics):
+        plan = self._plan(inputs.active)
+        statistics = self._whole_param_statistics(plan)
+        for group, classes, stats in zip(self.param_groups, plan, statistics):
             # States are decoded in the phase that uses them (LAMB's moments move in phase 1).
             uses = stats is None or not self.rule.statistics_use_states
+            for step, windows in classes:
+                def update(shard: ShardTensors) -> None:
+                    if shard.params:
+                        self.rule.fused_step(group, shard, step, stats)
 
-            def update(shard: ShardTensors) -> None:
-                if shard.params:
-                    self.rule.fused_step(group, shard, step, stats)
-
-            shard_windows.run(windows, update, load=uses, store=uses)
-        self._whole.step()
+                shard_windows.run(windows, update, load=uses, store=uses)
+        self._whole.step({self.layout.slots[k].index for k in inputs.active})
         self.grads.zero()  # consumed: a rule may have overwritten them (as DeepSpeed zeroes them)
         self._publish_params()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients taken since the last step (``set_to_none`` as torch.optim: the
+        gradient shard is cleared either way). A no-op on a superseded optimizer."""
+        if self._retired:
+            return
         self.grads.zero(set_to_none)
-        self._grad_norm = None
+        for p in self._frozen_at_build:
+            p.grad = None
+        self._inputs = None
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip the averaged gradients by their global norm over all ranks' shards (as
-        torch.nn.utils.clip_grad_norm_ over the whole model) and return that norm."""
+        """Clip the averaged gradients by their global norm over all ranks' shards, as
+        ``torch.nn.utils.clip_grad_norm_`` over the whole unsharded model.
+
+        Args:
+            max_norm: the largest norm allowed; gradients are scaled by
+                ``min(1, max_norm / (norm + 1e-6))``.
+            norm_type: p of the p-norm (default 2.0; ``float('inf')`` for the max norm).
+
+        Returns:
+            The global norm before clipping (fp32, 0-d), the same on every rank.
+
+        Raises:
+            RuntimeError: with a layerwise rule (no global norm exists during backward).
+        """
+        self._check_can_step("clip_grad_norm_()")
         if self._whole.any_layerwise:
             raise RuntimeError("clip_grad_norm_ with a layerwise optimizer: it steps each matrix "
                                "during backward, before any global gradient norm exists (as "
                                "Transformers' layerwise optimizers). Use the name without "
                                "'_layerwise' to clip")
-        self._sync_gradients()
-        norm = self._grad_norm_over_ranks(float(norm_type))
+        self._inputs = self._settle(float(norm_type))
+        norm = self._inputs.norm
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         self.grads.shard.mul_(coef)
-        self._grad_norm = norm
         return norm
+
+    def retire(self) -> None:
+        """Stop taking gradients: a newer ZeroOptimizer was built over these params (see
+        ``zeroopt.ownership``). Its ``state_dict()`` still reads; ``step()`` then raises."""
+        self._retired = True
+        self.grads.remove_hooks()
 
     def eval(self) -> None:
         """Put the model's params where they are evaluated (schedule-free: the average x);
@@ -328,13 +488,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # Already there: nothing to gather (the Trainer calls train() before every micro-step).
         if move is None or all(group["train_mode"] == train for group in self.param_groups):
             return
-        for group, windows in zip(self.param_groups, self._windows):
+        self.sync_masters()
+        stepped = [k for k, count in enumerate(self._step_counts) if count]
+        for g, group in enumerate(self.param_groups):
             if group["train_mode"] != train:
                 def step_to(shard: ShardTensors) -> None:
                     if shard.params:
                         move(group, shard)
 
-                # reads the states (schedule-free's z), leaves them as they are
+                # Reads the states (schedule-free's z), leaves them as they are. Params never
+                # stepped have no z yet (torch.optim: no state) and stay where they are.
+                windows = self._windows_for(g, [k for k in stepped if self.layout.slots[
+                    k].group == g])
                 shard_windows.run(windows, step_to, load=True, store=False)
                 group["train_mode"] = train
         self._publish_params()
@@ -369,22 +534,62 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- internals ------------------------------------------------------------------------
 
-    def _sync_gradients(self) -> None:
-        self.grads.finish()
-        if not self.grads.received:
-            raise RuntimeError("ZeroOptimizer.step() found no gradients: call loss.backward() "
-                               "before step() (and zero_grad() after it, not before it)")
+    def _check_can_step(self, what: str) -> None:
+        if self._retired:
+            raise RuntimeError(
+                f"ZeroOptimizer.{what} on an optimizer that a newer ZeroOptimizer, built over "
+                "the same params, has taken over: the newest one takes the gradients (as with "
+                "torch.optim, use the optimizer you built last). To carry this one's state "
+                "over: new_opt.load_state_dict(old_opt.state_dict())")
 
-    def _whole_param_statistics(self) -> list[torch.Tensor | None]:
+    def _settle(self, norm_type: float | None) -> StepInputs:
+        """Reduce the rest of this step's gradients and agree with every rank on which params
+        have one, and on the norm (step_inputs.py: one small all-reduce)."""
+        inputs = settle(self.grads, self.comm, norm_type, self._frozen_with_grads())
+        if inputs.unfrozen:
+            self._lay_out_unfrozen([self._frozen_at_build[i] for i in sorted(inputs.unfrozen)])
+            inputs = settle(self.grads, self.comm, norm_type, self._frozen_with_grads())
+        return inputs
+
+    def _frozen_with_grads(self) -> torch.Tensor:
+        return torch.tensor([float(p.grad is not None) for p in self._frozen_at_build],
+                            dtype=torch.float64)
+
+    def _plan(self, active: frozenset[int]) -> list[list[tuple[torch.Tensor, list]]]:
+        """Per group, the params to step as classes of equal step count (torch.optim's
+        per-param ``step``: a param skipped in some steps counts fewer): ``(step, windows)``
+        with the count already advanced. Almost always one class per group."""
+        plan = []
+        for g, positions in enumerate(self._positions_in_group):
+            by_count: dict[int, list[int]] = {}
+            for k in positions:
+                if k in active:
+                    by_count.setdefault(self._step_counts[k], []).append(k)
+            classes = []
+            for count, members in sorted(by_count.items()):
+                windows = self._windows_for(g, members)
+                if count == 0:  # first step of these params: their states start now
+                    self._set_initial_values(g, windows)
+                for k in members:
+                    self._step_counts[k] = count + 1
+                classes.append((torch.tensor(float(count + 1)), windows))
+            plan.append(classes)
+        return plan
+
+    def _whole_param_statistics(self, plan) -> list[torch.Tensor | None]:
         """Every tensor-wise group's partial sums, all-reduced together in one collective."""
         partials = []
-        for group, windows, step in zip(self.param_groups, self._windows, self._steps):
+        for g, (group, classes) in enumerate(zip(self.param_groups, plan)):
             if not self.rule.per_tensor(group):
                 partials.append(None)
                 continue
             uses = self.rule.statistics_use_states
-            parts = shard_windows.run(windows, lambda shard: self.rule.statistics(
-                group, shard, step), load=uses, store=uses)
+            # a rank with no active piece still sends zeros of the right shape
+            parts = [] if classes else [self.rule.statistics(
+                group, self._windows_for(g, ())[0].shard, torch.tensor(1.0))]
+            for step, windows in classes:
+                parts += shard_windows.run(windows, lambda shard: self.rule.statistics(
+                    group, shard, step), load=uses, store=uses)
             partials.append(torch.stack(parts).sum(0))
         present = [p for p in partials if p is not None]
         if not present:
@@ -393,21 +598,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.comm.all_reduce(flat)
         totals = iter(flat.split([p.numel() for p in present]))
         return [None if p is None else next(totals).view_as(p) for p in partials]
-
-    def _grad_norm_over_ranks(self, norm_type: float) -> torch.Tensor:
-        # (Not named _global_grad_norm: DeepSpeed's engine reads that attribute of its
-        # optimizer as the last step's norm; zeroopt.deepspeed sets it.)
-        shard = self.grads.shard
-        if norm_type == float("inf"):
-            norm = shard.abs().max() if shard.numel() else shard.new_zeros(())
-            self.comm.all_reduce(norm, op="max")
-            return norm
-        # Each rank's norm to the p, summed over ranks, the powers in fp64. Other p than 2
-        # (rare: not the per-step check) also accumulate in fp64: |g|^p in fp32 costs ~1e-6.
-        dtype = torch.float32 if norm_type == 2.0 else torch.float64
-        total = torch.linalg.vector_norm(shard, norm_type, dtype=dtype).double() ** norm_type
-        self.comm.all_reduce(total)
-        return (total ** (1.0 / norm_type)).float()
 
     def _publish_params(self) -> None:
         """Copy 16-bit masters into the model's buffers, then all-gather every bucket."""
@@ -421,6 +611,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                    for bucket in self.layout.buckets]
         for handle in handles:
             handle.wait()
+        self._param_versions = self._versions_of_16bit_params()  # written by us: no change
 
 
 def _window_numel(window_numel: int | None, device: torch.device) -> int:

@@ -45,7 +45,9 @@ def _gather_full(opt: ZeroOptimizer, shard: torch.Tensor, buffer, base: int = 0,
 
 def gather_state_dict(opt: ZeroOptimizer) -> dict:
     opt.grads.finish()  # collectives must not interleave with a pending reduction
+    opt.sync_masters()
     state: dict[int, dict] = {}
+    steps = opt.param_steps()
     for buffer, region in zip(opt.layout.buffers, opt._regions):
         full = {}  # saved name -> (buffer-shaped tensor, elements per entry)
         for name in region.signed:
@@ -57,7 +59,7 @@ def gather_state_dict(opt: ZeroOptimizer) -> dict:
         for slot in opt.layout.slots:
             if slot.buffer != buffer.index:
                 continue
-            entry = {"step": opt._steps[slot.group].clone()}
+            entry = {"step": steps[slot.index].clone()}
             names = opt.rule.states(opt.param_groups[slot.group])
             for saved, (flat, per) in full.items():
                 if saved.removesuffix("_absmax") not in (*names, "master_param"):
@@ -91,6 +93,9 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
     if not saved_state:  # a fresh optimizer's state: nothing to load
         return
     for owned in opt._whole.all_owned():
+        if owned.slot.index not in saved_state:  # no state saved: it starts afresh
+            opt._whole.states.forget(owned.slot.index)
+            continue
         entry = {k: v for k, v in saved_state[owned.slot.index].items() if k != "master_param"}
         try:
             opt._whole.states.load(owned.slot.index, entry,
@@ -98,10 +103,14 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
         except ValueError as error:
             raise ValueError(f"cannot load this optimizer state: param {owned.slot.index}: "
                              f"{error}") from None
-    for slot in opt.layout.slots:
-        opt._steps[slot.group].fill_(float(saved_state[slot.index]["step"]))
+    opt.load_param_steps({slot.index: float(saved_state.get(slot.index, {"step": 0})["step"])
+                          for slot in opt.layout.slots})
     for piece in opt.layout.pieces:
-        saved = saved_state[piece.slot.index]
+        # As torch.optim: a param the dict has no state for starts afresh (zero states, step
+        # 0; its initial values are set at its first step).
+        saved = saved_state.get(piece.slot.index) or {
+            name: torch.zeros(piece.slot.param.shape)
+            for name in opt.rule.states(opt.param_groups[piece.slot.group])}
         buffer = opt.layout.buffers[piece.slot.buffer]
         region = opt._regions[buffer.index]
         for name in opt.rule.states(opt.param_groups[piece.slot.group]):
@@ -127,7 +136,7 @@ def apply_param_groups(opt: ZeroOptimizer, saved_groups: list[dict]) -> None:
         raise ValueError(f"cannot load this optimizer state: its hyperparameters need the states "
                          f"{sorted(missing)}, which this optimizer was built without; build it "
                          f"with the hyperparameters the state was saved with")
-    opt._windows = opt._windows_per_group()  # the groups' hyperparameters may have changed
+    opt.rebuild_windows()  # the groups' hyperparameters may have changed
     opt._whole.build()
 
 
@@ -170,7 +179,7 @@ def _check_compatible(opt: ZeroOptimizer, state_dict: dict) -> None:
         return
     for slot in sorted(opt.layout.slots, key=lambda s: s.index):  # report the first mismatch
         if slot.index not in state:
-            fail(f"it has no state for param {slot.index} (shape {list(slot.param.shape)})")
+            continue  # never stepped there: it starts afresh, as in torch.optim
         entry = state[slot.index]
         names = opt.rule.states(opt.param_groups[slot.group])
         for name in ("step", *names):

@@ -67,11 +67,12 @@ class WholeTensors:
     def all_owned(self):
         return (owned for group in self.owned for owned in group)
 
-    def step(self) -> None:
-        """Step every whole param this rank owns (those a layerwise group has already stepped
-        during backward are left alone), and start the next iteration."""
+    def step(self, active: set[int]) -> None:
+        """Step every whole param this rank owns whose state_dict index is in ``active`` (it
+        has a gradient on some rank; those a layerwise group has already stepped during
+        backward are left alone), and start the next iteration."""
         for owned in self.all_owned():
-            if owned.slot.index not in self.stepped:
+            if owned.slot.index in active and owned.slot.index not in self.stepped:
                 self._step(self.opt.param_groups[owned.slot.group], owned)
         self.end_step()
 

@@ -9,7 +9,9 @@ Keys (``i`` is the param's state_dict index, as in torch.optim):
 - params stepped whole (GaLore, APOLLO, Adafactor): their per-tensor states under the same
   prefix, in the rule's own shapes, written by their owner; their other values (step, APOLLO's
   seed) in ``optimizer.state.i.values``.
-- ``optimizer.steps`` (per group) and ``optimizer.param_groups`` (hyperparameters, counters).
+- ``optimizer.param_steps`` (torch.optim's per-param step counts, by index) and
+  ``optimizer.param_groups`` (hyperparameters, counters). Checkpoints from before per-param
+  counts hold ``optimizer.steps``, one per group, which loads into each group's params.
 
 A load reads the ranges its own layout gives it, in whatever form they were saved, and converts
 them into the form this optimizer keeps (``states/encoding.py``): 8-bit codes are copied as they
@@ -33,7 +35,8 @@ _STRIDES = "__strides__"
 
 def save_items(opt, writes_state: bool) -> dict:
     opt.grads.finish()  # no reduction may be in flight while the shard is read
-    items = {"optimizer.steps": torch.stack([s.float() for s in opt._steps]).clone(),
+    opt.sync_masters()  # weights written into 16-bit params since the last step
+    items = {"optimizer.param_steps": opt.param_steps(),
              "optimizer.param_groups": _groups_blob(opt)}
     if not writes_state:  # another replica holds the same shard and writes it
         return items
@@ -70,13 +73,19 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
     """The items this rank reads (tensors to fill, in the saved dtypes) and the function that
     puts them into the optimizer once DCP has filled them."""
     saved = metadata.state_dict_metadata
-    targets = {"optimizer.steps": torch.zeros(len(opt._steps))}
+    per_group = "optimizer.param_steps" not in saved  # saved before per-param counts
+    steps_key = "optimizer.steps" if per_group else "optimizer.param_steps"
+    targets = {steps_key: torch.zeros(saved[steps_key].size)}
     reads = []  # (piece, state name, {saved name: (key, first, end)})
+    fresh = []  # (piece, state name): params frozen when saved start afresh, as in torch.optim
     wanted: dict[str, list[tuple[int, int]]] = {}
     for piece in opt.layout.pieces:
         slot = piece.slot
         buffer = opt.layout.buffers[slot.buffer]
         names = [] if buffer.kind.whole else list(opt.rule.states(opt.param_groups[slot.group]))
+        if names and f"{PREFIX}.{slot.index}.{names[0]}" not in saved:
+            fresh += [(piece, name) for name in names]
+            continue
         if buffer.index in opt._masters and f"{PREFIX}.{slot.index}.master_param" in saved:
             names.append("master_param")
         for name in names:
@@ -108,13 +117,21 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
 
     def apply(loaded: dict) -> None:
         opt.refresh_masters()  # from the params just loaded (a saved master then overrides)
-        for step, value in zip(opt._steps, loaded["optimizer.steps"]):
-            step.fill_(float(value))
+        counts = loaded[steps_key]
+        if per_group:  # one count per group: every param of the group has it
+            counts = [counts[g] for g, group in enumerate(opt.param_groups)
+                      for _ in group["params"]]
+        opt.load_param_steps(counts)
         for piece, name, ranges in reads:
             _apply_piece(opt, piece, name, {
                 saved_name: _slice(local[key], lo, hi) for saved_name, (key, lo, hi)
                 in ranges.items()}, ranges[name][1])
+        for piece, name in fresh:
+            _apply_piece(opt, piece, name, {name: torch.zeros(piece.numel)}, piece.param_offset)
         for index, keys in whole.items():
+            if not keys:  # frozen when saved: it starts afresh
+                opt._whole.states.forget(index)
+                continue
             entry = pickle.loads(loaded[f"{PREFIX}.{index}.values"])
             strides = entry.pop(_STRIDES, {})
             for key in keys:

@@ -66,6 +66,11 @@ class Collectives:
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
         raise NotImplementedError
 
+    def all_reduce_over_replicas(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """Reduce over the ranks that hold the same shard (``hierarchical.py``): what
+        ``all_reduce`` left out. A no-op where every rank holds a shard of its own."""
+        return None
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         raise NotImplementedError
 

@@ -49,6 +49,9 @@ class Hierarchical(Collectives):
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
         self.shard.all_reduce(tensor, op)
 
+    def all_reduce_over_replicas(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        self.replicas.all_reduce(tensor, op)
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         """From sharding-group rank ``src`` of the first group to every rank."""
         self.shard.broadcast(tensor, src)

@@ -105,6 +105,11 @@ class TensorStates:
         stored["param_index"] = index
         self.entries[index] = stored
 
+    def forget(self, index: int) -> None:
+        """Drop param ``index``'s state: it starts afresh at its next step (torch.optim's
+        state for a param a loaded state dict has none for)."""
+        self.entries.pop(index, None)
+
     def _encode(self, name: str, value: torch.Tensor, group: dict):
         """``value`` as the group keeps state ``name``: encoded, or fp32 as it is."""
         precision = group["state_precision"]
