@@ -178,6 +178,9 @@ def _disagreeing_optimizer(case: str, differs: bool, page_dir: str):
         if differs:
             named = named[2:4] + named[0:2] + named[4:]
         return zeroopt.ZeroOptimizer(named, "adamw")
+    if case == "invalid_lr":  # invalid on one rank only: that rank's check must not strand
+        return zeroopt.ZeroOptimizer([{"params": first}, {"params": rest,  # the others
+                                                          "lr": -1.0 if differs else 0.001}])
     if case == "page_dir":  # a problem only one rank can see
         return zeroopt.ZeroOptimizer(model.parameters(), "paged_adamw_32bit",
                                      page_dir=page_dir + ("/missing" if differs else ""))

@@ -248,6 +248,7 @@ DISAGREEMENTS = {  # case (tests/cases_robustness.py) -> the error, {last}: the 
     "order": "RuntimeError: zeroopt: ranks disagree about the parameters: param 0 is "
              "'0.weight' shape [64, 64] float32 in group 0 on rank 0 but '1.weight' shape "
              "[64, 64] float32 in group 0 on rank {last}",
+    "invalid_lr": "ValueError: zeroopt: on rank {last}: Invalid lr: -1.0 (it must be >= 0)",
     "page_dir": "ValueError: zeroopt: on rank {last}: page_dir '{page_dir}/missing' does not "
                 "exist: create it",
 }

@@ -95,10 +95,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
             dict(p) if isinstance(p, dict) else p for p in params]
         params = check_params(params)  # complex, meta, a tensor twice
         super().__init__(params, resolve_defaults(self.rule, {**preset, **hyperparameters}))
-        for group in self.param_groups:
-            self.rule.validate(group)
-            kinds.validate(group, self.rule)
-        check_group_keys(self.param_groups, self.rule)
+        try:  # checked here; raised once every rank knows (one rank alone must not hang)
+            for group in self.param_groups:
+                self.rule.validate(group)
+                kinds.validate(group, self.rule)
+            check_group_keys(self.param_groups, self.rule)
+            invalid = None
+        except (ValueError, TypeError) as error:
+            invalid = error
 
         trainable = [[(i, p) for i, p in _indexed(self.param_groups, g) if p.requires_grad]
                      for g in range(len(self.param_groups))]
@@ -110,10 +114,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                  if not p.requires_grad]
         self.device = next(p for group in trainable for _, p in group).device
         self.comm = collectives_for(self.device, process_group, backend, timeout)
+        if invalid is not None and self.comm.world_size == 1:
+            raise invalid
         check_ranks_agree(self.comm, describe_params(self.param_groups), dict(
             optimizer=self.rule.name, stage=stage, average_grads=average_grads,
             bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype), shard_size=shard_size,
-            skip_nonfinite=skip_nonfinite), problem=page_dir_problem(page_dir))
+            skip_nonfinite=skip_nonfinite),
+            problem=str(invalid) if invalid is not None else page_dir_problem(page_dir))
         if shard_size is not None:  # shard within groups, replicate across them
             self.comm = split(self.comm, shard_size)
 
