@@ -69,33 +69,46 @@ def averaged_grads(ref, step: int, world_size: int, heads_of_rank, into=None) ->
         p.grad = None if total is None else (total * (1.0 / world_size)).float()
 
 
+def step_side_by_side(model, opt, ref, ref_opt, step: int, heads_of_rank) -> None:
+    """One step of zeroopt on this rank's batch and of the reference on the average of every
+    rank's gradient; ``heads_of_rank(step, r)`` says which heads rank r uses."""
+    rank, world_size = world()
+    loss_of(model, step, rank, heads_of_rank(step, rank)).backward()
+    opt.step()
+    opt.zero_grad()
+    averaged_grads(ref, step, world_size, heads_of_rank)
+    ref_opt.step()
+    ref_opt.zero_grad()
+
+
+def both_heads(step: int, rank: int) -> str:
+    return "ab"
+
+
 # Which heads rank r uses at each step: head b is unused everywhere at steps 0 and 2 and used
 # by rank 0 only at step 1; head c is used by every rank at step 3 only.
 SCHEDULE = {0: lambda r: "a", 1: lambda r: "ab" if r == 0 else "a", 2: lambda r: "a",
             3: lambda r: "abc", 4: lambda r: "ab"}
 
 
+def scheduled_heads(step: int, rank: int) -> str:
+    return SCHEDULE[step](rank)
+
+
 def unused_params(name: str, hp: dict, stage: int, ref_name: str | None = None) -> float:
     """Params with no gradient on any rank in some steps are not updated in those steps (no
     weight decay, no momentum) and keep their own step counts, as in torch.optim."""
-    rank, world_size = world()
     model, ref = heads_models()
     opt = zeroopt.ZeroOptimizer(model.parameters(), name, stage=stage, **EXACT, **hp)
     ref_opt = reference_optimizer(ref_name or name, ref.parameters(), hp)
-    for step, heads in SCHEDULE.items():
-        loss_of(model, step, rank, heads(rank)).backward()
-        opt.step()
-        opt.zero_grad()
-        averaged_grads(ref, step, world_size, lambda s, r: SCHEDULE[s](r))
-        ref_opt.step()
-        ref_opt.zero_grad()
+    for step in SCHEDULE:
+        step_side_by_side(model, opt, ref, ref_opt, step, scheduled_heads)
     return max_rel_err(model, ref)
 
 
 def freeze_and_unfreeze_later(stage: int) -> float:
     """A freeze schedule: the trunk is frozen at step 2 (it stops moving) and unfrozen at
     step 4 (it trains again), on the model and on the reference alike."""
-    rank, world_size = world()
     model, ref = heads_models()
     opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw", stage=stage, **EXACT, lr=1e-2,
                                 weight_decay=0.1)
@@ -103,12 +116,7 @@ def freeze_and_unfreeze_later(stage: int) -> float:
     for step in range(6):
         for m in (model, ref):
             m.trunk.requires_grad_(step not in (2, 3))
-        loss_of(model, step, rank, "ab").backward()
-        opt.step()
-        opt.zero_grad()
-        averaged_grads(ref, step, world_size, lambda s, r: "ab")
-        ref_opt.step()
-        ref_opt.zero_grad()
+        step_side_by_side(model, opt, ref, ref_opt, step, both_heads)
     return max_rel_err(model, ref)
 
 
@@ -234,19 +242,14 @@ def rebuilt_optimizers(stage: int) -> dict:
     """An optimizer built again over the same params takes over (a notebook cell run twice,
     a rebuild after a state_dict round trip): the newest trains as torch.optim; the old one
     refuses to step, with a message that says why."""
-    rank, world_size = world()
+    rank, _ = world()
     model, ref = heads_models()
     first = zeroopt.ZeroOptimizer(model.parameters(), "adamw", stage=stage, **EXACT, lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
 
     def train(opt, steps):
         for step in steps:
-            loss_of(model, step, rank, "ab").backward()
-            opt.step()
-            opt.zero_grad()
-            averaged_grads(ref, step, world_size, lambda s, r: "ab")
-            ref_opt.step()
-            ref_opt.zero_grad()
+            step_side_by_side(model, opt, ref, ref_opt, step, both_heads)
 
     train(first, range(2))
     saved = first.state_dict()
@@ -269,7 +272,6 @@ def frozen_at_construction_then_unfrozen(name: str, hp: dict, stage: int) -> flo
     """Gradual unfreezing: the trunk is frozen when the optimizer is built and unfrozen after
     the first step; from its first gradient on it trains as under torch.optim (fresh state,
     its own step count), and the params trained all along go on undisturbed."""
-    rank, world_size = world()
     model, ref = heads_models()
     for m in (model, ref):
         m.trunk.requires_grad_(False)
@@ -279,19 +281,13 @@ def frozen_at_construction_then_unfrozen(name: str, hp: dict, stage: int) -> flo
         if step == 1:
             for m in (model, ref):
                 m.trunk.requires_grad_(True)
-        loss_of(model, step, rank, "ab").backward()
-        opt.step()
-        opt.zero_grad()
-        averaged_grads(ref, step, world_size, lambda s, r: "ab")
-        ref_opt.step()
-        ref_opt.zero_grad()
+        step_side_by_side(model, opt, ref, ref_opt, step, both_heads)
     return max_rel_err(model, ref)
 
 
 def resumed_with_more_params_trainable(stage: int) -> float:
     """A checkpoint saved while the trunk was frozen, loaded into an optimizer built with the
     trunk trainable: the trunk starts afresh (it had no state), the rest resumes."""
-    rank, world_size = world()
     model, ref = heads_models()
     for m in (model, ref):
         m.trunk.requires_grad_(False)
@@ -308,12 +304,7 @@ def resumed_with_more_params_trainable(stage: int) -> float:
                                             **hp)
                 zeroopt.load_checkpoint(path, model, opt)
                 ref.trunk.requires_grad_(True)
-            loss_of(model, step, rank, "ab").backward()
-            opt.step()
-            opt.zero_grad()
-            averaged_grads(ref, step, world_size, lambda s, r: "ab")
-            ref_opt.step()
-            ref_opt.zero_grad()
+            step_side_by_side(model, opt, ref, ref_opt, step, both_heads)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # rank 0's directory outlives the others' reads
     return max_rel_err(model, ref)
