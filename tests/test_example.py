@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,6 +28,7 @@ def test_gpt_example_trains_on_two_ranks(tmp_path):
     assert len(per_rank) == 2 and max(per_rank) - min(per_rank) <= 0.01 * max(per_rank)
 
 
+@pytest.mark.slow  # two 200-step runs of the main job: ~105 s
 def test_8bit_states_train_as_well_as_32bit(tmp_path):
     """The main job with adamw_8bit, 200 steps: final validation loss within 1% of the 32-bit
     run's (observed 2.4987 vs 2.4976), on a quarter of the state bytes."""
@@ -60,6 +63,7 @@ def test_galore_trains_the_example(tmp_path):
     assert losses[-1] < losses[0] - 1.0, losses
 
 
+@pytest.mark.slow  # three launches of the main job: ~25 s
 def test_mpirun_launcher_trains_the_same_model_as_torchrun(tmp_path):
     """launchers/mpirun.sh, with MPI itself (mpi4py, no torchrun) and with gloo bootstrapped
     from MPI's environment, trains params bit-identical to launchers/torchrun.sh over gloo:

@@ -5,7 +5,7 @@ import pytest
 import cases_hierarchical
 from distributed import mpi_ranks, run_ranks
 
-RUNS = [(2, "gloo"), (4, "gloo"), (4, "mpi")]
+RUNS = [(2, "gloo"), (4, "gloo"), pytest.param((4, "mpi"), marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module", params=RUNS, ids=lambda run: f"W{run[0]}-{run[1]}")

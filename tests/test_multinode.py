@@ -46,6 +46,8 @@ import pytest
 
 import netns
 
+pytestmark = pytest.mark.slow  # each test starts two namespaces' worth of launchers: ~60 s
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--config", "configs/multinode.json", "--steps", "5", "--reduce_dtype", "fp64",
         "--data_max_bytes", "2000000"]
