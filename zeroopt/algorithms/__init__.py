@@ -28,6 +28,17 @@ _RULES: dict[str, tuple[UpdateRule, dict]] = {}
 
 
 def register(rule: UpdateRule, aliases: tuple[str, ...] = (), **preset) -> None:
+    """Make ``rule`` available to ``ZeroOptimizer(optimizer=...)`` under its name.
+
+    Args:
+        rule: the ``UpdateRule``; it is registered under ``rule.name``.
+        aliases: further names for the same rule and preset (default none).
+        **preset: hyperparameters every one of these names sets (default none), as
+            ``get_preset`` returns them.
+
+    Raises:
+        ValueError: ``rule.name`` or an alias is already registered.
+    """
     for name in (rule.name, *aliases):
         if name in _RULES:
             raise ValueError(f"optimizer name {name!r} is already registered")
@@ -86,6 +97,17 @@ def available_optimizers() -> list[str]:
 
 
 def get_rule(name: str) -> UpdateRule:
+    """The rule a name stands for (``get_preset(name)[0]``, without the preset).
+
+    Args:
+        name: a registered name or alias, any case.
+
+    Returns:
+        The ``UpdateRule``.
+
+    Raises:
+        ValueError: the name is not registered (the message suggests the closest one).
+    """
     return get_preset(name)[0]
 
 

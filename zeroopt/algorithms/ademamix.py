@@ -20,10 +20,33 @@ from .base import (ShardTensors, UpdateRule, adam_denominator, check_betas, chec
 
 
 def alpha_at(t: int, alpha: float, warmup: int | None) -> float:
+    """The slow EMA's mixing weight at step ``t``: linear from 0 to ``alpha`` over ``warmup``
+    steps (apple/ml-ademamix's ``linear_warmup_scheduler``).
+
+    Args:
+        t: the step number, from 1.
+        alpha: the final weight.
+        warmup: the warm-up length in steps, or None for no warm-up.
+
+    Returns:
+        ``min(t * alpha / warmup, alpha)``, or ``alpha`` when ``warmup`` is None.
+    """
     return alpha if warmup is None else min(t * alpha / warmup, alpha)
 
 
 def beta3_at(t: int, beta1: float, beta3: float, warmup: int | None) -> float:
+    """The slow EMA's decay at step ``t``: from ``beta1`` to ``beta3`` over ``warmup`` steps,
+    linear in the half-life (apple/ml-ademamix's ``linear_hl_warmup_scheduler``).
+
+    Args:
+        t: the step number, from 1.
+        beta1: the fast EMA's decay, where the warm-up starts.
+        beta3: the slow EMA's final decay.
+        warmup: the warm-up length in steps, or None for no warm-up.
+
+    Returns:
+        The decay; ``beta3`` when ``warmup`` is None or ``t >= warmup``.
+    """
     if warmup is None or t >= warmup:
         return beta3
     half_life = lambda beta: math.log(0.5) / math.log(beta + 1e-8) - 1  # noqa: E731

@@ -62,6 +62,73 @@ Statistics = Callable[[dict, ShardTensors, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class UpdateRule:
+    """An optimizer algorithm, as zeroopt runs it: the extension point for new rules.
+
+    A rule is one file in ``zeroopt/algorithms/`` that builds an ``UpdateRule`` and one
+    ``register`` line in ``zeroopt/algorithms/__init__.py``. ``group`` below is a param group
+    dict: the rule's ``defaults`` overridden by the user's hyperparameters and the group's own
+    keys.
+
+    Attributes:
+        name: the name ``ZeroOptimizer(optimizer=...)`` takes (registered by ``register``).
+        defaults: every hyperparameter the rule takes, with its default value.
+        states: ``(group) -> tuple[str, ...]``: the names of the states this group's params
+            need (each a flat fp32 tensor per param, shaped like the param). Called when
+            states are laid out and when they are loaded.
+        fused_step: ``(group, shard: ShardTensors, step: Tensor, statistics: Tensor | None)
+            -> None``: updates this rank's shard of one group in place (see the module
+            docstring). ``step`` is the step counter, already incremented (so 1 on the first
+            step); ``statistics`` are the all-reduced totals of ``statistics``, or None for a
+            rule that is not ``per_tensor`` for this group. Called once per group per step.
+            It may overwrite ``shard.grads``.
+        reference_step: ``(group, param, grad, state: dict, t: int) -> None``: the plain,
+            per-tensor definition of the rule, updating one whole ``param`` and its ``state``
+            dict in place; ``t`` counts from 1. Run by ``ReferenceOptimizer``; the tests hold
+            ``fused_step`` to it.
+        validate: ``(group) -> None``: checks a group's hyperparameters (it may fill in
+            defaults of the group's extra keys); raises ValueError for an invalid one. Called
+            for each group at construction and when a state dict's param groups are loaded.
+        per_tensor: ``(group) -> bool``: whether the group needs whole-param statistics
+            (tensor-wise rules: LAMB and LARS trust ratios, cautious masking). Then each shard
+            entry is one param's piece, and ``statistics`` runs first. Default: never.
+        statistics: ``(group, shard, step) -> Tensor``: phase 1 of a tensor-wise step: this
+            rank's partial sums per param, shaped ``[k, num_params]``; the optimizer
+            all-reduces every group's partials in one collective and passes the totals to
+            ``fused_step``. Default None (no statistics).
+        initial_values: ``(group) -> dict[str, float | str]``: the value each state starts at,
+            where not zero: a number (Adagrad's accumulator), or "param" for a copy of the
+            param (schedule-free's z). Default: every state starts at zero.
+        before_step: ``(group) -> None``: bookkeeping kept in the group, run on every rank
+            before each step. Default None.
+        to_eval, to_train: ``(group, shard) -> None``: move the params to where they are
+            evaluated, and back, for rules whose training point is not the point to evaluate
+            (schedule-free); called by ``optimizer.eval()`` and ``optimizer.train()``. Default
+            None (nothing to move).
+        fixed: ``{name: value}``: values a hyperparameter accepts only for compatibility with
+            torch.optim's signature (any other value is refused, see ``check_fixed``).
+            Default empty.
+        nonnegative_states: how states may be stored (zeroopt.states): the states never
+            negative, which use the unsigned 8-bit map (it spends the sign bit on precision).
+            Default ().
+        full_precision_states: states that are points in parameter space (schedule-free's z):
+            they stay 32-bit whatever ``state_precision`` says. Default ().
+        statistics_use_states: whether phase 1 (``statistics``) reads and writes the states
+            (LAMB, cautious: it updates the moments); otherwise only ``fused_step`` does.
+            States not in 32-bit are decoded around it. Default False.
+        whole_tensors: ``(group) -> bool``: for rules that step some params whole, one tensor
+            at a time (GaLore's projection, Adafactor's factored moments): whether this
+            group's params are stepped so. Each such param is owned whole by one rank
+            (layout.py). Default: never.
+        tensor_step: ``(group, param, grad, state: dict, t: int) -> None``: updates one such
+            whole param with its own ``state`` dict (any shapes, created on its first step;
+            the group's ``states`` are then ()). Default None.
+        tensor_states_8bit: those of ``tensor_step``'s states that may be kept 8-bit.
+            Default ().
+        group_keys: keys a param group may carry besides ``defaults`` (GaLore's ``rank``,
+            ...): a group with any other key is refused at construction (validation.py), as a
+            misspelt one would be. Default ().
+    """
+
     name: str
     defaults: dict
     # (group) -> names of the states this group's params need
@@ -118,12 +185,30 @@ def _number(value, name: str) -> float:
 
 
 def check_nonnegative(group: dict, *names: str) -> None:
+    """Check that each named hyperparameter is a number >= 0.
+
+    Args:
+        group: the param group.
+        *names: the hyperparameters to check (a one-element tensor counts as its number).
+
+    Raises:
+        ValueError: one is not a number (or is NaN or a bool), or is negative.
+    """
     for name in names:
         if _number(group[name], name) < 0:
             raise ValueError(f"Invalid {name}: {group[name]} (it must be >= 0)")
 
 
 def check_betas(group: dict, count: int = 2) -> None:
+    """Check ``group["betas"]``: a tuple or list of ``count`` numbers, each in [0, 1).
+
+    Args:
+        group: the param group.
+        count: how many betas the rule takes (default 2; AdEMAMix takes 3).
+
+    Raises:
+        ValueError: not a tuple or list of that length, or a beta not a number in [0, 1).
+    """
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != count:
         raise ValueError(f"betas must be a tuple of {count} numbers, got {betas!r}")
@@ -133,6 +218,16 @@ def check_betas(group: dict, count: int = 2) -> None:
 
 
 def check_fixed(group: dict, fixed: dict, rule: str) -> None:
+    """Check the hyperparameters a rule accepts only at one value (``UpdateRule.fixed``).
+
+    Args:
+        group: the param group; a name it does not carry passes.
+        fixed: ``{name: the only value accepted}``.
+        rule: the rule's name, for the message.
+
+    Raises:
+        ValueError: the group sets one of them to another value.
+    """
     for name, allowed in fixed.items():
         if group.get(name, allowed) != allowed:
             raise ValueError(f"{rule}: {name}={group[name]!r} is not supported by zeroopt; "

@@ -32,6 +32,16 @@ def is_projected(group: dict) -> bool:
 
 
 def side(proj_type: str, shape: torch.Size) -> str:
+    """The side a matrix is projected on, as galore-torch chooses it.
+
+    Args:
+        proj_type: one of ``PROJ_TYPES``.
+        shape: the matrix's shape ``(m, n)``.
+
+    Returns:
+        "right" or "left": "std" gives "right" when m >= n, "reverse_std" the other way round,
+        and "left" and "right" give themselves.
+    """
     m, n = shape
     if proj_type == "std":
         return "right" if m >= n else "left"
@@ -75,11 +85,32 @@ def next_seed(seed: int, advance: int = 0xF) -> int:
 
 
 def project(grad: torch.Tensor, basis: torch.Tensor, where: str) -> torch.Tensor:
+    """A gradient in the low-rank space.
+
+    Args:
+        grad: the gradient G, ``(m, n)``.
+        basis: P ``(r, n)`` for "right", Q ``(m, r)`` for "left".
+        where: "right" or "left" (``side``).
+
+    Returns:
+        G P^T ``(m, r)`` for "right", Q^T G ``(r, n)`` for "left".
+    """
     return grad @ basis.t() if where == "right" else basis.t() @ grad
 
 
 def project_back(low: torch.Tensor, basis: torch.Tensor, where: str,
                  scale: float) -> torch.Tensor:
+    """A low-rank update back in the param's space, scaled.
+
+    Args:
+        low: the update in the low-rank space, as ``project`` returns its shape.
+        basis: the same basis ``project`` used.
+        where: "right" or "left", as for ``project``.
+        scale: GaLore's ``scale``.
+
+    Returns:
+        ``low @ P * scale`` for "right", ``Q @ low * scale`` for "left": ``(m, n)``.
+    """
     return (low @ basis if where == "right" else basis @ low) * scale
 
 
@@ -93,6 +124,17 @@ def galore_project(group: dict, grad: torch.Tensor, state: dict, t: int) -> torc
 
 def galore_project_back(group: dict, low: torch.Tensor, state: dict,
                         shape: torch.Size) -> torch.Tensor:
+    """GaLore's update back in the param's space, with the basis ``galore_project`` kept.
+
+    Args:
+        group: the param group (its ``proj_type`` and ``scale``).
+        low: the low-rank update.
+        state: the param's state, holding ``"ortho_matrix"``.
+        shape: the param's shape ``(m, n)``.
+
+    Returns:
+        The update, ``(m, n)``, multiplied by ``group["scale"]``.
+    """
     return project_back(low, state["ortho_matrix"], side(group["proj_type"], shape),
                         group["scale"])
 

@@ -25,6 +25,19 @@ class ReferenceOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every param with a gradient, by the rule's ``reference_step``.
+
+        A param whose ``grad`` is None is skipped (its step count unchanged), as in
+        torch.optim. A param's states are created on its first step, fp32, at the rule's
+        ``initial_values`` (zero otherwise).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional), run with
+                gradients enabled.
+
+        Returns:
+            The closure's loss, or None.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -53,9 +66,17 @@ class ReferenceOptimizer(torch.optim.Optimizer):
         return loss
 
     def eval(self) -> None:
+        """Move the params to the point to evaluate (schedule-free's ``optimizer.eval()``).
+
+        Does nothing for rules without ``to_eval``, or for groups already in eval mode.
+        """
         self._switch_mode(train=False)
 
     def train(self) -> None:
+        """Move the params back to the training point (schedule-free's ``optimizer.train()``).
+
+        Does nothing for rules without ``to_train``, or for groups already in train mode.
+        """
         self._switch_mode(train=True)
 
     @torch.no_grad()

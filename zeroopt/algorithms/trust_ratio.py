@@ -57,6 +57,14 @@ def reference_ratio(group: dict, state: dict, numerator: torch.Tensor,
 
 
 def check_exclusion(group: dict) -> None:
+    """Check that a group excluding params from the trust ratio by name has the names.
+
+    Args:
+        group: the param group (its ``exclude_from_trust_ratio`` patterns).
+
+    Raises:
+        ValueError: patterns are given but the group has no ``param_names``.
+    """
     if group["exclude_from_trust_ratio"] and "param_names" not in group:
         raise ValueError("exclude_from_trust_ratio matches param names: pass "
                          "model.named_parameters() (or named param groups) to the optimizer")

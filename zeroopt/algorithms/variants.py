@@ -24,6 +24,14 @@ OPTIONS = ("cautious", "adopt", "grams")
 
 
 def any_option(group: dict) -> bool:
+    """Whether the group turns on any of ``OPTIONS`` (then Adam(W) runs this path).
+
+    Args:
+        group: the param group.
+
+    Returns:
+        True if ``cautious``, ``adopt`` or ``grams`` is set and true.
+    """
     return any(group.get(name) for name in OPTIONS)
 
 
@@ -116,5 +124,15 @@ def reference_direction(group: dict, param: torch.Tensor, grad: torch.Tensor, st
 
 
 def reference_cautious(direction: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The per-tensor reference of cautious masking (Liang et al. 2024).
+
+    Args:
+        direction: the update direction of one whole param.
+        grad: the gradient the moments saw, same shape.
+
+    Returns:
+        A new tensor: ``direction`` where it agrees in sign with ``grad``, zero elsewhere,
+        times ``numel / (kept + 1)``.
+    """
     mask = (direction * grad > 0).to(direction.dtype)
     return direction * mask * (mask.numel() / (mask.sum() + 1))
