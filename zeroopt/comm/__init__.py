@@ -156,6 +156,17 @@ def init_distributed(backend: str | None = None,
 
 
 def local_device(backend: str | None, launch: environment.Launch) -> torch.device:
+    """The device this rank works on.
+
+    Args:
+        backend: the backend named by the user, or None.
+        launch: this process's place in the job (its ``local_rank`` picks the accelerator).
+
+    Returns:
+        With no backend named, ``cuda:<local_rank>`` when CUDA is available, else the CPU;
+        for "xla" ``torch_xla.device()``; otherwise the backend's first device type (the
+        CPU, or that accelerator at ``local_rank``).
+    """
     if backend is None:
         return torch.device("cuda", launch.local_rank) if torch.cuda.is_available() \
             else torch.device("cpu")

@@ -17,6 +17,15 @@ import torch
 
 @dataclass(frozen=True)
 class Backend:
+    """What zeroopt knows of one backend.
+
+    Attributes:
+        name: its name, as ``backend=`` and ``ZEROOPT_BACKEND`` take it.
+        devices: the device types whose tensors it moves; the first is the one it is chosen
+            for.
+        needs: what to install when it is missing, in words (for the error).
+    """
+
     name: str
     devices: tuple[str, ...]  # device types whose tensors it moves
     needs: str  # what to install when it is missing
@@ -53,6 +62,8 @@ def requested_backend(backend: str | None) -> str | None:
 
 
 def backend_for(device: torch.device) -> str:
+    """The backend chosen for params on ``device`` (``DEVICE_BACKENDS``): cuda -> "nccl",
+    npu -> "hccl", xla -> "xla", any other device type -> "gloo"."""
     return DEVICE_BACKENDS.get(device.type, "gloo")
 
 
@@ -68,6 +79,15 @@ def check_usable(name: str, device: torch.device) -> None:
 
 
 def check_installed(name: str) -> None:
+    """Check that backend ``name`` can run in this installation.
+
+    Args:
+        name: a key of ``BACKENDS``.
+
+    Raises:
+        RuntimeError: it is not available here; the message says what is missing and what
+            to install.
+    """
     missing = _missing(name)
     if missing:
         raise RuntimeError(f"backend {name!r} is not available here ({missing}). It needs "

@@ -18,18 +18,32 @@ import torch
 
 
 class Handle(Protocol):
-    def wait(self) -> Any: ...
+    """A collective in flight, as ``reduce_bucket`` and ``gather_bucket`` return it (torch's
+    ``Work`` is one)."""
 
-    def is_completed(self) -> bool: ...
+    def wait(self) -> Any:
+        """Block until the collective has finished; its result is then in the bucket.
+
+        Raises:
+            CollectiveTimeout: with a ``timeout=`` set, it did not finish in time.
+        """
+        ...
+
+    def is_completed(self) -> bool:
+        """Whether it has finished, without blocking (a ring also moves on as far as its
+        messages have arrived)."""
+        ...
 
 
 class Done:
     """The handle of a collective that has already finished."""
 
     def wait(self) -> None:
+        """Return at once: there is nothing to wait for."""
         return None
 
     def is_completed(self) -> bool:
+        """Always True."""
         return True
 
 
@@ -50,6 +64,8 @@ class Collectives:
 
     @property
     def data_parallel_size(self) -> int:
+        """The number of ranks whose gradients are averaged (``world_size`` here; the
+        product of both groups' sizes with replicated shards)."""
         return self.world_size
 
     def agreement_groups(self) -> list["Collectives"]:
@@ -58,12 +74,41 @@ class Collectives:
         return [self]
 
     def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
+        """Start summing a gradient bucket over the ranks, in place.
+
+        Args:
+            bucket: a flat tensor of ``world_size`` equal chunks (its length a multiple of
+                ``world_size``), the same size and dtype on every rank.
+
+        Returns:
+            A ``Handle``; once it is waited for, chunk ``rank`` of ``bucket`` holds the sum
+            over the ranks (over every data-parallel rank with replicated shards). The other
+            chunks are unspecified.
+        """
         raise NotImplementedError
 
     def gather_bucket(self, bucket: torch.Tensor) -> Handle:
+        """Start gathering a param bucket, in place.
+
+        Args:
+            bucket: a flat tensor of ``world_size`` equal chunks, chunk ``rank`` holding
+                this rank's (updated) part.
+
+        Returns:
+            A ``Handle``; once it is waited for, every chunk holds its owner's chunk.
+        """
         raise NotImplementedError
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """Reduce ``tensor`` over the sharding group, in place, and wait for it.
+
+        Args:
+            tensor: any shape, the same on every rank (a device tensor for NCCL and XLA).
+            op: "sum", "max" or "min" (default "sum").
+
+        Raises:
+            CollectiveTimeout: with a ``timeout=`` set, it did not finish in time.
+        """
         raise NotImplementedError
 
     def all_reduce_over_replicas(self, tensor: torch.Tensor, op: str = "sum") -> None:
@@ -72,12 +117,34 @@ class Collectives:
         return None
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Copy rank ``src``'s ``tensor`` into every rank's, in place, and wait for it.
+
+        Args:
+            tensor: the same shape and dtype on every rank.
+            src: the sending rank, in this group (default 0).
+
+        Raises:
+            CollectiveTimeout: with a ``timeout=`` set, it did not finish in time.
+        """
         raise NotImplementedError
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), on every rank.
+
+        Returns:
+            A list of ``world_size`` objects, indexed by rank.
+
+        Raises:
+            CollectiveTimeout: with a ``timeout=`` set, it did not finish in time.
+        """
         raise NotImplementedError
 
     def barrier(self) -> None:
+        """Wait until every rank of the group has reached it.
+
+        Raises:
+            CollectiveTimeout: with a ``timeout=`` set, it did not finish in time.
+        """
         raise NotImplementedError
 
 
@@ -89,19 +156,25 @@ class SingleRank(Collectives):
     backend = "none"
 
     def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
+        """Leave ``bucket`` as it is (its one chunk is already the sum); returns ``Done()``."""
         return Done()
 
     def gather_bucket(self, bucket: torch.Tensor) -> Handle:
+        """Leave ``bucket`` as it is; returns ``Done()``."""
         return Done()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """Leave ``tensor`` as it is, whatever ``op``."""
         return None
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Leave ``tensor`` as it is."""
         return None
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Returns ``[obj]``."""
         return [obj]
 
     def barrier(self) -> None:
+        """Return at once."""
         return None

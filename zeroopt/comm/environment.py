@@ -17,6 +17,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Launch:
+    """Where this process sits in the job.
+
+    Attributes:
+        launcher: "torchrun" (any torch.distributed launcher), "mpi", or "none" (a single
+            process).
+        rank: this process's rank in the job.
+        world_size: the number of processes in the job.
+        local_rank: its rank among the processes on this node (0 where not set).
+        local_world_size: the number of processes on this node (``world_size`` where not
+            set).
+    """
+
     launcher: str  # "torchrun" (any torch.distributed launcher), "mpi", or "none"
     rank: int
     world_size: int
@@ -33,6 +45,18 @@ _MPI_VARIABLES = [  # (rank, size, local rank, local size), most specific first
 
 
 def detect(env=None) -> Launch:
+    """Read the launcher's environment variables (see the module docstring).
+
+    Args:
+        env: a mapping of variables (default ``os.environ``).
+
+    Returns:
+        The ``Launch``: torchrun's ``RANK``/``WORLD_SIZE`` when set, else the first MPI
+        launcher's, else ``Launch("none", 0, 1, 0, 1)``.
+
+    Raises:
+        ValueError: a variable that is set is not an integer.
+    """
     env = os.environ if env is None else env
     if all(k in env for k in ("RANK", "WORLD_SIZE")):
         world_size = int(env["WORLD_SIZE"])

@@ -27,6 +27,14 @@ from .torch_dist import TorchDistributed
 
 
 class Hierarchical(Collectives):
+    """Collectives that shard within ``shard`` and replicate across ``replicas``.
+
+    Args:
+        shard: this rank's sharding group (its ``rank`` and ``world_size`` become this
+            object's: the buckets are cut into ``shard.world_size`` chunks).
+        replicas: the ranks holding the same shard as this one, one per sharding group.
+    """
+
     def __init__(self, shard: Collectives, replicas: Collectives):
         self.shard, self.replicas = shard, replicas
         self.rank, self.world_size = shard.rank, shard.world_size
@@ -34,22 +42,32 @@ class Hierarchical(Collectives):
 
     @property
     def data_parallel_size(self) -> int:
+        """Every rank of the job: ``shard.world_size * replicas.world_size``."""
         return self.shard.world_size * self.replicas.world_size
 
     def agreement_groups(self) -> list[Collectives]:
+        """``[shard, replicas]``: together they link every pair of ranks."""
         return [self.shard, self.replicas]
 
     def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
+        """Reduce within the sharding group; ``wait()`` then all-reduces this rank's chunk
+        across the replicas, so it holds the sum over all ranks (see
+        ``Collectives.reduce_bucket``)."""
         mine = bucket.chunk(self.world_size)[self.rank]
         return _ThenAcrossReplicas(self.shard.reduce_bucket(bucket), mine, self.replicas)
 
     def gather_bucket(self, bucket: torch.Tensor) -> Handle:
+        """All-gather within the sharding group only (every group updates its shards
+        alike); see ``Collectives.gather_bucket``."""
         return self.shard.gather_bucket(bucket)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """Reduce within the sharding group only (the replicas hold equal shards); see
+        ``Collectives.all_reduce``."""
         self.shard.all_reduce(tensor, op)
 
     def all_reduce_over_replicas(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """Reduce across the replication group (the ranks holding the same shard)."""
         self.replicas.all_reduce(tensor, op)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
@@ -58,9 +76,12 @@ class Hierarchical(Collectives):
         self.replicas.broadcast(tensor, 0)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` within the sharding group only (``shard.world_size`` of
+        them)."""
         return self.shard.all_gather_object(obj)
 
     def barrier(self) -> None:
+        """A barrier in the sharding group, then in the replication group."""
         self.shard.barrier()
         self.replicas.barrier()
 

@@ -49,6 +49,14 @@ def world() -> "MPICollectives":
 
 
 def cuda_aware() -> bool:
+    """Whether the MPI library can take CUDA memory directly (else CUDA tensors are staged
+    through the host).
+
+    Returns:
+        ``ZEROOPT_MPI_CUDA_AWARE`` when set (true for "1", "true" or "yes"); else
+        ``MPIX_Query_cuda_support()`` where the library has it (Open MPI, MPICH 4.x); else
+        False.
+    """
     override = os.environ.get("ZEROOPT_MPI_CUDA_AWARE")
     if override is not None:
         return override.lower() in ("1", "true", "yes")
@@ -83,6 +91,12 @@ class _Request:
 
 
 class MPICollectives(Collectives):
+    """Collectives over an mpi4py communicator (see the module docstring).
+
+    Args:
+        comm: the mpi4py communicator (``world()`` uses ``MPI.COMM_WORLD``).
+    """
+
     backend = "mpi"
 
     def __init__(self, comm):
@@ -134,6 +148,12 @@ class MPICollectives(Collectives):
     # -- collectives ----------------------------------------------------------------------
 
     def reduce_bucket(self, bucket: torch.Tensor) -> Ring:
+        """A ring reduce-scatter of point-to-point messages (ring.py), on a host copy when
+        the bucket is on CUDA and MPI is not CUDA-aware; see ``Collectives.reduce_bucket``.
+
+        Raises:
+            TypeError: MPI cannot sum the bucket's dtype (reduce in fp32).
+        """
         self._buffer(bucket[:0], summed=True)  # a dtype MPI can sum, or a clear error
         self._rings[0] += 1
         if self._direct(bucket):
@@ -144,24 +164,36 @@ class MPICollectives(Collectives):
                     then=lambda: mine.copy_(host.chunk(self.world_size)[self.rank]))
 
     def gather_bucket(self, bucket: torch.Tensor) -> _Request:
+        """An in-place ``MPI_Iallgather`` (the bucket moved as bytes, any dtype); see
+        ``Collectives.gather_bucket``."""
         return self._run(bucket, False, lambda buf: self.comm.Iallgather(self.MPI.IN_PLACE, buf),
                          "all-gather of a param bucket")
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """An in-place ``MPI_Iallreduce``, waited for; see ``Collectives.all_reduce``.
+
+        Raises:
+            TypeError: MPI cannot sum the tensor's dtype.
+        """
         self._run(tensor, True, lambda buf: self.comm.Iallreduce(
             self.MPI.IN_PLACE, buf, self._ops[op]), "all_reduce").wait()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """An ``MPI_Ibcast`` from rank ``src``, waited for; see ``Collectives.broadcast``."""
         self._run(tensor, False, lambda buf: self.comm.Ibcast(buf, root=src),
                   f"broadcast from rank {src}").wait()
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """mpi4py's ``allgather``, after a barrier waited for with the timeout when one is
+        set (allgather itself takes none); see ``Collectives.all_gather_object``."""
         if self.timeout is not None:  # allgather takes no timeout: meet at a barrier first
             _Request(self.comm.Ibarrier(), timeout=self.timeout,
                      what="all_gather_object: the optimizer's construction check").wait()
         return self.comm.allgather(obj)
 
     def barrier(self) -> None:
+        """``MPI_Barrier`` (``MPI_Ibarrier``, tested until the deadline, with a timeout); see
+        ``Collectives.barrier``."""
         if self.timeout is None:
             self.comm.Barrier()
         else:
@@ -172,16 +204,21 @@ class MPICollectives(Collectives):
     max_tag = 32767  # the MPI standard's least upper bound for tags
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int):
+        """``MPI_Isend`` of the tensor's bytes; see ``ring.PointToPoint.isend``."""
         return self.comm.Isend(self._buffer(tensor, False), peer, tag)
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int):
+        """``MPI_Irecv`` into the tensor's bytes; see ``ring.PointToPoint.irecv``."""
         return self.comm.Irecv(self._buffer(tensor, False), peer, tag)
 
     def test_all(self, requests: list) -> bool:
+        """``MPI_Testall``: whether every request has finished, without blocking."""
         return bool(self.MPI.Request.Testall(requests))
 
     def wait_all(self, requests: list, what: str = "point-to-point messages",
                  peer: int | None = None) -> None:
+        """``MPI_Waitall``, or ``MPI_Testall`` until the deadline with a timeout; see
+        ``ring.PointToPoint.wait_all``."""
         if self.timeout is None:
             self.MPI.Request.Waitall(requests)
         else:

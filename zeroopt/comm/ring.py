@@ -33,16 +33,50 @@ class PointToPoint(Protocol):
     world_size: int
     max_tag: int
 
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any: ...
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        """Start sending ``tensor`` to rank ``peer`` (in this group) with ``tag``
+        (``0 <= tag < max_tag``); returns the backend's request."""
+        ...
 
-    def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Any: ...
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        """Start receiving into ``tensor`` from rank ``peer`` with ``tag``; returns the
+        backend's request."""
+        ...
 
-    def test_all(self, requests: list) -> bool: ...
+    def test_all(self, requests: list) -> bool:
+        """Whether every request has finished, without blocking."""
+        ...
 
-    def wait_all(self, requests: list, what: str, peer: int) -> None: ...
+    def wait_all(self, requests: list, what: str, peer: int) -> None:
+        """Block until every request has finished.
+
+        Args:
+            requests: from ``isend`` and ``irecv``.
+            what: what is waited for, in words, for a ``CollectiveTimeout``'s message.
+            peer: the rank waited on, for the same message.
+
+        Raises:
+            CollectiveTimeout: with a ``timeout=`` set, they did not finish in time.
+        """
+        ...
 
 
 class Ring:
+    """A ring reduce-scatter or all-gather of one bucket, in place (see the module docstring).
+
+    It is a ``Handle``: the first step's messages are posted at construction.
+
+    Args:
+        p2p: the backend's tagged point-to-point messages (``PointToPoint``).
+        bucket: a flat tensor of ``p2p.world_size`` equal chunks.
+        sequence: this ring's number, the same on every rank; it picks the ring's tags, so
+            several rings can be in flight at once.
+        reduce: True for a reduce-scatter (chunk ``rank`` ends as the sum over ranks),
+            False for an all-gather (every chunk ends as its owner's).
+        then: called once, when the last step has finished (copy a host result back), or
+            None.
+    """
+
     def __init__(self, p2p: PointToPoint, bucket: torch.Tensor, sequence: int, reduce: bool,
                  then: Callable[[], None] | None = None):
         self.p2p, self.reduce, self.then = p2p, reduce, then
@@ -84,7 +118,15 @@ class Ring:
         return True
 
     def is_completed(self) -> bool:
+        """Move the ring on as far as its messages have arrived, without blocking; whether
+        it has finished."""
         return self._advance(block=False)
 
     def wait(self) -> None:
+        """Run the ring's remaining steps to the end, blocking on each step's messages.
+
+        Raises:
+            CollectiveTimeout: with a ``timeout=`` set, a step's messages did not arrive in
+                time (the message names the previous rank in the ring).
+        """
         self._advance(block=True)

@@ -46,6 +46,17 @@ _CHOICES = ("auto", "ring", "native", "all_reduce")
 
 
 class TorchDistributed(Collectives):
+    """Collectives over a torch.distributed process group (see the module docstring).
+
+    Args:
+        group: the process group (default None: the default group, which must be
+            initialised).
+
+    Raises:
+        ValueError: ``ZEROOPT_BUCKET_COLLECTIVES`` is set to other than "auto", "ring",
+            "native" or "all_reduce".
+    """
+
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
         self.rank = dist.get_rank(group)
@@ -61,6 +72,8 @@ class TorchDistributed(Collectives):
         self._rings = 0  # bucket rings so far: the same count on every rank
 
     def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
+        """A ring of send/recv (gloo), the backend's reduce-scatter (NCCL and others), or an
+        all-reduce, as ``bucket_collectives`` says; see ``Collectives.reduce_bucket``."""
         if self.bucket_collectives == "ring":
             return self._ring(bucket, reduce=True)
         if self.bucket_collectives == "all_reduce":
@@ -71,6 +84,8 @@ class TorchDistributed(Collectives):
                            "reduce-scatter of a gradient bucket", testable=self.backend == "nccl")
 
     def gather_bucket(self, bucket: torch.Tensor) -> Handle:
+        """A ring of send/recv (gloo), the backend's in-place all-gather, or a list
+        all-gather, as ``bucket_collectives`` says; see ``Collectives.gather_bucket``."""
         if self.bucket_collectives == "ring":
             return self._ring(bucket, reduce=False)
         chunks = list(bucket.chunk(self.world_size))
@@ -92,16 +107,21 @@ class TorchDistributed(Collectives):
         return peer if self.group is None else dist.get_global_rank(self.group, peer)
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int):
+        """``dist.isend`` to group rank ``peer``; see ``ring.PointToPoint.isend``."""
         return dist.isend(tensor, self._global(peer), group=self.group, tag=tag)
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int):
+        """``dist.irecv`` from group rank ``peer``; see ``ring.PointToPoint.irecv``."""
         return dist.irecv(tensor, self._global(peer), group=self.group, tag=tag)
 
     def test_all(self, requests: list) -> bool:
+        """Whether every request's ``is_completed()`` is True."""
         return all(request.is_completed() for request in requests)
 
     def wait_all(self, requests: list, what: str = "point-to-point messages",
                  peer: int | None = None) -> None:
+        """Wait for each request, with ``Work.wait(timeout)`` when a timeout is set; see
+        ``ring.PointToPoint.wait_all``."""
         for request in requests:
             self._wait(request, what, None if peer is None else self._global(peer), p2p=True)
 
@@ -142,16 +162,20 @@ class TorchDistributed(Collectives):
     # -- small collectives ----------------------------------------------------------------
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """``dist.all_reduce`` over the group; see ``Collectives.all_reduce``."""
         self._run(lambda async_op: dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group,
                                                    async_op=async_op), "all_reduce")
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """``dist.broadcast`` from group rank ``src``; see ``Collectives.broadcast``."""
         source = self._global(src)
         self._run(lambda async_op: dist.broadcast(tensor, src=source, group=self.group,
                                                   async_op=async_op),
                   f"broadcast from rank {source}", source)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """``dist.all_gather_object``, or its two steps each waited for with the timeout
+        when one is set; see ``Collectives.all_gather_object``."""
         if self.timeout is not None:
             return self._all_gather_object_timed(obj)
         out: list[Any] = [None] * self.world_size
@@ -177,6 +201,7 @@ class TorchDistributed(Collectives):
         return [pickle.loads(t[:n].cpu().numpy().tobytes()) for t, n in zip(gathered, lengths)]
 
     def barrier(self) -> None:
+        """``dist.barrier`` over the group; see ``Collectives.barrier``."""
         self._run(lambda async_op: dist.barrier(group=self.group, async_op=async_op), "barrier")
 
 
@@ -239,5 +264,7 @@ def _rendezvous_over_mpi() -> dict[str, str]:
 
 
 def destroy() -> None:
+    """Destroy the default process group, if one is initialised (registered at exit by
+    ``init_process_group``)."""
     if dist.is_initialized():
         dist.destroy_process_group()

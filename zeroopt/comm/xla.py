@@ -91,6 +91,7 @@ def cpu_replicas_environment(replicas: int, environ=None) -> dict:
 
 
 def xla_available() -> bool:
+    """Whether torch_xla imports here (installed, and built for this torch)."""
     try:
         _import_xla()
     except ImportError:
@@ -266,6 +267,8 @@ class XlaCollectives(Collectives):
     # -- base.Collectives --------------------------------------------------------------------
 
     def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
+        """A reduce-scatter, copied into chunk ``rank``; returns ``Done()`` (see
+        ``Collectives.reduce_bucket``)."""
         # Lazy, like every XLA op: the reduction runs with the step's graph, so there is
         # nothing to wait for here (the handle is already done).
         if self.world_size > 1:
@@ -274,11 +277,19 @@ class XlaCollectives(Collectives):
         return Done()
 
     def gather_bucket(self, bucket: torch.Tensor) -> Handle:
+        """An all-gather of chunk ``rank``, copied into ``bucket``; lazy like every XLA op,
+        so it returns ``Done()`` (see ``Collectives.gather_bucket``)."""
         if self.world_size > 1:
             bucket.copy_(self._all_gather(bucket.chunk(self.world_size)[self.rank]))
         return Done()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """See ``Collectives.all_reduce``; a bool tensor is reduced as int32 (so "sum" and
+        "max" act as any, "min" as all).
+
+        Raises:
+            ValueError: ``op`` is not "sum", "max" or "min".
+        """
         if tensor.dtype == torch.bool:
             reduced = self._all_reduced(tensor.to(torch.int32), op) != 0
         else:
