@@ -29,6 +29,15 @@ STATE_DEFAULTS = dict(state_precision="32bit", min_8bit_size=4096, paged=False)
 
 @dataclass(frozen=True)
 class StateKind:
+    """The form a param's states take (see the module docstring).
+
+    Attributes:
+        precision: "32bit" (default), "bf16" or "8bit" (one of ``PRECISIONS``).
+        paged: whether the states are kept off the compute device (default False).
+        whole: whether the param is owned whole by one rank and stepped tensor by tensor
+            (``UpdateRule.whole_tensors``; default False).
+    """
+
     precision: str = "32bit"
     paged: bool = False
     whole: bool = False  # owned whole by one rank, stepped tensor by tensor
@@ -57,6 +66,19 @@ def kind_of(group: dict, numel: int, whole: bool = False) -> StateKind:
 
 
 def validate(group: dict, rule) -> None:
+    """Check a group's state-storage options for ``rule``.
+
+    Args:
+        group: the param group (its ``state_precision``, ``min_8bit_size`` and ``paged``).
+        rule: the ``UpdateRule``.
+
+    Raises:
+        ValueError: an unknown ``state_precision`` (the closest one suggested); a
+            ``min_8bit_size`` that is not a non-negative int; a ``paged`` that is not a bool;
+            ``paged=True`` for params the rule steps whole; or a precision other than
+            "32bit" where the rule keeps a state in 32-bit (``full_precision_states``) or
+            keeps no state at all for this group.
+    """
     precision = group["state_precision"]
     if precision not in PRECISIONS:
         close = difflib.get_close_matches(str(precision), PRECISIONS, n=1, cutoff=0.3)

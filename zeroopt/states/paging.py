@@ -58,10 +58,23 @@ class MappedFile:
         return lo, min(-(-hi // align) * align, len(self._map)) - lo
 
     def prefetch(self, tensor: torch.Tensor) -> None:
+        """Ask the kernel to read in the pages under ``tensor`` ahead of use
+        (``madvise(MADV_WILLNEED)``).
+
+        Args:
+            tensor: a view of one of this file's tensors; empty ones are ignored.
+        """
         if tensor.numel():
             self._map.madvise(mmap.MADV_WILLNEED, *self._range(tensor, PAGE))
 
     def release(self, tensor: torch.Tensor) -> None:
+        """Drop the pages under ``tensor`` from the process (``madvise(MADV_DONTNEED)``); the
+        file keeps their contents. The range is widened to whole ``FAULT_AROUND`` (64 KiB)
+        blocks.
+
+        Args:
+            tensor: a view of one of this file's tensors; empty ones are ignored.
+        """
         if tensor.numel():
             self._map.madvise(mmap.MADV_DONTNEED, *self._range(tensor, FAULT_AROUND))
 

@@ -20,6 +20,24 @@ from .kinds import StateKind
 
 
 class RegionStates:
+    """Every state of one region of the flat shard, stored in one ``StateKind``.
+
+    8-bit states are a uint8 code per element and an fp32 ``<name>_absmax`` per block of
+    ``blockwise.BLOCK`` (256) elements (bitsandbytes' blockwise format); bf16 and 32-bit ones
+    are one tensor each. Paged states live in a memory-mapped file (CPU) or pinned host
+    memory (accelerators); the others on ``device``. Every state starts at zero.
+
+    Args:
+        names: the rule's states for this region.
+        nonnegative: the states never negative (unsigned 8-bit map,
+            ``UpdateRule.nonnegative_states``).
+        numel: the region's length in elements (a multiple of the block size for 8-bit).
+        kind: the storage form.
+        device: the compute device.
+        page_dir: the directory of the memory-mapped file for paged CPU states (default None:
+            the system's temporary directory).
+    """
+
     def __init__(self, names: tuple[str, ...], nonnegative: tuple[str, ...], numel: int,
                  kind: StateKind, device: torch.device, page_dir: str | None = None):
         self.kind, self.device, self.numel = kind, device, numel
@@ -98,6 +116,8 @@ class RegionStates:
         return {name: (self.tensors[name], 1)}
 
     def nbytes(self) -> int:
+        """Bytes of every stored tensor of this region (codes and absmax included), wherever
+        they are kept."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def device_bytes(self) -> int:

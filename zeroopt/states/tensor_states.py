@@ -31,12 +31,23 @@ class Encoded:
 
     @staticmethod
     def of(value: torch.Tensor, precision: str, signed: bool) -> Encoded:
+        """Encode an fp32 state.
+
+        Args:
+            value: the state, any shape.
+            precision: "bf16", or anything else for 8-bit blockwise.
+            signed: whether it may be negative (else the unsigned 8-bit map is used).
+
+        Returns:
+            The ``Encoded`` state, remembering ``value``'s shape.
+        """
         if precision == "bf16":
             return Encoded(value.to(torch.bfloat16), None, value.shape, signed)
         codes, absmax = blockwise.quantize(_whole_blocks(value), signed)
         return Encoded(codes, absmax, value.shape, signed)
 
     def decode(self) -> torch.Tensor:
+        """The state in fp32, as a new tensor of its own shape."""
         if self.absmax is None:
             return self.codes.float()
         values = blockwise.dequantize(self.codes, self.absmax, self.signed)
@@ -51,11 +62,25 @@ class Encoded:
                 name + "_absmax": self.absmax.clone()}
 
     def nbytes(self) -> int:
+        """Bytes stored: the codes (block padding included) and the fp32 absmax."""
         extra = 0 if self.absmax is None else self.absmax.numel() * 4
         return self.codes.numel() * self.codes.element_size() + extra
 
 
 class TensorStates:
+    """The states of the params this rank steps whole, one dict per param.
+
+    Each entry holds ``"step"``, ``"param_index"`` and the rule's states, any shapes; a
+    state is kept encoded (8-bit or bf16, as the group's ``state_precision`` says) where it
+    is in ``quantizable`` and, for 8-bit, has at least ``min_8bit_size`` elements; fp32
+    otherwise.
+
+    Args:
+        quantizable: the states that may be kept below 32-bit
+            (``UpdateRule.tensor_states_8bit``).
+        nonnegative: the states never negative (unsigned 8-bit map).
+    """
+
     def __init__(self, quantizable: tuple[str, ...], nonnegative: tuple[str, ...]):
         self.quantizable, self.nonnegative = quantizable, nonnegative
         self.entries: dict[int, dict] = {}  # param index -> {"step": int, name: tensor | Encoded}
@@ -119,6 +144,7 @@ class TensorStates:
         return value
 
     def nbytes(self) -> int:
+        """Bytes of every state tensor held, encoded ones as stored."""
         total = 0
         for entry in self.entries.values():
             for value in entry.values():
