@@ -33,6 +33,13 @@ _MISSING = object()
 
 
 class Description(NamedTuple):
+    """What every rank must agree on about the params, as ``describe_params`` makes it.
+
+    Attributes:
+        params: one ``(group, shape, dtype, trainable, name or None)`` per param.
+        groups: each group's keys but its params and names, as plain values.
+    """
+
     params: list[tuple]  # (group, shape, dtype, trainable, name or None) per param
     groups: list[dict]  # each group's keys but its params and names, as plain values
 

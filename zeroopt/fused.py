@@ -49,6 +49,28 @@ class _ParamStates:
 
 
 class FusedOptimizer(torch.optim.Optimizer):
+    """One of zeroopt's element-wise rules as a plain, unsharded torch optimizer (see the
+    module docstring).
+
+    Args:
+        params: an iterable of contiguous fp32 params, or of param group dicts, as
+            torch.optim takes them.
+        optimizer: a registered name (``zeroopt.available_optimizers()``), default "adamw";
+            the name's preset (e.g. ``state_precision="8bit"`` for "adamw_8bit") applies.
+        window_numel: elements per window for states not kept as resident fp32 (default
+            None: 2**18 on CPU, 2**22 on accelerators); a positive multiple of 256 (whole
+            8-bit blocks).
+        page_dir: the directory of the memory-mapped files of paged CPU states (default
+            None: the system's temporary directory).
+        **hyperparameters: the rule's hyperparameters (overriding its defaults and the
+            name's preset), and ``state_precision``, ``min_8bit_size``, ``paged``.
+
+    Raises:
+        ValueError: an unknown name, a bad ``window_numel``, an invalid hyperparameter, or a
+            rule (with these hyperparameters) that needs whole params or eval()/train().
+        TypeError: an unknown hyperparameter.
+    """
+
     def __init__(self, params, optimizer: str = "adamw", *, window_numel: int | None = None,
                  page_dir: str | None = None, **hyperparameters):
         self.rule, preset = get_preset(optimizer)
@@ -60,6 +82,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__init__(params, resolve_defaults(self.rule, {**preset, **hyperparameters}))
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a param group, as torch.optim does, and check it.
+
+        Args:
+            param_group: a dict with ``"params"`` and any hyperparameters to override.
+
+        Raises:
+            ValueError: an invalid hyperparameter or state-storage option, or one that makes
+                the rule need whole params; the group is then not added.
+        """
         super().add_param_group(param_group)  # fills in the defaults the checks read
         group = self.param_groups[-1]
         try:
@@ -72,6 +103,20 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every param with a gradient, by the rule's fused step (in place
+        where the states are resident fp32, else window by window). Params whose ``grad``
+        is None are skipped. The gradients are consumed (a rule may overwrite them).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional), run with
+                gradients enabled.
+
+        Returns:
+            The closure's loss, or None.
+
+        Raises:
+            TypeError: a param is not a contiguous fp32 tensor (checked on its first step).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():

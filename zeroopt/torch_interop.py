@@ -56,6 +56,14 @@ def export_torch_state_dict(optimizer) -> dict | None:
 
 
 def is_torch_state_dict(state_dict: dict) -> bool:
+    """Whether ``state_dict`` is a torch.optim state dict rather than ZeroOptimizer's own.
+
+    Args:
+        state_dict: what ``load_state_dict`` was given.
+
+    Returns:
+        True for a dict with ``"state"`` and ``"param_groups"`` and no ``"zeroopt"`` key.
+    """
     return isinstance(state_dict, dict) and "zeroopt" not in state_dict \
         and "state" in state_dict and "param_groups" in state_dict
 

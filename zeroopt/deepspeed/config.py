@@ -48,6 +48,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class Plan:
+    """A DeepSpeed config split by ``plan`` into zeroopt's part and DeepSpeed's.
+
+    Attributes:
+        deepspeed_config: what ``deepspeed.initialize`` gets.
+        optimizer_kwargs: ``ZeroOptimizer(params, **optimizer_kwargs)``.
+        param_dtype: bf16 when the config's bf16 section is enabled, else None.
+        gradient_clipping: the config's ``gradient_clipping``; 0: none; None: DeepSpeed's
+            default (1.0 in 0.19).
+    """
+
     deepspeed_config: dict  # what deepspeed.initialize gets
     optimizer_kwargs: dict  # ZeroOptimizer(params, **optimizer_kwargs)
     param_dtype: torch.dtype | None  # bf16 when the config's bf16 section is enabled

@@ -41,10 +41,32 @@ def save_optimizer_state(path: str, optimizer: ZeroOptimizer) -> None:
 
 
 def load_optimizer_state(path: str, optimizer: ZeroOptimizer) -> None:
+    """Load the optimizer state ``save_optimizer_state`` wrote (a collective).
+
+    Args:
+        path: the directory it was saved to (``<tag dir>/zeroopt``).
+        optimizer: the ZeroOptimizer to load into, on every rank.
+    """
     checkpoint.load_checkpoint(path, None, optimizer)
 
 
 def attach(engine, optimizer: ZeroOptimizer, stage: int, gradient_clipping: float) -> None:
+    """Make a DeepSpeed engine run ``optimizer`` in place of its own ZeRO.
+
+    The engine's own backward all-reduce is turned off; its ``backward`` reduces gradients
+    through the optimizer, deferred (``optimizer.no_sync()``) inside the engine's no_sync
+    context and, at stage 1, between gradient accumulation boundaries. Before each step the
+    gradients are clipped (or only their norm is computed) and the norm and the step's skip
+    are reported in the attributes DeepSpeed's engine reads; not with layerwise rules, which
+    step during backward. The engine's ``save_checkpoint`` and ``load_checkpoint`` also save
+    and load the optimizer state in the tag's ``zeroopt`` directory.
+
+    Args:
+        engine: the ``deepspeed.DeepSpeedEngine``, changed in place.
+        optimizer: the ZeroOptimizer it runs.
+        stage: the zeroopt section's ZeRO stage (1 or 2).
+        gradient_clipping: the max norm; 0 or less computes the norm without clipping.
+    """
     engine.enable_backward_allreduce = False
     _reduce_at_accumulation_boundaries(engine, optimizer, stage)
     _clip_and_report_before_each_step(optimizer, gradient_clipping)
@@ -65,7 +87,7 @@ def _reduce_at_accumulation_boundaries(engine, optimizer: ZeroOptimizer, stage: 
 
 
 def _clip_and_report_before_each_step(optimizer: ZeroOptimizer, max_norm: float) -> None:
-    if optimizer._whole.any_layerwise:  # steps during backward: no global norm ever exists
+    if optimizer.shard.whole.any_layerwise:  # steps during backward: no global norm ever exists
         return
 
     def clip(opt, args, kwargs) -> None:

@@ -79,6 +79,21 @@ class ZeroTrainer(Trainer):
     # -- the optimizer ----------------------------------------------------------------------
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """Build the ZeroOptimizer from the TrainingArguments and ``zeroopt={...}`` (Trainer's
+        hook), unless one was passed in ``optimizers=``.
+
+        Args:
+            model: the model (default ``self.model``).
+
+        Returns:
+            ``self.optimizer``.
+
+        Raises:
+            ValueError: a layerwise optimizer with ``max_grad_norm > 0`` (it cannot clip).
+            TypeError: ``optimizers=`` held another optimizer than a ZeroOptimizer.
+            RuntimeError: a param is no longer a view of the optimizer's flat buffer (the
+                model was moved or cast after the optimizer was built).
+        """
         model = self.model if model is None else model
         if self.optimizer is None:
             self.optimizer = create_optimizer(
@@ -107,6 +122,10 @@ class ZeroTrainer(Trainer):
         return opt
 
     def create_accelerator_and_postprocess(self) -> None:
+        """Trainer's Accelerate setup, with two changes: the model is prepared without the
+        data-parallel wrapper where the ZeroOptimizer averages the gradients itself (and is
+        not moved when already on the device: the move would copy it away from the flat
+        buffers), and the optimizer is prepared without device placement."""
         super().create_accelerator_and_postprocess()
         accelerator = self.accelerator
         prepare_model, prepare_optimizer = accelerator.prepare_model, accelerator.prepare_optimizer
@@ -133,6 +152,19 @@ class ZeroTrainer(Trainer):
     # -- the training step ------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's training step, inside ``no_sync()`` while gradients accumulate (the
+        reduction waits for the last micro-batch). The first call checks that the params are
+        still views of the optimizer's flat buffers.
+
+        Args:
+            model, inputs, num_items_in_batch: as ``Trainer.training_step`` takes them.
+
+        Returns:
+            Trainer's result: the loss, detached.
+
+        Raises:
+            RuntimeError: a param is no longer a view of the flat buffer.
+        """
         if not self._views_checked:  # after Accelerate's preparation, which may move the model
             check_params_are_views(self.zero_optimizer)
             self._views_checked = True
@@ -186,6 +218,7 @@ def check_params_are_views(zero: ZeroOptimizer) -> None:
 
 
 def is_layerwise(zero: ZeroOptimizer) -> bool:
+    """Whether some param group steps layerwise (during backward: ``layerwise=True``)."""
     return any(group.get("layerwise", False) for group in zero.param_groups)
 
 
