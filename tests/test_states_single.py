@@ -105,7 +105,7 @@ def test_paged_states_stay_within_the_window():
     model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)])  # 2.1M params
     window = 16384
     opt = zeroopt.ZeroOptimizer(model.parameters(), "paged_adamw_8bit", window_numel=window)
-    region = next(r for r in opt._regions if r.kind.precision == "8bit")
+    region = next(r for r in opt.shard.regions if r.kind.precision == "8bit")
     seen = []
     release = region.release
 
@@ -160,7 +160,7 @@ def test_param_groups_choose_precision():
     assert state[2]["exp_avg"].dtype == torch.uint8  # model[2].weight: 7,680 >= 4096
     assert state[3]["exp_avg"].dtype == torch.float32  # a bias: under min_8bit_size
     # 8-bit moments: 2 bytes per element plus 2 fp32 absmax per 256 (about 2.03 bytes/param)
-    assert opt._regions[[b.kind.precision for b in opt.layout.buffers].index("8bit")].nbytes() \
+    assert opt.shard.regions[[b.kind.precision for b in opt.layout.buffers].index("8bit")].nbytes() \
         == 2 * 7680 + 2 * 4 * 7680 // 256
 
 

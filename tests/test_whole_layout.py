@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zeroopt
-from zeroopt.layout import Layout, svd_work
+from zeroopt.layout import Layout, placement_cost
 from zeroopt.states.kinds import StateKind
 
 WHOLE = StateKind(whole=True)
@@ -66,9 +66,9 @@ def test_a_matrix_larger_than_a_fair_share_goes_whole_to_one_rank():
     assert bucket.chunk_numel == 30000  # the big matrix sets the chunk; the rest is padding
 
 
-def test_svd_work():
-    assert svd_work(torch.Size([10, 4])) == 160
-    assert svd_work(torch.Size([7])) == 7
+def test_placement_cost_is_a_thin_svds_work():
+    assert placement_cost(torch.Size([10, 4])) == 160
+    assert placement_cost(torch.Size([7])) == 7
 
 
 def model():

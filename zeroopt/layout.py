@@ -17,7 +17,7 @@ A rank's *shard* is its chunks of all buckets, laid end to end. Optimizer state,
 weights and the averaged gradient live in shard space; the ``ShardPiece`` map says which part of
 which param each stretch of the shard belongs to. Params that a rule steps whole (GaLore, Adafactor: a kind with ``whole``) are never cut: in their
 buckets every param goes whole to one rank, largest first, to the rank with the fewest elements in
-that bucket (ties: the least SVD work so far, ~ m n min(m, n) per matrix), and each rank's params
+that bucket (ties: the least placement cost so far, a thin SVD's m n min(m, n) per matrix), and each rank's params
 sit end to end in its chunk, padded to the largest chunk. The collectives stay equal-chunk
 reduce-scatters and all-gathers, each rank gets whole gradients of the matrices it owns, and the
 SVDs are spread over the ranks. Such a bucket is closed once it holds at least ``world_size``
@@ -35,6 +35,7 @@ Ranges are named for what they index:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -98,6 +99,20 @@ class FlatBuffer:
     shard_offset: int = 0
     shard_numel: int = 0
 
+    def region_offset(self, shard_offset: int) -> int:
+        """The *region offset* of shard offset ``shard_offset``: where it sits in this
+        buffer's part of the shard (its states, its masters)."""
+        return shard_offset - self.shard_offset
+
+
+class Run(NamedTuple):
+    """A maximal stretch of this rank's shard in one bucket's chunk and one param group."""
+
+    group: int
+    bucket: Bucket
+    shard_offset: int
+    numel: int
+
 
 @dataclass(frozen=True)
 class ShardPiece:
@@ -118,8 +133,9 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def svd_work(shape: torch.Size) -> int:
-    """The cost of a thin SVD of a matrix of ``shape``, up to a constant: m n min(m, n)."""
+def placement_cost(shape: torch.Size) -> int:
+    """The work of stepping a whole matrix of ``shape`` on one rank, up to a constant: that of
+    its thin SVD (GaLore's projection, the costliest whole-matrix step), m n min(m, n)."""
     if len(shape) < 2:
         return int(torch.Size(shape).numel())
     m, n = shape[0], int(torch.Size(shape[1:]).numel())
@@ -147,7 +163,7 @@ class Layout:
         self.buffers: list[FlatBuffer] = []
         self.buckets: list[Bucket] = []
         self.slots: list[ParamSlot] = []
-        self._svd_work = [0] * world_size  # per rank, over the whole-param buckets so far
+        self._placed_cost = [0] * world_size  # per rank, over the whole-param buckets so far
         self.shard_numel = 0
         self.extend(groups)
 
@@ -217,10 +233,10 @@ class Layout:
         params end to end, in their packing order, in its chunk."""
         load, owner = [0] * self.world_size, {}
         for slot in sorted(bucket.slots, key=lambda s: -s.extent):
-            rank = min(range(self.world_size), key=lambda r: (load[r], self._svd_work[r], r))
+            rank = min(range(self.world_size), key=lambda r: (load[r], self._placed_cost[r], r))
             owner[slot] = rank
             load[rank] += slot.extent
-            self._svd_work[rank] += svd_work(slot.param.shape)
+            self._placed_cost[rank] += placement_cost(slot.param.shape)
         chunk = _round_up(max(load), pad_multiple)
         filled = [0] * self.world_size
         for slot in bucket.slots:
@@ -249,7 +265,7 @@ class Layout:
                                              bucket.shard_offset + start - lo, end - start))
         return pieces
 
-    def runs(self, slots: set[ParamSlot] | None = None) -> list[tuple[int, Bucket, int, int]]:
+    def runs(self, slots: set[ParamSlot] | None = None) -> list[Run]:
         """This rank's pieces (of ``slots`` only, if given) merged into maximal runs
         ``(group, bucket, shard_offset, numel)`` that lie in one bucket's chunk and one param
         group: the tensors an element-wise update steps over, padding included: a padded param
@@ -266,7 +282,7 @@ class Layout:
                 last[3] += piece.numel
             else:
                 runs.append([group, bucket, piece.shard_offset, piece.numel])
-        return [tuple(r) for r in runs]
+        return [Run(*r) for r in runs]
 
     def allocate_param_buffers(self, first: int = 0) -> None:
         """Move the params of buffers ``first`` on into their flat buffers; each param becomes

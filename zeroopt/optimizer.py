@@ -59,11 +59,10 @@ from .checks import check_ranks_agree, describe_params
 from .comm import collectives_for, split
 from .grad_sync import BucketedReducer, LocalGradients
 from .layout import DEFAULT_BUCKET_NUMEL, Layout
+from .shard import Shard
 from .states import kinds
-from .states.storage import RegionStates
 from .step_inputs import StepInputs, settle
 from .validation import check_group_keys, check_options, check_params, page_dir_problem
-from .whole_tensors import WholeTensors
 
 log = logging.getLogger("zeroopt")
 
@@ -131,24 +130,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.layout.allocate_param_buffers()
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
             self.comm.broadcast(buffer.data, src=0)
-        self._masters = self._make_masters()
-        self._regions = [RegionStates(self._state_names_in(buffer), self.rule.nonnegative_states,
-                                      buffer.shard_numel, buffer.kind, self.device, page_dir)
-                         for buffer in self.layout.buffers]
         self.window_numel = _window_numel(window_numel, self.device)
-        self._scratch = self._make_scratch()
-        # torch.optim's per-param step count: a param stepped only when it has a gradient
-        self._step_counts = [0] * len(self.layout.slots)
-        self._positions_in_group = self._group_positions()
-        self._gradient_options = dict(average_grads=average_grads, reduce_dtype=reduce_dtype,
-                                      page_dir=page_dir)
+        self._gradient_options = dict(average_grads=average_grads, reduce_dtype=reduce_dtype)
         self.grads = self._gradient_source()
-        self._window_cache: dict[tuple[int, frozenset[int]], list[shard_windows.Window]] = {}
-        self._whole = WholeTensors(self)
+        self.shard = Shard(self.rule, self.param_groups, self.layout, self.grads.shard,
+                           self.device, self.window_numel, page_dir, skip_nonfinite)
         self._connect_layerwise()
-        for g in range(len(self.param_groups)):
-            self._set_initial_values(g, self._windows_for(g, self._positions_in_group[g]))
-        self._param_versions = self._versions_of_16bit_params()
         self._inputs: StepInputs | None = None  # agreed by clip_grad_norm_, reused by step()
         self.skipped_steps = 0
         self.last_step_skipped = False
@@ -156,42 +143,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- construction helpers -------------------------------------------------------------
 
-    @torch.no_grad()
     def refresh_masters(self) -> None:
-        """Take the fp32 masters of 16-bit params from the params again, wholly. In place:
-        the step views them. (``step()`` already takes what was written into the params
-        outside the optimizer; see ``sync_masters``.)"""
-        for index, master in self._make_masters().items():
-            self._masters[index].copy_(master)
-        self._param_versions = self._versions_of_16bit_params()
-
-    @torch.no_grad()
-    def sync_masters(self) -> None:
-        """Take into the fp32 masters whatever was written into 16-bit params outside the
-        optimizer since it last wrote them (``model.load_state_dict``, a model-only
-        checkpoint load, an in-place edit), so the next step starts from the new weights, as
-        torch.optim's would: the master of a param written so becomes its value. Found by
-        the params' version counters, which every in-place write bumps except one through
-        ``p.data`` (call ``refresh_masters()`` after those). Runs in ``step()``,
-        ``eval()``/``train()`` and before a save."""
-        changed = {slot for slot, version in self._param_versions
-                   if slot.param._version != version}
-        if not changed:
-            return
-        for piece in self.layout.pieces:
-            if piece.slot not in changed:
-                continue
-            buffer = self.layout.buffers[piece.slot.buffer]
-            at = piece.shard_offset - buffer.shard_offset
-            master = self._masters[buffer.index][at:at + piece.numel]
-            master.copy_(piece.slot.param.detach().reshape(-1)[
-                piece.param_offset:piece.param_offset + piece.numel])
-        self._param_versions = self._versions_of_16bit_params()
-
-    def _versions_of_16bit_params(self) -> list[tuple]:
-        """(slot, version counter) of every param whose buffer keeps fp32 masters."""
-        return [(slot, slot.param._version) for slot in self.layout.slots
-                if slot.buffer in self._masters]
+        """Take the fp32 masters of 16-bit params from the params again, wholly: after a
+        write through ``p.data``, which no version counter sees (``step()`` takes every other
+        write into the params by itself)."""
+        self.shard.refresh_masters()
 
     def _gradient_source(self):
         """Where the averaged gradients come from: the bucketed reducer (its backward hooks),
@@ -206,8 +162,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return grads
 
     def _connect_layerwise(self) -> None:
-        if self._whole.layerwise_in_bucket and self._gradient_options["average_grads"]:
-            self.grads.on_reduced = self._whole.on_bucket_reduced
+        if self.shard.whole.layerwise_in_bucket and self._gradient_options["average_grads"]:
+            self.grads.on_reduced = self.shard.whole.on_bucket_reduced
 
     @torch.no_grad()
     def _lay_out_unfrozen(self, params: list[torch.nn.Parameter]) -> None:
@@ -223,145 +179,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.layout.allocate_param_buffers(first)
         for buffer in self.layout.buffers[first:]:  # rank 0's values, as at construction
             self.comm.broadcast(buffer.data, src=0)
-        self._masters.update(self._make_masters(first))
-        self._regions += [RegionStates(self._state_names_in(buffer), self.rule.nonnegative_states,
-                                       buffer.shard_numel, buffer.kind, self.device,
-                                       self._gradient_options["page_dir"])
-                          for buffer in self.layout.buffers[first:]]
-        self._scratch = self._make_scratch()
-        self._step_counts += [0] * (len(self.layout.slots) - len(self._step_counts))
-        self._positions_in_group = self._group_positions()
         old = self.grads
         old.remove_hooks()
         self.grads = self._gradient_source()
         self.grads.carry_over(old)
-        self._window_cache.clear()
-        self._whole.build()
+        self.shard.extend(first, self.grads.shard)
         self._connect_layerwise()
         self._frozen_at_build = [p for p in self._frozen_at_build if id(p) not in wanted]
-        self._param_versions = self._versions_of_16bit_params()
-
-    def _group_positions(self) -> list[list[int]]:
-        """Per param group, the positions of its slots in ``layout.slots``."""
-        return [[k for k, slot in enumerate(self.layout.slots) if slot.group == g]
-                for g in range(len(self.param_groups))]
-
-    def _make_scratch(self) -> dict[str, torch.Tensor]:
-        """The fp32 windows the non-resident states are decoded into: no larger than needed."""
-        largest = max([b.shard_numel for b in self.layout.buffers if not b.kind.in_place],
-                      default=0)
-        return {name: torch.zeros(min(self.window_numel, largest), device=self.device)
-                for name in self.rule.state_names(self.param_groups)}
-
-    def _make_masters(self, first: int = 0) -> dict[int, torch.Tensor]:
-        """fp32 master copies of the owned chunks of the 16-bit buffers from ``first`` on
-        (fp32 buffers are their own masters: the update writes straight into the params)."""
-        masters = {}
-        for buffer in self.layout.buffers[first:]:
-            if buffer.dtype == torch.float32:
-                continue
-            master = torch.empty(buffer.shard_numel, dtype=torch.float32, device=self.device)
-            for bucket in buffer.buckets:
-                offset = bucket.shard_offset - buffer.shard_offset
-                master[offset:offset + bucket.chunk_numel].copy_(
-                    self.layout.owned_view(buffer.data, bucket))
-            masters[buffer.index] = master
-        return masters
-
-    def _state_names_in(self, buffer) -> tuple[str, ...]:
-        """The flat states of the groups with params in ``buffer`` (whole params keep theirs
-        per tensor)."""
-        groups = {slot.group for slot in self.layout.slots if slot.buffer == buffer.index}
-        return self.rule.state_names([self.param_groups[g] for g in sorted(groups)])
-
-    def _windows_for(self, g: int, positions) -> list[shard_windows.Window]:
-        """Group ``g``'s part of the shard for the slots at ``positions`` (``layout.slots``
-        order), cut into windows (see shard_windows): merged runs for element-wise groups, one
-        piece per param for groups whose rule needs whole-param statistics, none for groups
-        stepped whole (whole_tensors.py). Cached: the set of params with gradients rarely
-        changes from one step to the next."""
-        key = (g, frozenset(positions))
-        if key in self._window_cache:
-            return self._window_cache[key]
-        group = self.param_groups[g]
-        slots = {self.layout.slots[k] for k in key[1]}
-        if self.rule.whole_tensors(group):
-            windows = []
-        else:
-            if self.rule.per_tensor(group):
-                template = self._per_param_facts(g, group)
-                dense = {index: k for k, index in enumerate(self._trainable_indices(g))}
-                spans = [(p.slot.buffer, p.shard_offset, p.numel, dense[p.slot.index])
-                         for p in self.layout.padded_pieces if p.slot in slots]
-            else:
-                template = ShardTensors([], [])
-                spans = [(b.buffer, offset, numel, None)
-                         for _, b, offset, numel in self.layout.runs(slots)]
-            windows = shard_windows.build_windows(
-                spans, self.layout, self._regions, self.rule.states(group), self._master_view,
-                self.grads.shard, self._scratch, self.window_numel, template)
-        if len(self._window_cache) > 64:  # params used at random (say, experts): stay bounded
-            self._window_cache.clear()
-        self._window_cache[key] = windows
-        return windows
-
-    def _set_initial_values(self, g: int, windows: list[shard_windows.Window]) -> None:
-        """States that do not start at zero (Adagrad's accumulator, schedule-free's z), set
-        when a param is first stepped (so z copies the weights it starts from, loaded or not)
-        and at construction."""
-        starts = self.rule.initial_values(self.param_groups[g])
-        if not starts:
-            return
-
-        def fill(shard: ShardTensors) -> None:
-            for name, value in starts.items():
-                for state, param in zip(shard.states[name], shard.params):
-                    state.copy_(param) if value == "param" else state.fill_(value)
-
-        shard_windows.run(windows, fill, load=False, store=True)
-
-    def param_steps(self) -> torch.Tensor:
-        """torch.optim's per-param ``step`` counts, fp32, indexed by state_dict index (0 for
-        params never stepped and params not trained)."""
-        counts = torch.zeros(sum(len(g["params"]) for g in self.param_groups))
-        for slot, count in zip(self.layout.slots, self._step_counts):
-            counts[slot.index] = float(count)
-        return counts
-
-    def load_param_steps(self, counts) -> None:
-        """Set the per-param step counts from ``counts[state_dict index]`` (what
-        ``param_steps()`` returned)."""
-        for k, slot in enumerate(self.layout.slots):
-            self._step_counts[k] = int(counts[slot.index])
-
-    def rebuild_windows(self) -> None:
-        """Forget the cached windows: the groups' hyperparameters (which states) changed."""
-        self._window_cache.clear()
-
-    def _trainable_indices(self, g: int) -> list[int]:
-        """State-dict indices of group ``g``'s params in the layout, in group order."""
-        return sorted(self.layout.slots[k].index for k in self._positions_in_group[g])
-
-    def _per_param_facts(self, g: int, group: dict) -> ShardTensors:
-        trainable = self._trainable_indices(g)
-        slots = {slot.index: slot for slot in self.layout.slots}
-        names = group.get("param_names")
-        position = {index: k for k, (index, _) in enumerate(_indexed(self.param_groups, g))}
-        return ShardTensors(
-            [], [], num_params=len(trainable),
-            param_numel=torch.tensor([slots[i].numel for i in trainable], dtype=torch.float64),
-            param_names=[names[position[i]] if names else None for i in trainable])
-
-    def _master_view(self, buffer, offset: int, numel: int) -> torch.Tensor:
-        """The fp32 master of ``numel`` shard elements from ``offset`` (all in one bucket's
-        chunk of ``buffer``): the model's own fp32 buffer, or the master copy of a 16-bit one."""
-        if buffer.index in self._masters:
-            at = offset - buffer.shard_offset
-            return self._masters[buffer.index][at:at + numel]
-        bucket = next(b for b in buffer.buckets
-                      if b.shard_offset <= offset < b.shard_offset + b.chunk_numel)
-        at = bucket.owned_range(self.comm.rank)[0] + offset - bucket.shard_offset
-        return buffer.data[at:at + numel]
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_constructed", False):
@@ -413,14 +237,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 log.warning("zeroopt: step() found no gradient on any rank, so nothing was "
                             "updated (as torch.optim). Call loss.backward() before step(), "
                             "and zero_grad() after it, not before it")
-            self._whole.end_step()
+            self.shard.whole.end_step()
             self.grads.zero()
             return loss
-        self.sync_masters()
+        self.shard.sync_masters()
         for group in self.param_groups:
             if self.rule.before_step:
                 self.rule.before_step(group)
-        plan = self._plan(inputs.active)
+        plan = self.shard.plan(inputs.active)
         statistics = self._whole_param_statistics(plan)
         for group, classes, stats in zip(self.param_groups, plan, statistics):
             # States are decoded in the phase that uses them (LAMB's moments move in phase 1).
@@ -431,9 +255,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                         self.rule.fused_step(group, shard, step, stats)
 
                 shard_windows.run(windows, update, load=uses, store=uses)
-        self._whole.step({self.layout.slots[k].index for k in inputs.active})
+        self.shard.whole.step({self.layout.slots[k].index for k in inputs.active})
         self.grads.zero()  # consumed: a rule may have overwritten them (as DeepSpeed zeroes them)
-        self._publish_params()
+        self.publish_params()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -463,7 +287,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             RuntimeError: with a layerwise rule (no global norm exists during backward).
         """
         self._check_can_step("clip_grad_norm_()")
-        if self._whole.any_layerwise:
+        if self.shard.whole.any_layerwise:
             raise RuntimeError("clip_grad_norm_ with a layerwise optimizer: it steps each matrix "
                                "during backward, before any global gradient norm exists (as "
                                "Transformers' layerwise optimizers). Use the name without "
@@ -495,8 +319,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # Already there: nothing to gather (the Trainer calls train() before every micro-step).
         if move is None or all(group["train_mode"] == train for group in self.param_groups):
             return
-        self.sync_masters()
-        stepped = [k for k, count in enumerate(self._step_counts) if count]
+        self.shard.sync_masters()
+        stepped = self.shard.stepped()
         for g, group in enumerate(self.param_groups):
             if group["train_mode"] != train:
                 def step_to(shard: ShardTensors) -> None:
@@ -505,11 +329,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
                 # Reads the states (schedule-free's z), leaves them as they are. Params never
                 # stepped have no z yet (torch.optim: no state) and stay where they are.
-                windows = self._windows_for(g, [k for k in stepped if self.layout.slots[
+                windows = self.shard.windows_for(g, [k for k in stepped if self.layout.slots[
                     k].group == g])
                 shard_windows.run(windows, step_to, load=True, store=False)
                 group["train_mode"] = train
-        self._publish_params()
+        self.publish_params()
 
     def no_sync(self):
         """Context for gradient-accumulation micro-steps: backward accumulates locally and the
@@ -519,15 +343,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds, wherever it lives (device, host or a
         paged file): its states (8-bit codes and absmax included) and fp32 masters."""
-        masters = sum(t.numel() * t.element_size() for t in self._masters.values())
-        return masters + sum(region.nbytes() for region in self._regions) + self._whole.nbytes()
+        return self.shard.nbytes()
 
     def device_state_bytes(self) -> int:
         """Bytes of optimizer state kept on the compute device: what ``state_bytes`` counts
         less the paged states, plus the fp32 windows states are decoded into."""
-        held = [*self._masters.values(), *self._scratch.values()]
-        return sum(t.numel() * t.element_size() for t in held) + self._whole.nbytes() + \
-            sum(region.device_bytes() for region in self._regions)
+        return self.shard.device_bytes()
 
     def state_dict(self) -> dict:
         """The full optimizer state, per param and in its shape, as torch.optim lays it out.
@@ -562,27 +383,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return torch.tensor([float(p.grad is not None) for p in self._frozen_at_build],
                             dtype=torch.float64)
 
-    def _plan(self, active: frozenset[int]) -> list[list[tuple[torch.Tensor, list]]]:
-        """Per group, the params to step as classes of equal step count (torch.optim's
-        per-param ``step``: a param skipped in some steps counts fewer): ``(step, windows)``
-        with the count already advanced. Almost always one class per group."""
-        plan = []
-        for g, positions in enumerate(self._positions_in_group):
-            by_count: dict[int, list[int]] = {}
-            for k in positions:
-                if k in active:
-                    by_count.setdefault(self._step_counts[k], []).append(k)
-            classes = []
-            for count, members in sorted(by_count.items()):
-                windows = self._windows_for(g, members)
-                if count == 0:  # first step of these params: their states start now
-                    self._set_initial_values(g, windows)
-                for k in members:
-                    self._step_counts[k] = count + 1
-                classes.append((torch.tensor(float(count + 1)), windows))
-            plan.append(classes)
-        return plan
-
     def _whole_param_statistics(self, plan) -> list[torch.Tensor | None]:
         """Every tensor-wise group's partial sums, all-reduced together in one collective."""
         partials = []
@@ -593,7 +393,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             uses = self.rule.statistics_use_states
             # a rank with no active piece still sends zeros of the right shape
             parts = [] if classes else [self.rule.statistics(
-                group, self._windows_for(g, ())[0].shard, torch.tensor(1.0))]
+                group, self.shard.windows_for(g, ())[0].shard, torch.tensor(1.0))]
             for step, windows in classes:
                 parts += shard_windows.run(windows, lambda shard: self.rule.statistics(
                     group, shard, step), load=uses, store=uses)
@@ -606,19 +406,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         totals = iter(flat.split([p.numel() for p in present]))
         return [None if p is None else next(totals).view_as(p) for p in partials]
 
-    def _publish_params(self) -> None:
-        """Copy 16-bit masters into the model's buffers, then all-gather every bucket."""
-        for index, master in self._masters.items():
-            buffer = self.layout.buffers[index]
-            for bucket in buffer.buckets:
-                offset = bucket.shard_offset - buffer.shard_offset
-                self.layout.owned_view(buffer.data, bucket).copy_(
-                    master[offset:offset + bucket.chunk_numel])
+    def publish_params(self) -> None:
+        """Put this rank's updated chunks into the model: 16-bit masters rounded into the
+        flat buffers, then every bucket all-gathered. A collective."""
+        self.shard.write_masters_into_params()
         handles = [self.comm.gather_bucket(self.layout.bucket_view(bucket))
                    for bucket in self.layout.buckets]
         for handle in handles:
             handle.wait()
-        self._param_versions = self._versions_of_16bit_params()  # written by us: no change
 
 
 def _window_numel(window_numel: int | None, device: torch.device) -> int:

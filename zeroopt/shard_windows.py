@@ -109,7 +109,7 @@ def build_windows(spans: list[Span], layout, regions: list[RegionStates], names:
                 current = _new_window(windows, indices, template, names, None if in_place
                                       else region, scratch)
             take = numel if in_place else min(numel, window_numel - current.numel)
-            lo = offset - buffer.shard_offset
+            lo = buffer.region_offset(offset)
             direct = {name: region.view(name, lo, take) for name in names} if in_place else None
             current.add(master_view(buffer, offset, take), grads[offset:offset + take], lo,
                         direct)

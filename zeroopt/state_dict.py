@@ -45,16 +45,16 @@ def _gather_full(opt: ZeroOptimizer, shard: torch.Tensor, buffer, base: int = 0,
 
 def gather_state_dict(opt: ZeroOptimizer) -> dict:
     opt.grads.finish()  # collectives must not interleave with a pending reduction
-    opt.sync_masters()
+    opt.shard.sync_masters()
     state: dict[int, dict] = {}
-    steps = opt.param_steps()
-    for buffer, region in zip(opt.layout.buffers, opt._regions):
+    steps = opt.shard.param_steps()
+    for buffer, region in zip(opt.layout.buffers, opt.shard.regions):
         full = {}  # saved name -> (buffer-shaped tensor, elements per entry)
         for name in region.signed:
             for saved, (tensor, per) in region.encoded(name).items():
                 full[saved] = (_gather_full(opt, tensor, buffer, buffer.shard_offset, per), per)
-        if buffer.index in opt._masters:  # a master covers only its buffer's part of the shard
-            full["master_param"] = (_gather_full(opt, opt._masters[buffer.index], buffer,
+        if buffer.index in opt.shard.masters:  # a master covers only its buffer's part of the shard
+            full["master_param"] = (_gather_full(opt, opt.shard.masters[buffer.index], buffer,
                                                  buffer.shard_offset), 1)
         for slot in opt.layout.slots:
             if slot.buffer != buffer.index:
@@ -92,18 +92,18 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
     saved_state = state_dict["state"]
     if not saved_state:  # a fresh optimizer's state: nothing to load
         return
-    for owned in opt._whole.all_owned():
+    for owned in opt.shard.whole.all_owned():
         if owned.slot.index not in saved_state:  # no state saved: it starts afresh
-            opt._whole.states.forget(owned.slot.index)
+            opt.shard.whole.states.forget(owned.slot.index)
             continue
         entry = {k: v for k, v in saved_state[owned.slot.index].items() if k != "master_param"}
         try:
-            opt._whole.states.load(owned.slot.index, entry,
+            opt.shard.whole.states.load(owned.slot.index, entry,
                                    opt.param_groups[owned.slot.group])
         except ValueError as error:
             raise ValueError(f"cannot load this optimizer state: param {owned.slot.index}: "
                              f"{error}") from None
-    opt.load_param_steps({slot.index: float(saved_state.get(slot.index, {"step": 0})["step"])
+    opt.shard.load_param_steps({slot.index: float(saved_state.get(slot.index, {"step": 0})["step"])
                           for slot in opt.layout.slots})
     for piece in opt.layout.pieces:
         # As torch.optim: a param the dict has no state for starts afresh (zero states, step
@@ -112,14 +112,14 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
             name: torch.zeros(piece.slot.param.shape)
             for name in opt.rule.states(opt.param_groups[piece.slot.group])}
         buffer = opt.layout.buffers[piece.slot.buffer]
-        region = opt._regions[buffer.index]
+        region = opt.shard.regions[buffer.index]
         for name in opt.rule.states(opt.param_groups[piece.slot.group]):
             encoding.load_piece(region, name, saved, piece.param_offset, piece.numel,
-                                piece.shard_offset - buffer.shard_offset)
-        if buffer.index in opt._masters and "master_param" in saved:
-            offset = piece.shard_offset - buffer.shard_offset
+                                buffer.region_offset(piece.shard_offset))
+        if buffer.index in opt.shard.masters and "master_param" in saved:
+            offset = buffer.region_offset(piece.shard_offset)
             lo = piece.param_offset
-            opt._masters[buffer.index][offset:offset + piece.numel].copy_(
+            opt.shard.masters[buffer.index][offset:offset + piece.numel].copy_(
                 saved["master_param"].reshape(-1)[lo:lo + piece.numel])
 
 
@@ -131,20 +131,19 @@ def apply_param_groups(opt: ZeroOptimizer, saved_groups: list[dict]) -> None:
             update[name] = group[name]
         group.update(update)
         opt.rule.validate(group)
-    missing = set(opt.rule.state_names(opt.param_groups)) - set(opt._scratch)
+    missing = set(opt.rule.state_names(opt.param_groups)) - set(opt.shard.scratch)
     if missing:
         raise ValueError(f"cannot load this optimizer state: its hyperparameters need the states "
                          f"{sorted(missing)}, which this optimizer was built without; build it "
                          f"with the hyperparameters the state was saved with")
-    opt.rebuild_windows()  # the groups' hyperparameters may have changed
-    opt._whole.build()
+    opt.shard.rebuild_windows()  # the groups' hyperparameters may have changed
 
 
 def _gather_tensor_states(opt: ZeroOptimizer) -> dict[int, dict]:
     """The per-tensor states of whole params (each on its owner), from every rank."""
     mine = {}
-    for owned in opt._whole.all_owned():
-        saved = opt._whole.states.saved(owned.slot.index)
+    for owned in opt.shard.whole.all_owned():
+        saved = opt.shard.whole.states.saved(owned.slot.index)
         saved.pop("param_index", None)
         if saved:
             saved["step"] = torch.tensor(float(saved["step"]))

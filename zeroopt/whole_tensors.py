@@ -33,36 +33,46 @@ class OwnedTensor:
 
 
 class WholeTensors:
-    def __init__(self, opt):
-        self.opt, self.rule = opt, opt.rule
+    """This rank's whole params and their per-tensor states.
+
+    Args:
+        shard: the ``zeroopt.shard.Shard`` they belong to (its layout, param groups, masters
+            and gradient shard are read through its public names).
+        skip_nonfinite: a layerwise matrix with a non-finite gradient skips its own step.
+    """
+
+    def __init__(self, shard, skip_nonfinite: bool):
+        self.shard, self.rule, self.skip_nonfinite = shard, shard.rule, skip_nonfinite
+        self.param_groups = shard.param_groups
         self.states = TensorStates(self.rule.tensor_states_8bit, self.rule.nonnegative_states)
-        self.owned: list[list[OwnedTensor]] = [[] for _ in opt.param_groups]
+        self.owned: list[list[OwnedTensor]] = [[] for _ in self.param_groups]
         self.layerwise_in_bucket: dict[int, list[OwnedTensor]] = {}
         self.stepped: set[int] = set()  # layerwise params stepped since the last step()
         self.skipped_nonfinite = 0
         self.build()
 
     def build(self) -> None:
-        """Find this rank's whole params (again after a load: groups may have changed)."""
-        opt = self.opt
-        self.owned = [[] for _ in opt.param_groups]
+        """Find this rank's whole params (again after a load, whose groups may differ, and
+        when the layout or the gradient shard changes)."""
+        shard = self.shard
+        self.owned = [[] for _ in self.param_groups]
         self.layerwise_in_bucket = {}
-        for piece in opt.layout.pieces:
-            slot, buffer = piece.slot, opt.layout.buffers[piece.slot.buffer]
+        for piece in shard.layout.pieces:
+            slot, buffer = piece.slot, shard.layout.buffers[piece.slot.buffer]
             if not buffer.kind.whole:
                 continue
             shape = slot.param.shape
             owned = OwnedTensor(
-                slot, opt._master_view(buffer, piece.shard_offset, slot.numel).view(shape),
-                opt.grads.shard[piece.shard_offset:piece.shard_offset + slot.numel].view(shape))
+                slot, shard.master_view(buffer, piece.shard_offset, slot.numel).view(shape),
+                shard.grad[piece.shard_offset:piece.shard_offset + slot.numel].view(shape))
             self.owned[slot.group].append(owned)
-            if opt.param_groups[slot.group]["layerwise"]:
+            if self.param_groups[slot.group]["layerwise"]:
                 self.layerwise_in_bucket.setdefault(slot.bucket, []).append(owned)
 
     @property
     def any_layerwise(self) -> bool:
         return any(g.get("layerwise", False) and self.rule.whole_tensors(g)
-                   for g in self.opt.param_groups)
+                   for g in self.param_groups)
 
     def all_owned(self):
         return (owned for group in self.owned for owned in group)
@@ -73,7 +83,7 @@ class WholeTensors:
         backward are left alone), and start the next iteration."""
         for owned in self.all_owned():
             if owned.slot.index in active and owned.slot.index not in self.stepped:
-                self._step(self.opt.param_groups[owned.slot.group], owned)
+                self._step(self.param_groups[owned.slot.group], owned)
         self.end_step()
 
     def on_bucket_reduced(self, bucket: int) -> None:
@@ -85,14 +95,14 @@ class WholeTensors:
                     "steps each matrix as soon as its gradient is reduced. Run gradient-"
                     "accumulation micro-steps inside opt.no_sync() (the gradient is then reduced "
                     "once, at the last micro-step), or use the name without '_layerwise'")
-            self._step(self.opt.param_groups[owned.slot.group], owned)
+            self._step(self.param_groups[owned.slot.group], owned)
             self.stepped.add(owned.slot.index)
 
     def end_step(self) -> None:
         self.stepped.clear()
 
     def _step(self, group: dict, owned: OwnedTensor) -> None:
-        if group["layerwise"] and self.opt.skip_nonfinite \
+        if group["layerwise"] and self.skip_nonfinite \
                 and not bool(torch.isfinite(owned.grad).all()):
             # no global norm exists yet during backward: each matrix is checked on its own
             self.skipped_nonfinite += 1

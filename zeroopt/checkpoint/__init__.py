@@ -119,7 +119,7 @@ def load_checkpoint(path: str, model: torch.nn.Module | None, optimizer) -> dict
     read(items)
     if apply is not None:
         apply(items)
-        optimizer._publish_params()  # masters of 16-bit params -> the model's params
+        optimizer.publish_params()  # masters of 16-bit params -> the model's params
     return pickle.loads(items["extra"])
 
 

@@ -35,29 +35,29 @@ _STRIDES = "__strides__"
 
 def save_items(opt, writes_state: bool) -> dict:
     opt.grads.finish()  # no reduction may be in flight while the shard is read
-    opt.sync_masters()  # weights written into 16-bit params since the last step
-    items = {"optimizer.param_steps": opt.param_steps(),
+    opt.shard.sync_masters()  # weights written into 16-bit params since the last step
+    items = {"optimizer.param_steps": opt.shard.param_steps(),
              "optimizer.param_groups": _groups_blob(opt)}
     if not writes_state:  # another replica holds the same shard and writes it
         return items
     for piece in opt.layout.pieces:
         slot = piece.slot
         buffer = opt.layout.buffers[slot.buffer]
-        region_lo = piece.shard_offset - buffer.shard_offset
+        region_lo = buffer.region_offset(piece.shard_offset)
         if not buffer.kind.whole:
-            region = opt._regions[buffer.index]
+            region = opt.shard.regions[buffer.index]
             for name in opt.rule.states(opt.param_groups[slot.group]):
                 for saved, (tensor, per) in region.encoded(name).items():
                     first, end = _covering(piece.param_offset, piece.numel, per)
                     items[f"{PREFIX}.{slot.index}.{saved}"] = flat_tensor(
                         -(-slot.numel // per),
                         {(first, end): tensor[region_lo // per:region_lo // per + end - first]})
-        if buffer.index in opt._masters:
-            master = opt._masters[buffer.index][region_lo:region_lo + piece.numel]
+        if buffer.index in opt.shard.masters:
+            master = opt.shard.masters[buffer.index][region_lo:region_lo + piece.numel]
             items[f"{PREFIX}.{slot.index}.master_param"] = flat_tensor(
                 slot.numel, {(piece.param_offset, piece.param_offset + piece.numel): master})
-    for owned in opt._whole.all_owned():
-        saved = opt._whole.states.saved(owned.slot.index)
+    for owned in opt.shard.whole.all_owned():
+        saved = opt.shard.whole.states.saved(owned.slot.index)
         saved.pop("param_index", None)
         values = {k: v for k, v in saved.items() if not isinstance(v, torch.Tensor)}
         # Memory order too: a column-major GaLore basis multiplies (and rounds) differently
@@ -86,7 +86,7 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
         if names and f"{PREFIX}.{slot.index}.{names[0]}" not in saved:
             fresh += [(piece, name) for name in names]
             continue
-        if buffer.index in opt._masters and f"{PREFIX}.{slot.index}.master_param" in saved:
+        if buffer.index in opt.shard.masters and f"{PREFIX}.{slot.index}.master_param" in saved:
             names.append("master_param")
         for name in names:
             key = f"{PREFIX}.{slot.index}.{name}"
@@ -107,7 +107,7 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
                       for lo, hi in merge(ranges)}
         targets[key] = flat_tensor(saved[key].size.numel(), local[key])
     whole = {}
-    for owned in opt._whole.all_owned():
+    for owned in opt.shard.whole.all_owned():
         prefix = f"{PREFIX}.{owned.slot.index}."
         keys = [k for k in saved if k.startswith(prefix) and k != prefix + "master_param"]
         whole[owned.slot.index] = keys
@@ -116,12 +116,12 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
                 saved[key].size, dtype=saved[key].properties.dtype, device=opt.device)
 
     def apply(loaded: dict) -> None:
-        opt.refresh_masters()  # from the params just loaded (a saved master then overrides)
+        opt.shard.refresh_masters()  # from the params just loaded (a saved master then overrides)
         counts = loaded[steps_key]
         if per_group:  # one count per group: every param of the group has it
             counts = [counts[g] for g, group in enumerate(opt.param_groups)
                       for _ in group["params"]]
-        opt.load_param_steps(counts)
+        opt.shard.load_param_steps(counts)
         for piece, name, ranges in reads:
             _apply_piece(opt, piece, name, {
                 saved_name: _slice(local[key], lo, hi) for saved_name, (key, lo, hi)
@@ -130,7 +130,7 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
             _apply_piece(opt, piece, name, {name: torch.zeros(piece.numel)}, piece.param_offset)
         for index, keys in whole.items():
             if not keys:  # frozen when saved: it starts afresh
-                opt._whole.states.forget(index)
+                opt.shard.whole.states.forget(index)
                 continue
             entry = pickle.loads(loaded[f"{PREFIX}.{index}.values"])
             strides = entry.pop(_STRIDES, {})
@@ -142,20 +142,20 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
                         value.shape, strides.get(name, value.stride()), dtype=value.dtype,
                         device=value.device).copy_(value)
             slot = next(s for s in opt.layout.slots if s.index == index)
-            opt._whole.states.load(index, entry, opt.param_groups[slot.group])
+            opt.shard.whole.states.load(index, entry, opt.param_groups[slot.group])
 
     return targets, apply
 
 
 def _apply_piece(opt, piece, name: str, values: dict, first_element: int) -> None:
     buffer = opt.layout.buffers[piece.slot.buffer]
-    region_lo = piece.shard_offset - buffer.shard_offset
+    region_lo = buffer.region_offset(piece.shard_offset)
     offset = piece.param_offset - first_element  # where the piece starts in what was read
     if name == "master_param":
-        opt._masters[buffer.index][region_lo:region_lo + piece.numel].copy_(
+        opt.shard.masters[buffer.index][region_lo:region_lo + piece.numel].copy_(
             values[name][offset:offset + piece.numel])
         return
-    encoding.load_piece(opt._regions[buffer.index], name, values, offset, piece.numel,
+    encoding.load_piece(opt.shard.regions[buffer.index], name, values, offset, piece.numel,
                         region_lo)
 
 

@@ -132,7 +132,7 @@ def _check_usable_in_deepspeed(opt: ZeroOptimizer, plan) -> None:
         raise ValueError("a param group has no params: DeepSpeed deletes such groups from its "
                          "optimizer's param_groups, which would misalign ZeroOptimizer's "
                          "per-group state. Leave empty groups out")
-    if _clipping(plan) > 0 and opt._whole.any_layerwise:
+    if _clipping(plan) > 0 and opt.shard.whole.any_layerwise:
         raise ConfigError("gradient_clipping with a layerwise optimizer: it steps each matrix "
                           "during backward, before any global gradient norm exists. Set "
                           '"gradient_clipping": 0 (DeepSpeed\'s default is 1.0), or use the name '

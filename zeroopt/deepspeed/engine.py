@@ -87,7 +87,7 @@ def _reduce_at_accumulation_boundaries(engine, optimizer: ZeroOptimizer, stage: 
 
 
 def _clip_and_report_before_each_step(optimizer: ZeroOptimizer, max_norm: float) -> None:
-    if optimizer._whole.any_layerwise:  # steps during backward: no global norm ever exists
+    if optimizer.shard.whole.any_layerwise:  # steps during backward: no global norm ever exists
         return
 
     def clip(opt, args, kwargs) -> None:
