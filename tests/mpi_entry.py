@@ -1,9 +1,11 @@
-"""One MPI rank of ``distributed.mpi_ranks``: ``python mpi_entry.py module:function OUT_DIR``.
+"""One MPI rank of ``distributed.mpi_ranks``: ``python mpi_entry.py module:function OUT_DIR``
+(module: a dotted name under tests/, e.g. ranks.equivalence).
 
 Runs ``function()`` with ZEROOPT_BACKEND=mpi (set by the caller), then writes the result (or
 the traceback) to OUT_DIR/rank<R>.pt (.err). MPI is finalized before exit, as mpirun expects.
 """
 
+import importlib
 import io
 import os
 import sys
@@ -19,7 +21,7 @@ target, out_dir = sys.argv[1], sys.argv[2]
 rank = MPI.COMM_WORLD.Get_rank()
 try:
     module, function = target.split(":")
-    result = getattr(__import__(module), function)()
+    result = getattr(importlib.import_module(module), function)()
     blob = io.BytesIO()
     torch.save(result, blob)
     with open(os.path.join(out_dir, f"rank{rank}.pt"), "wb") as f:

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-import cases_robustness
+from ranks import bad_input
 import zeroopt
 from distributed import run_ranks
 
@@ -147,14 +147,14 @@ def test_load_state_dict_from_torch_optim():
     ("dtype", r"param 0 is shape \[\] float32 in group 0 on rank 0 but shape \[\] float64"),
 ])
 def test_ranks_that_disagree_about_params_all_get_the_error(kind, message):
-    errors = run_ranks(2, cases_robustness.mismatched_params, kind, timeout=120)
+    errors = run_ranks(2, bad_input.mismatched_params, kind, timeout=120)
     for error in errors:
         assert "ranks disagree about the parameters" in error
         assert re.search(message, error), error
 
 
 def test_ranks_that_disagree_about_settings_all_get_the_error():
-    for error in run_ranks(2, cases_robustness.mismatched_settings, timeout=120):
+    for error in run_ranks(2, bad_input.mismatched_settings, timeout=120):
         assert "ranks disagree about stage: rank 0 has 1, rank 1 has 2" in error
 
 
@@ -230,7 +230,7 @@ def test_a_model_moved_after_the_optimizer_was_built_is_an_error():
 
 # -- ranks that disagree: every rank gets the same error, at W = 2 and 3 ---------------------
 
-DISAGREEMENTS = {  # case (tests/cases_robustness.py) -> the error, {last}: the rank that differs
+DISAGREEMENTS = {  # case (tests/ranks/bad_input.py) -> the error, {last}: the rank that differs
     "state_precision": "RuntimeError: zeroopt: ranks disagree about param group 1's "
                        "'state_precision': rank 0 has '32bit', rank {last} has '8bit'",
     "min_8bit_size": "RuntimeError: zeroopt: ranks disagree about param group 1's "
@@ -259,7 +259,7 @@ def disagreement_errors(request, tmp_path_factory):
     """Every case's error on every rank, from one job per world size (the cases run one after
     another: each raises on every rank after the same collective)."""
     page_dir = str(tmp_path_factory.mktemp("pages"))
-    errors = run_ranks(request.param, cases_robustness.disagreements, list(DISAGREEMENTS),
+    errors = run_ranks(request.param, bad_input.disagreements, list(DISAGREEMENTS),
                        page_dir, timeout=180)
     return request.param, page_dir, errors
 
@@ -274,7 +274,7 @@ def test_ranks_that_disagree_all_get_the_same_error(disagreement_errors, case):
 
 
 def test_a_disagreement_seen_by_one_sharding_group_reaches_every_rank():
-    errors = run_ranks(4, cases_robustness.disagreement_in_one_sharding_group, timeout=180)
+    errors = run_ranks(4, bad_input.disagreement_in_one_sharding_group, timeout=180)
     assert len(set(errors)) == 1, errors
     assert "ranks disagree about bucket_numel: rank 2 has 700, rank 3 has 800" in errors[0], \
         errors[0]

@@ -1,9 +1,9 @@
 """zeroopt.save_checkpoint / load_checkpoint: resharding to another world size, atomic saves,
 verified loads, and errors that name the first mismatch.
 
-Resharding runs every state kind (cases_checkpoint.py) on real gloo ranks: saved at W=4,
+Resharding runs every state kind (ranks/checkpoint.py) on real gloo ranks: saved at W=4,
 resumed at W=1, 2 and 3, against the uninterrupted W=4 run. Exact cases must match bit for bit
-(the gradients are the same at every W there, see cases_checkpoint); LAMB's trust ratio sums
+(the gradients are the same at every W there, see ranks/checkpoint.py); LAMB's trust ratio sums
 each param's norm over its pieces in an order that follows the cut, so it gets 1e-6 relative
 (observed ~1e-7: one fp32 rounding of the norm per step; a lost or misplaced state is 1e-3).
 """
@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-import cases_checkpoint as cases
+from ranks import checkpoint
 import zeroopt
 from distributed import run_ranks
 
@@ -26,7 +26,7 @@ TOL_PER_TENSOR_NORM = 1e-6
 @pytest.fixture(scope="module")
 def saved_at_4(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("saved_at_4"))
-    finals = run_ranks(4, cases.save_partway, list(cases.CASES), root)
+    finals = run_ranks(4, checkpoint.save_partway, list(checkpoint.CASES), root)
     assert all(torch.equal(a, b) for r in finals[1:] for case in r
                for a, b in zip(r[case], finals[0][case])), "ranks ended with different params"
     return root, finals[0]
@@ -35,8 +35,8 @@ def saved_at_4(tmp_path_factory):
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_resume_at_another_world_size_equals_the_uninterrupted_run(saved_at_4, world_size):
     root, uninterrupted = saved_at_4
-    resumed = run_ranks(world_size, cases.resume, list(cases.CASES), root)[0]
-    for case, (_, _, _, exact) in cases.CASES.items():
+    resumed = run_ranks(world_size, checkpoint.resume, list(checkpoint.CASES), root)[0]
+    for case, (_, _, _, exact) in checkpoint.CASES.items():
         pairs = list(zip(uninterrupted[case], resumed[case]))
         if exact:
             differ = [i for i, (a, b) in enumerate(pairs) if not torch.equal(a, b)]
@@ -49,22 +49,22 @@ def test_resume_at_another_world_size_equals_the_uninterrupted_run(saved_at_4, w
 def test_hierarchical_checkpoint_resumes_flat(tmp_path):
     """Saved by 2 sharding groups of 2 (one replica writes), resumed flat on 3 ranks."""
     names = ["adamw", "adamw_8bit", "galore_adamw"]
-    finals = run_ranks(4, cases.save_partway, names, str(tmp_path), 2)[0]
-    resumed = run_ranks(3, cases.resume, names, str(tmp_path))[0]
+    finals = run_ranks(4, checkpoint.save_partway, names, str(tmp_path), 2)[0]
+    resumed = run_ranks(3, checkpoint.resume, names, str(tmp_path))[0]
     for case in names:
         assert all(torch.equal(a, b) for a, b in zip(finals[case], resumed[case])), case
 
 
 def test_extras_are_rank_0s_on_every_rank(tmp_path):
-    assert run_ranks(2, cases.extras_round_trip, str(tmp_path / "ckpt")) == [{"saved_by": 0}] * 2
+    assert run_ranks(2, checkpoint.extras_round_trip, str(tmp_path / "ckpt")) == [{"saved_by": 0}] * 2
 
 
 # --- atomic saves and verified loads (one process: the files are what is tested) ------------
 
 
 def _saved(tmp_path, case="adamw_8bit", steps=2):
-    model, opt = cases.build(case)
-    cases.train(model, opt, range(1, steps + 1))
+    model, opt = checkpoint.build(case)
+    checkpoint.train(model, opt, range(1, steps + 1))
     path = str(tmp_path / "ckpt")
     zeroopt.save_checkpoint(path, model, opt, step=steps)
     return path, model, opt
@@ -88,7 +88,7 @@ def test_damaged_checkpoint_is_named_and_nothing_is_loaded(tmp_path, damage):
             f.write(bytes([byte[0] ^ 0xFF]))
     else:
         os.remove(victim)
-    model, opt = cases.build("adamw_8bit", seed=5)
+    model, opt = checkpoint.build("adamw_8bit", seed=5)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(zeroopt.CheckpointError, match=os.path.basename(victim)):
         zeroopt.load_checkpoint(path, model, opt)
@@ -113,10 +113,10 @@ def _crash(path: str, where: str) -> None:
     """Save once, then die (a real process exit, no cleanup) during a second save."""
     import torch.distributed.checkpoint as dcp
 
-    model, opt = cases.build("adamw")
-    cases.train(model, opt, range(1, 3))
+    model, opt = checkpoint.build("adamw")
+    checkpoint.train(model, opt, range(1, 3))
     zeroopt.save_checkpoint(path, model, opt, step=2)
-    cases.train(model, opt, range(3, 4))
+    checkpoint.train(model, opt, range(3, 4))
     if where == "writing":
         original = dcp.FileSystemWriter.write_data
 
@@ -144,10 +144,10 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path, where):
     process.start()
     process.join(120)
     assert process.exitcode == 3, "the save did not reach the crash"
-    model, opt = cases.build("adamw", seed=5)
+    model, opt = checkpoint.build("adamw", seed=5)
     assert zeroopt.load_checkpoint(path, model, opt) == {"step": 2}
-    reference, ref_opt = cases.build("adamw")
-    cases.train(reference, ref_opt, range(1, 3))
+    reference, ref_opt = checkpoint.build("adamw")
+    checkpoint.train(reference, ref_opt, range(1, 3))
     assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), model.parameters()))
     zeroopt.save_checkpoint(path, model, opt, step=4)  # and saving again cleans up
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
@@ -158,7 +158,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path, where):
 
 def test_another_model_is_refused_naming_the_first_difference(tmp_path):
     path, _, _ = _saved(tmp_path, case="adamw")
-    model, _ = cases.models()
+    model, _ = checkpoint.models()
     model.mid = torch.nn.Linear(41, 30)
     model.norm = torch.nn.LayerNorm(30)
     model.out = torch.nn.Linear(30, 5)
@@ -170,11 +170,11 @@ def test_another_model_is_refused_naming_the_first_difference(tmp_path):
 
 def test_another_optimizer_is_refused(tmp_path):
     path, _, _ = _saved(tmp_path, case="adamw")
-    model, opt = cases.build("lion")
+    model, opt = checkpoint.build("lion")
     with pytest.raises(zeroopt.CheckpointError, match="saved by optimizer 'adamw', this one is "
                                                       "'lion'"):
         zeroopt.load_checkpoint(path, model, opt)
-    model, _ = cases.models()
+    model, _ = checkpoint.models()
     groups = [{"params": [model.scale]}, {"params": [p for n, p in model.named_parameters()
                                                      if n != "scale"]}]
     opt = zeroopt.ZeroOptimizer(groups, "adamw")
@@ -188,13 +188,13 @@ def test_states_convert_between_precisions(tmp_path):
     states as the very same codes."""
     path, _, saved_opt = _saved(tmp_path, case="adamw_8bit")
     decoded = zeroopt.export_torch_state_dict(saved_opt)["state"]
-    model, opt = cases.build("adamw", seed=5)
+    model, opt = checkpoint.build("adamw", seed=5)
     zeroopt.load_checkpoint(path, model, opt)
     loaded = zeroopt.export_torch_state_dict(opt)["state"]
     for index, entry in decoded.items():
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(entry[name], loaded[index][name]), (index, name)
-    model, opt = cases.build("adamw_8bit", seed=5)
+    model, opt = checkpoint.build("adamw_8bit", seed=5)
     zeroopt.load_checkpoint(path, model, opt)
     codes, again = saved_opt.state_dict()["state"], opt.state_dict()["state"]
     for index, entry in codes.items():
@@ -205,7 +205,7 @@ def test_states_convert_between_precisions(tmp_path):
 def test_model_only_and_optimizer_only(tmp_path):
     path, model, opt = _saved(tmp_path, case="adamw")
     zeroopt.save_checkpoint(str(tmp_path / "opt_only"), None, opt, note="x")
-    other, other_opt = cases.build("adamw", seed=5)
+    other, other_opt = checkpoint.build("adamw", seed=5)
     with torch.no_grad():
         for p, q in zip(other.parameters(), model.parameters()):
             p.copy_(q)
@@ -221,7 +221,7 @@ def test_a_checkpoint_saved_under_mpirun_resumes_under_gloo(tmp_path, monkeypatc
     from distributed import mpi_ranks
 
     monkeypatch.setenv("ZEROOPT_TEST_CHECKPOINTS", str(tmp_path))
-    finals = mpi_ranks(2, "cases_checkpoint:save_partway_under_mpi")[0]
-    resumed = run_ranks(3, cases.resume, cases.MPI_CASES, str(tmp_path))[0]
-    for case in cases.MPI_CASES:
+    finals = mpi_ranks(2, "ranks.checkpoint:save_partway_under_mpi")[0]
+    resumed = run_ranks(3, checkpoint.resume, checkpoint.MPI_CASES, str(tmp_path))[0]
+    for case in checkpoint.MPI_CASES:
         assert all(torch.equal(a, b) for a, b in zip(finals[case], resumed[case])), case

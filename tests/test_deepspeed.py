@@ -1,7 +1,7 @@
 """DeepSpeed, both ways, run for real on CPU (gloo, DS_ACCELERATOR=cpu, 2 ranks; no mocks):
 
 - zeroopt.deepspeed.initialize: DeepSpeed's engine with ZeroOptimizer sharding and reducing
-  (cases_deepspeed.engine_suite), and the GPT example through a DeepSpeed config;
+  (ranks/deepspeed.py: engine_suite), and the GPT example through a DeepSpeed config;
 - zeroopt.FusedOptimizer as the optimizer DeepSpeed's ZeRO-1/2 wraps (fused_suite).
 
 Tolerances. Where the same code runs the same arithmetic, bit-identity: the example through
@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-import cases_deepspeed
+from ranks import deepspeed as deepspeed_ranks  # not DeepSpeed itself
 import zeroopt
 from distributed import run_ranks
 from zeroopt.deepspeed import ConfigError
@@ -42,12 +42,12 @@ STAGES = (1, 2)
 
 @pytest.fixture(scope="module")
 def engine_runs():
-    return run_ranks(2, cases_deepspeed.engine_suite, timeout=300)
+    return run_ranks(2, deepspeed_ranks.engine_suite, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def fused_runs():
-    return run_ranks(2, cases_deepspeed.fused_suite, timeout=300)
+    return run_ranks(2, deepspeed_ranks.fused_suite, timeout=300)
 
 
 # -- zeroopt.deepspeed.initialize ------------------------------------------------------------
@@ -64,7 +64,7 @@ def test_trains_as_deepspeed_trains_with_torch_adamw(engine_runs, stage):
         assert min(out["norm"]) > 0.5  # gradient_clipping 0.5 clipped every step
         assert out["rel_err"] < TOL, out["rel_err"]
     ids = [run["vs_deepspeed", stage]["ids"] for run in engine_runs]
-    assert sorted(ids[0] + ids[1]) == list(range(cases_deepspeed.SAMPLES))  # split, not shared
+    assert sorted(ids[0] + ids[1]) == list(range(deepspeed_ranks.SAMPLES))  # split, not shared
 
 
 def test_stage1_reduces_once_per_step_stage2_every_micro_step(engine_runs):
@@ -225,7 +225,7 @@ def test_fused_8bit_resumes_under_zero(fused_runs):
 
 # -- zeroopt.FusedOptimizer alone --------------------------------------------------------------
 
-HP = cases_deepspeed.HP
+HP = deepspeed_ranks.HP
 
 
 def two_groups(model):
@@ -244,29 +244,29 @@ def train(model, opt, steps, seed=0):
 
 
 def test_fused_equals_torch_fused_adamw_with_param_groups():
-    ours, theirs = cases_deepspeed.wide_mlp(), cases_deepspeed.wide_mlp()
+    ours, theirs = deepspeed_ranks.wide_mlp(), deepspeed_ranks.wide_mlp()
     train(ours, zeroopt.FusedOptimizer(two_groups(ours), "adamw", **HP), 5)
     train(theirs, torch.optim.AdamW(two_groups(theirs), fused=True, **HP), 5)
-    assert cases_deepspeed.identical(ours, theirs)
+    assert deepspeed_ranks.identical(ours, theirs)
 
 
 def test_fused_state_dict_loads_in_any_precision():
     """8-bit codes load as they are into 8-bit (training then continues bit-identically) and
     decoded into 32-bit; torch.optim's own load would have cast the codes to floats."""
     eight_bit = dict(window_numel=1024, min_8bit_size=64, **HP)  # several windows; the
-    model = cases_deepspeed.wide_mlp()                        # biases (96, 80) padded to blocks
+    model = deepspeed_ranks.wide_mlp()                        # biases (96, 80) padded to blocks
     opt = zeroopt.FusedOptimizer(two_groups(model), "adamw_8bit", **eight_bit)
     train(model, opt, 3)
     saved = copy.deepcopy(opt.state_dict())  # like torch.optim's, it holds the live tensors
-    twin = cases_deepspeed.wide_mlp()
+    twin = deepspeed_ranks.wide_mlp()
     twin.load_state_dict(model.state_dict())
     again = zeroopt.FusedOptimizer(two_groups(twin), "adamw_8bit", **eight_bit)
     again.load_state_dict(saved)
     train(model, opt, 2, seed=1)
     train(twin, again, 2, seed=1)
-    assert cases_deepspeed.identical(twin, model)
+    assert deepspeed_ranks.identical(twin, model)
 
-    wide = zeroopt.FusedOptimizer(two_groups(cases_deepspeed.wide_mlp()), "adamw", **HP)
+    wide = zeroopt.FusedOptimizer(two_groups(deepspeed_ranks.wide_mlp()), "adamw", **HP)
     wide.load_state_dict(saved)
     loaded = wide.state_dict()["state"][0]
     codes, absmax = saved["state"][0]["exp_avg"].reshape(-1), saved["state"][0]["exp_avg_absmax"]
@@ -278,13 +278,13 @@ def test_fused_state_dict_loads_in_any_precision():
 
 
 def test_fused_paged_states_equal_resident_ones():
-    resident, paged = cases_deepspeed.wide_mlp(), cases_deepspeed.wide_mlp()
+    resident, paged = deepspeed_ranks.wide_mlp(), deepspeed_ranks.wide_mlp()
     train(resident, zeroopt.FusedOptimizer(resident.parameters(), "adamw_8bit",
                                            window_numel=1024, **HP), 3)
     opt = zeroopt.FusedOptimizer(paged.parameters(), "paged_adamw_8bit", window_numel=1024, **HP)
     train(paged, opt, 3)
     assert all(stored.region.kind.paged for stored in opt._stored.values())  # memory-mapped
-    assert cases_deepspeed.identical(paged, resident)
+    assert deepspeed_ranks.identical(paged, resident)
 
 
 REFUSED = [("lamb", {}), ("lars", {}), ("adamw", {"cautious": True}),
@@ -294,7 +294,7 @@ REFUSED = [("lamb", {}), ("lars", {}), ("adamw", {"cautious": True}),
 
 @pytest.mark.parametrize("name,options", REFUSED, ids=[name for name, _ in REFUSED])
 def test_fused_refuses_rules_that_need_whole_params(name, options):
-    matrices = [p for p in cases_deepspeed.wide_mlp().parameters() if p.dim() == 2]
+    matrices = [p for p in deepspeed_ranks.wide_mlp().parameters() if p.dim() == 2]
     group = {"params": matrices, **options}  # GaLore and APOLLO project matrices only
     with pytest.raises(ValueError, match="flat partition per param group") as error:
         zeroopt.FusedOptimizer([group], name)
@@ -302,7 +302,7 @@ def test_fused_refuses_rules_that_need_whole_params(name, options):
 
 
 def test_fused_refuses_schedule_free_and_16bit_params():
-    model = cases_deepspeed.wide_mlp()
+    model = deepspeed_ranks.wide_mlp()
     with pytest.raises(ValueError, match=r"eval\(\)/train\(\)"):
         zeroopt.FusedOptimizer(model.parameters(), "schedule_free_adamw")
     model.to(torch.bfloat16)

@@ -18,7 +18,7 @@ Two sources of difference are tested apart, each tightly:
 import pytest
 import torch
 
-import cases
+from ranks import equivalence
 from distributed import mpi_ranks, run_ranks
 
 TOL = 1e-6
@@ -31,11 +31,11 @@ _suites: dict = {}
 
 
 def suite_results(world_size: int, backend: str) -> list:
-    """Every rank's results of cases.suite, run once per (world size, backend)."""
+    """Every rank's results of equivalence.suite, run once per (world size, backend)."""
     if (world_size, backend) not in _suites:
         _suites[world_size, backend] = (
-            run_ranks(world_size, cases.suite, timeout=600) if backend == "gloo"
-            else mpi_ranks(world_size, "cases:suite", timeout=600))
+            run_ranks(world_size, equivalence.suite, timeout=600) if backend == "gloo"
+            else mpi_ranks(world_size, "ranks.equivalence:suite", timeout=600))
     return _suites[world_size, backend]
 
 
@@ -52,7 +52,7 @@ def worst(per_rank, key):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("case", list(cases.RULES))
+@pytest.mark.parametrize("case", list(equivalence.RULES))
 def test_matches_torch_optim_or_reference(results, case, stage):
     world_size, per_rank = results
     err = worst(per_rank, ("torch", case, stage))
@@ -60,7 +60,7 @@ def test_matches_torch_optim_or_reference(results, case, stage):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("case", list(cases.RULES))
+@pytest.mark.parametrize("case", list(equivalence.RULES))
 def test_matches_eager_reference(results, case, stage):
     world_size, per_rank = results
     err = worst(per_rank, ("eager", case, stage))
@@ -70,7 +70,7 @@ def test_matches_eager_reference(results, case, stage):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("case", list(cases.RULES))
+@pytest.mark.parametrize("case", list(equivalence.RULES))
 def test_save_load_continues_bit_identically(results, case, stage):
     _, per_rank = results
     assert all(r[("resume", case, stage)] for r in per_rank)
@@ -159,7 +159,7 @@ def test_mpi_trains_the_same_params_as_gloo(world_size, stage):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_reduce_scatter_and_all_gather_path(world_size):
     """The collectives NCCL uses, exercised over gloo (no GPUs here)."""
-    for errors in run_ranks(world_size, cases.with_reduce_scatter_collectives):
+    for errors in run_ranks(world_size, equivalence.with_reduce_scatter_collectives):
         for key, err in errors.items():
             assert err < TOL, (key, err)
 

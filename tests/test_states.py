@@ -1,4 +1,4 @@
-"""8-bit, bf16 and paged optimizer states, sharded at world sizes 1 to 4 (cases_states.py).
+"""8-bit, bf16 and paged optimizer states, sharded at world sizes 1 to 4 (ranks/states.py).
 
 Tolerances for 8-bit are bitsandbytes' own for its 8-bit optimizers, measured the way its tests
 measure them (each step from a common point, the reference reset after each comparison):
@@ -12,7 +12,7 @@ held to bit-identity.
 import pytest
 import torch
 
-import cases_states
+from ranks import states
 from distributed import run_ranks
 
 WORLD_SIZES = (1, 2, 3, pytest.param(4, marks=pytest.mark.slow))  # 4 ranks on 2 cores: 46 s
@@ -21,19 +21,19 @@ HANDFUL = 5  # bitsandbytes allows a few elements past atol/rtol: ties of the ro
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
 def results(request):
-    return request.param, run_ranks(request.param, cases_states.suite, timeout=900)
+    return request.param, run_ranks(request.param, states.suite, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def single_rank_fingerprint():
-    return run_ranks(1, cases_states.fingerprint)[0]
+    return run_ranks(1, states.fingerprint)[0]
 
 
 def worst(per_rank, key, field):
     return max(r[key][field] for r in per_rank)
 
 
-EIGHT_BIT_CASES = [(name, stage) for name in cases_states.EIGHT_BIT
+EIGHT_BIT_CASES = [(name, stage) for name in states.EIGHT_BIT
                    for stage in ((1, 2) if name == "adamw_8bit" else (2,))]
 
 
@@ -70,7 +70,7 @@ def test_8bit_training_bit_identical_at_every_world_size(results, single_rank_fi
                 f"W={world_size}: param {index}'s {name} differs from W=1"
 
 
-@pytest.mark.parametrize("name", [*cases_states.PAGED, ("paged_adamw_8bit", 1)],
+@pytest.mark.parametrize("name", [*states.PAGED, ("paged_adamw_8bit", 1)],
                          ids=lambda n: n if isinstance(n, str) else f"{n[0]}-stage1")
 def test_paged_equals_resident_bit_for_bit(results, name):
     world_size, per_rank = results

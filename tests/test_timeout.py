@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-import cases_timeout
+from ranks import timeout
 import zeroopt
 from distributed import _free_port, mpi_ranks, run_ranks
 
@@ -15,7 +15,7 @@ HARNESS_S = 180  # the harness's deadline: a hang fails the test
 
 
 def test_a_hung_rank_stops_the_others_in_step_with_the_timeout_named(tmp_path):
-    rank0, rank1 = run_ranks(2, cases_timeout.hung_in_step, 5, str(tmp_path), timeout=HARNESS_S)
+    rank0, rank1 = run_ranks(2, timeout.hung_in_step, 5, str(tmp_path), timeout=HARNESS_S)
     assert rank1 == "hung"
     assert "zeroopt: a collective (ring reduce-scatter of a bucket, step 1 of 1) did not " \
            "finish within 5 s (timeout=5): rank 1 (or a rank it waits on) may be hung or " \
@@ -26,14 +26,14 @@ def test_a_hung_rank_stops_the_others_in_step_with_the_timeout_named(tmp_path):
 def test_the_timeout_bounds_native_bucket_collectives_too(tmp_path):
     """ZEROOPT_BUCKET_COLLECTIVES=native: torch's reduce-scatter handle, waited for with the
     timeout (the NCCL path's code, over gloo); a timedelta is taken as well."""
-    rank0, _ = run_ranks(2, cases_timeout.hung_in_step, datetime.timedelta(seconds=4),
+    rank0, _ = run_ranks(2, timeout.hung_in_step, datetime.timedelta(seconds=4),
                          str(tmp_path), "native", timeout=HARNESS_S)
     assert "zeroopt: a collective (reduce-scatter of a gradient bucket) did not finish " \
            "within 4 s (timeout=4): another rank may be hung or dead" in rank0, rank0
 
 
 def test_the_construction_check_waits_no_longer_than_the_timeout(tmp_path):
-    rank0, rank1 = run_ranks(2, cases_timeout.hung_before_construction, 4.5, str(tmp_path),
+    rank0, rank1 = run_ranks(2, timeout.hung_before_construction, 4.5, str(tmp_path),
                              timeout=HARNESS_S)
     assert rank1 == "hung"
     assert re.search(r"a collective \(all_gather_object: the optimizer's construction check\) "
@@ -41,7 +41,7 @@ def test_the_construction_check_waits_no_longer_than_the_timeout(tmp_path):
 
 
 def test_init_distributed_passes_the_timeout_to_the_process_group(tmp_path):
-    rank0, rank1 = run_ranks(2, cases_timeout.init_distributed_with_timeout, _free_port(),
+    rank0, rank1 = run_ranks(2, timeout.init_distributed_with_timeout, _free_port(),
                              str(tmp_path), timeout=HARNESS_S)
     for out in (rank0, rank1):
         assert out["comm_timeout"] == 3.0 and out["group_timeout"] == 3.0
@@ -50,7 +50,7 @@ def test_init_distributed_passes_the_timeout_to_the_process_group(tmp_path):
 
 
 def test_a_timeout_that_never_runs_out_changes_nothing():
-    for out in run_ranks(2, cases_timeout.same_training_with_a_timeout, timeout=HARNESS_S):
+    for out in run_ranks(2, timeout.same_training_with_a_timeout, timeout=HARNESS_S):
         assert out == {"auto": True, "native": True}
 
 
@@ -82,7 +82,7 @@ def test_a_single_rank_takes_a_timeout_and_trains():
 def test_mpi_waits_are_bounded_too(tmp_path, monkeypatch):
     monkeypatch.setenv("ZEROOPT_TEST_TIMEOUT", "4")
     monkeypatch.setenv("ZEROOPT_TEST_FLAG_DIR", str(tmp_path))
-    rank0, rank1 = mpi_ranks(2, "cases_timeout:mpi_hung_in_step", timeout=HARNESS_S)
+    rank0, rank1 = mpi_ranks(2, "ranks.timeout:mpi_hung_in_step", timeout=HARNESS_S)
     assert rank1 == "hung"
     assert "zeroopt: a collective (ring reduce-scatter of a bucket, step 1 of 1) did not " \
            "finish within 4 s (timeout=4): rank 1 (or a rank it waits on) may be hung or " \

@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cases_interop
+from ranks import torch_interop
 import zeroopt
 from distributed import run_ranks
 
 TOL = 1e-6
 
 
-@pytest.mark.parametrize("name", list(cases_interop.RULES))
+@pytest.mark.parametrize("name", list(torch_interop.RULES))
 def test_state_moves_both_ways(name):
-    errors = run_ranks(2, cases_interop.both_directions, name)
+    errors = run_ranks(2, torch_interop.both_directions, name)
     assert set(errors[0]) == {"zeroopt->torch", "torch->zeroopt"}
     for direction, err in errors[0].items():
         assert err <= TOL, f"{name} {direction}: rel err {err:.2e}"

@@ -1,5 +1,5 @@
 """Every training-loop pattern torch.optim accepts gives torch.optim's result sharded, at
-W = 1, 2, 3, stages 1 and 2 (rank-side code: cases_patterns.py).
+W = 1, 2, 3, stages 1 and 2 (rank-side code: ranks/torch_optim_patterns.py).
 
 Tolerance 1e-6 relative to each param's largest magnitude, as in test_equivalence.py (the
 gradients are summed exactly in fp64; what remains is the fused kernels' arithmetic against
@@ -9,7 +9,7 @@ momentum), a missed or doubled gradient, or a wrong per-param step count gives 1
 
 import pytest
 
-import cases_patterns
+from ranks import torch_optim_patterns
 from distributed import run_ranks
 
 TOL = 1e-6
@@ -21,7 +21,7 @@ _runs: dict = {}
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
 def per_rank(request):
     if request.param not in _runs:
-        _runs[request.param] = run_ranks(request.param, cases_patterns.suite, timeout=600)
+        _runs[request.param] = run_ranks(request.param, torch_optim_patterns.suite, timeout=600)
     return _runs[request.param]
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import zeroopt  # noqa: E402
-from cases_transformers import (PROJECTION_ARGS, distributed_settings,  # noqa: E402
+from ranks.transformers import (PROJECTION_ARGS, distributed_settings,  # noqa: E402
                                 resume_settings, train)
 from distributed import run_ranks  # noqa: E402
 from transformers.training_args import OptimizerNames  # noqa: E402
@@ -154,9 +154,9 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
 
 
 def _two_rank_runs(root: str) -> dict:
-    import cases_transformers
+    from ranks.transformers import two_rank_runs
 
-    return cases_transformers.two_rank_runs(root)
+    return two_rank_runs(root)
 
 
 def test_schedule_free_evaluates_at_the_average_and_trains_on(tmp_path):

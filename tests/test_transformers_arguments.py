@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from cases_transformers import arguments, tiny_llama  # noqa: E402
+from ranks.transformers import arguments, tiny_llama  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from zeroopt.algorithms import get_rule  # noqa: E402

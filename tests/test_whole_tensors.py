@@ -1,7 +1,7 @@
 """GaLore, APOLLO and Adafactor sharded, against their reference packages, at W = 1, 2, 3.
 
 The reference (galore-torch, apollo-torch, transformers' Adafactor) trains unsharded on the
-exact average of every rank's gradient (tests/cases_whole.py), so the only possible difference
+exact average of every rank's gradient (tests/ranks/whole_tensors.py), so the only possible difference
 is the update's arithmetic. zeroopt runs the references' own per-tensor operations in their
 order, on the rank that owns each whole matrix: the params agree bit for bit (observed 0.0)
 for all but GaLoreAdamW8bit, whose bitsandbytes Adam rounds differently from torch's (observed
@@ -12,7 +12,7 @@ refresh or a wrong projection side gives 1e-3 or more.
 import pytest
 import torch
 
-import cases_whole
+from ranks import whole_tensors
 from distributed import run_ranks
 
 TOL = 1e-6
@@ -24,18 +24,18 @@ REFRESHES = 3  # steps 0, 3 and 6 of 8
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
 def results(request):
-    return request.param, run_ranks(request.param, cases_whole.suite, timeout=600)
+    return request.param, run_ranks(request.param, whole_tensors.suite, timeout=600)
 
 
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("case", list(cases_whole.CASES))
+@pytest.mark.parametrize("case", list(whole_tensors.CASES))
 def test_matches_reference_package(results, case, stage):
     world_size, per_rank = results
     err = max(r["ref", case, stage]["err"] for r in per_rank)
     assert err <= TOL, f"{case} stage {stage} W={world_size}: rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("case", list(cases_whole.CASES))
+@pytest.mark.parametrize("case", list(whole_tensors.CASES))
 def test_each_whole_param_has_one_owner(results, case):
     world_size, per_rank = results
     owned = [set(r["ref", case, 2]["owned"]) for r in per_rank]
@@ -47,7 +47,7 @@ def test_each_whole_param_has_one_owner(results, case):
         assert all(owned), f"a rank owns nothing: {owned}"
 
 
-@pytest.mark.parametrize("case", [c for c in cases_whole.CASES if not c.startswith(("adafactor",
+@pytest.mark.parametrize("case", [c for c in whole_tensors.CASES if not c.startswith(("adafactor",
                                                                                    "apollo"))])
 def test_each_svd_runs_once_per_refresh_on_its_owner(results, case):
     world_size, per_rank = results
@@ -80,7 +80,7 @@ def test_8bit_low_rank_moments_are_as_close_as_galore_torchs(results, stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_8bit_training_is_the_same_at_every_world_size(results, stage):
     world_size, per_rank = results
-    single = run_ranks(1, cases_whole.eight_bit_fingerprint, stage)[0]
+    single = run_ranks(1, whole_tensors.eight_bit_fingerprint, stage)[0]
     for r in per_rank:
         assert torch.equal(r["8bit_fingerprint", stage], single)
 

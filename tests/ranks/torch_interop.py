@@ -2,7 +2,7 @@
 
 Both directions, for every rule torch.optim has: train a few steps with one, hand the state to
 the other, continue both, compare. Every rank trains on the step's same batch (as in
-cases_checkpoint), so the single-process torch.optim sees the gradient the ranks average.
+ranks/checkpoint.py), so the single-process torch.optim sees the gradient the ranks average.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-import cases_checkpoint as cases
+from ranks import checkpoint
 import zeroopt
 from training import world
 from zeroopt.checkpoint import directory
@@ -26,18 +26,18 @@ FAULT_RANK = {"manifest": 0, "hash": 1, "rename": 0, "load_hash": 1}
 
 
 def _first_save(path: str):
-    model, opt = cases.build("adamw")
-    cases.train(model, opt, range(1, 3))
+    model, opt = checkpoint.build("adamw")
+    checkpoint.train(model, opt, range(1, 3))
     zeroopt.save_checkpoint(path, model, opt, step=2)
-    return model, opt, cases.params_of(model)
+    return model, opt, checkpoint.params_of(model)
 
 
 def _loads_back(path: str) -> list[torch.Tensor]:
     """The params a fresh, perturbed model gets from ``path`` (a collective: checks too that
     no rank was left behind in one)."""
-    model, opt = cases.build("adamw", seed=7)
+    model, opt = checkpoint.build("adamw", seed=7)
     assert zeroopt.load_checkpoint(path, model, opt) == {"step": 2}
-    return cases.params_of(model)
+    return checkpoint.params_of(model)
 
 
 def _outcome(call) -> dict:
@@ -99,12 +99,12 @@ def one_rank_faults(root: str, faults: list[str]) -> dict:
     params loaded afterwards; and the params the first save held."""
     path = os.path.join(root, "ckpt")
     model, opt, saved = _first_save(path)
-    cases.train(model, opt, range(3, 4))  # the second save would hold other values
+    checkpoint.train(model, opt, range(3, 4))  # the second save would hold other values
     seen = {}
     for kind in faults:
         with _fault(kind, path):
             if kind == "load_hash":
-                other, other_opt = cases.build("adamw", seed=7)
+                other, other_opt = checkpoint.build("adamw", seed=7)
                 outcome = _outcome(lambda: zeroopt.load_checkpoint(path, other, other_opt))
             else:
                 outcome = _outcome(lambda: zeroopt.save_checkpoint(path, model, opt, step=3))

@@ -189,7 +189,7 @@ def bf16_against_zero_optimizer() -> dict:
         plain.zero_grad()
     return {"identical": identical(engine.module, model), "moved": rel_err(model, mlp()),
             "param_dtypes": {str(p.dtype) for p in engine.module.parameters()},
-            "master_dtypes": {str(m.dtype) for m in opt._masters.values()},
+            "master_dtypes": {str(m.dtype) for m in opt.shard.masters.values()},
             "optimizer": type(engine.optimizer).__name__,
             "deepspeed_sees_bf16": engine.bfloat16_enabled()}
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import zeroopt
-from cases import RULES, equivalence
+from ranks.equivalence import RULES, equivalence
 from training import EXACT, batch, loss_of, models, world
 
 

@@ -126,7 +126,7 @@ def paged_equals_unpaged(name: str, stage: int) -> dict:
     return {"max_abs_diff": max((p - q).abs().max().item()
                                 for p, q in zip(a.parameters(), b.parameters())),
             "paged_device_bytes": paged.device_state_bytes(),
-            "window_bytes": 4 * sum(t.numel() for t in paged._scratch.values()),
+            "window_bytes": 4 * sum(t.numel() for t in paged.shard.scratch.values()),
             "resident_device_bytes": resident.device_state_bytes(),
             "resident_state_bytes": resident.state_bytes(),
             "state_bytes_equal": paged.state_bytes() == resident.state_bytes()}
