@@ -23,7 +23,6 @@ import torch
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 GALORE_KEYS = dict(update_proj_gap=200, scale=0.25, proj_type="std")  # Transformers' defaults
 GROUP_KEYS = ("rank", *GALORE_KEYS)  # what a projected param group may carry
-SVD_CALLS = {"count": 0}  # SVDs run by this process: tests count them across ranks
 
 
 def is_projected(group: dict) -> bool:
@@ -59,7 +58,6 @@ def refresh_due(group: dict, t: int, state: dict, key: str) -> bool:
 def svd_basis(grad: torch.Tensor, rank: int, where: str) -> torch.Tensor:
     """GaLore's orthogonal basis: the top ``rank`` right (r x n) or left (m x r) singular
     vectors of the gradient."""
-    SVD_CALLS["count"] += 1
     U, _, Vh = torch.linalg.svd(grad.float(), full_matrices=False)
     basis = Vh[:rank, :] if where == "right" else U[:, :rank]
     # A compact copy in the view's own memory order (LAPACK's is column-major): the SVD's
