@@ -68,6 +68,60 @@ log = logging.getLogger("zeroopt")
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
+    """A torch.optim.Optimizer whose states (stage 1), and gradients (stage 2), are sharded
+    across the data-parallel ranks: each rank keeps and updates 1/W of them (ZeRO, Rajbhandari
+    et al. 2020), and the update is the named rule's, as torch.optim (or the reference
+    package the name comes from) computes it. Build it after moving the model to its device
+    and dtype; do not wrap the model in DistributedDataParallel (see the module docstring).
+
+    Args:
+        params (iterable): tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or
+            param-group dicts, as torch.optim takes them. The dicts are not modified. Params
+            frozen now get state when they first get a gradient.
+        optimizer (str): the update rule, by Transformers' ``optim`` name; see
+            ``zeroopt.available_optimizers()``. Default ``"adamw"`` (torch.optim.AdamW).
+        stage (int): 1 shards optimizer states (every rank keeps a full gradient buffer); 2
+            also shards gradients (the shard plus at most 3 buckets). Default 1.
+        process_group: a ``torch.distributed`` group to shard over, or a
+            ``(sharding_group, replication_group)`` pair (HSDP-style). Default: the job.
+        backend (str | None): ``"nccl"``, ``"gloo"``, ``"mpi"``, ``"xla"`` or ``"hccl"``;
+            default from the params' device (or ``ZEROOPT_BACKEND``).
+        shard_size (int | str | None): shard over groups of this many consecutive ranks and
+            replicate across groups (``"node"``: the launcher's ranks per node). Default None.
+        average_grads (bool): False for a model already wrapped in DDP (stage 1 only): take
+            its averaged ``param.grad``. Default True.
+        bucket_numel (int): elements per gradient/param bucket (one collective each). Default
+            4,000,000.
+        reduce_dtype (torch.dtype): dtype of the gradient reduction (``torch.float64`` makes
+            the average independent of summation order). Default ``torch.float32``.
+        skip_nonfinite (bool): skip a step whose global grad norm is inf/NaN, states
+            untouched (counted in ``skipped_steps``). Default True.
+        window_numel (int | None): elements per decode window of non-resident states (a
+            multiple of 256). Default 262,144 on CPU, 4,194,304 on accelerators.
+        page_dir (str | None): directory for paged states' files (CPU). Default: the temp dir.
+        timeout (float | datetime.timedelta | None): seconds any one collective wait may take
+            before ``zeroopt.comm.CollectiveTimeout``. Default None (the process group's own).
+        **hyperparameters: the rule's, with torch.optim's names and defaults (``lr``,
+            ``betas``, ``weight_decay``...), and every rule's ``state_precision`` ("32bit",
+            "bf16", "8bit"), ``min_8bit_size`` (4096) and ``paged`` (False). Per group too.
+
+    Raises:
+        ValueError: an unknown optimizer name, an invalid hyperparameter or option, no
+            trainable params, complex or meta params, a tensor given twice, a ``page_dir``
+            that does not exist or is not writable.
+        OSError: a ``page_dir`` too small for the paged states (ENOSPC; the bytes named).
+        TypeError: an unknown hyperparameter or param-group key (with the closest known one).
+        RuntimeError: ranks that disagree about the params, their groups or the settings
+            (the same error on every rank, naming the first difference).
+        zeroopt.comm.CollectiveTimeout: a rank did not join the construction check within
+            ``timeout``.
+
+    Example::
+
+        opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw", stage=2, lr=3e-4)
+        loss.backward(); opt.clip_grad_norm_(1.0); opt.step(); opt.zero_grad()
+    """
+
     def __init__(self, params, optimizer: str = "adamw", *, stage: int = 1,
                  process_group=None, backend: str | None = None, shard_size: int | None = None,
                  average_grads: bool = True,
@@ -130,7 +184,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.layout.allocate_param_buffers()
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
             self.comm.broadcast(buffer.data, src=0)
-        self.window_numel = _window_numel(window_numel, self.device)
+        self.window_numel = shard_windows.window_numel_for(window_numel, self.device)
         self._gradient_options = dict(average_grads=average_grads, reduce_dtype=reduce_dtype)
         self.grads = self._gradient_source()
         self.shard = Shard(self.rule, self.param_groups, self.layout, self.grads.shard,
@@ -188,6 +242,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._frozen_at_build = [p for p in self._frozen_at_build if id(p) not in wanted]
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's, during construction only.
+
+        Raises:
+            RuntimeError: after construction: the flat buffers are laid out once (build a new
+                ZeroOptimizer with every group; it takes over the params).
+        """
         if getattr(self, "_constructed", False):
             raise RuntimeError("ZeroOptimizer cannot add a param group after construction: the "
                                "flat buffers are laid out once. Build a new ZeroOptimizer with "
@@ -414,19 +474,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
                    for bucket in self.layout.buckets]
         for handle in handles:
             handle.wait()
-
-
-def _window_numel(window_numel: int | None, device: torch.device) -> int:
-    """Elements per window: by default ~256K on CPU (the windows' working set stays in cache),
-    4M on accelerators (fewer, larger transfers and launches)."""
-    from .states.blockwise import BLOCK
-
-    if window_numel is None:
-        window_numel = 1 << 18 if device.type == "cpu" else 1 << 22
-    if not isinstance(window_numel, int) or window_numel < BLOCK or window_numel % BLOCK:
-        raise ValueError(f"window_numel must be a positive multiple of {BLOCK} (whole 8-bit "
-                         f"blocks), got {window_numel!r}")
-    return window_numel
 
 
 def _indexed(param_groups: list[dict], group: int):

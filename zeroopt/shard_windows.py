@@ -90,6 +90,31 @@ def run(windows: list[Window], fn: Callable[[ShardTensors], object], *, load: bo
     return results
 
 
+def window_numel_for(window_numel: int | None, device: torch.device) -> int:
+    """The elements per window.
+
+    Args:
+        window_numel: the user's choice, or None for the default: 2**18 (~256K) on CPU, where
+            the window's working set stays in cache; 2**22 (4M) on accelerators (fewer,
+            larger transfers and launches).
+        device: the compute device.
+
+    Returns:
+        ``window_numel`` or the default.
+
+    Raises:
+        ValueError: not a positive multiple of 256 (whole 8-bit blocks).
+    """
+    from .states.blockwise import BLOCK
+
+    if window_numel is None:
+        window_numel = 1 << 18 if device.type == "cpu" else 1 << 22
+    if not isinstance(window_numel, int) or window_numel < BLOCK or window_numel % BLOCK:
+        raise ValueError(f"window_numel must be a positive multiple of {BLOCK} (whole 8-bit "
+                         f"blocks), got {window_numel!r}")
+    return window_numel
+
+
 Span = tuple[int, int, int, "int | None"]  # (buffer, shard offset, numel, param index or None)
 
 

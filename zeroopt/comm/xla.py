@@ -63,7 +63,6 @@ _INSTALL_HINT = (
     "the installed torch), then choose the device with PJRT_DEVICE=CPU|TPU|CUDA")
 
 _REDUCE_TYPES = ("sum", "max", "min")
-_TRACE = os.environ.get("ZEROOPT_XLA_TRACE", "") not in ("", "0")
 
 
 def _import_xla():
@@ -207,7 +206,7 @@ class XlaCollectives(Collectives):
             tensor = tensor.clone()
             self._xm.optimization_barrier_([previous, tensor])
         channel = self._channel(device)
-        if _TRACE:  # ZEROOPT_XLA_TRACE=1: which collective got which channel, where
+        if _tracing():  # ZEROOPT_XLA_TRACE=1: which collective got which channel, where
             import traceback
 
             where = [f"{f.name}:{f.lineno}" for f in traceback.extract_stack()[-7:-3]]
@@ -333,3 +332,8 @@ class XlaCollectives(Collectives):
 
 
 __all__ = ["XlaCollectives", "cpu_replicas_environment", "mark_step", "xla_available", "xla_collectives", "xla_device"]
+
+
+def _tracing() -> bool:
+    """ZEROOPT_XLA_TRACE, read when used (a test or a debugging session may set it late)."""
+    return os.environ.get("ZEROOPT_XLA_TRACE", "") not in ("", "0")

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .algorithms import ShardTensors, get_preset
-from .algorithms.base import UpdateRule, resolve_defaults
-from .optimizer import _window_numel
-from .shard_windows import Window, run
-from .states import encoding, kinds
-from .states.kinds import STATE_DEFAULTS
-from .states.storage import RegionStates
+from ..algorithms import ShardTensors, get_preset
+from ..algorithms.base import UpdateRule, resolve_defaults
+from ..shard import initial_fill
+from ..shard_windows import Window, run, window_numel_for
+from ..states import encoding, kinds
+from ..states.kinds import STATE_DEFAULTS
+from ..states.storage import RegionStates
 
 
 @dataclass
@@ -75,7 +75,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                  page_dir: str | None = None, **hyperparameters):
         self.rule, preset = get_preset(optimizer)
         self.name = optimizer
-        _window_numel(window_numel, torch.device("cpu"))  # a bad value fails here, not in step
+        window_numel_for(window_numel, torch.device("cpu"))  # a bad value fails here, not in step
         self._window_arg, self._page_dir = window_numel, page_dir
         self._stored: dict[torch.Tensor, _ParamStates] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}  # (state name, device) -> fp32 window
@@ -205,7 +205,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             window = empty_window()
             window.add(param, grad, 0, {name: region.view(name, 0, numel) for name in names})
             return [window]
-        size = _window_numel(self._window_arg, p.device)
+        size = window_numel_for(self._window_arg, p.device)
         scratch = {name: self._scratch_for(name, p.device, min(size, region.numel))
                    for name in names}
         windows = []
@@ -226,17 +226,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
 
 def _set_initial_values(rule: UpdateRule, group: dict, windows: list[Window]) -> None:
-    """States that do not start at zero (Adagrad's initial accumulator)."""
+    """States that do not start at zero (Adagrad's initial accumulator): the same fill as
+    ZeroOptimizer's (``zeroopt.shard.initial_fill``)."""
     starts = rule.initial_values(group)
-    if not starts:
-        return
-
-    def fill(shard: ShardTensors) -> None:
-        for name, value in starts.items():
-            for state in shard.states[name]:
-                state.fill_(value)
-
-    run(windows, fill, load=True, store=True)  # load: the fresh (zero) padding stays zero
+    if starts:  # load: the fresh (zero) padding stays zero
+        run(windows, initial_fill(starts), load=True, store=True)
 
 
 def _refuse_whole_param_rules(rule: UpdateRule, name: str, group: dict) -> None:
