@@ -45,7 +45,22 @@ DEFAULT_PAD_MULTIPLE = 256  # chunks stay multiples of 256 elements: quantizatio
 
 @dataclass(eq=False)
 class ParamSlot:
-    """One trainable param's place in a flat buffer."""
+    """One trainable param's place in a flat buffer.
+
+    Attributes:
+        param: the model's param; once ``Layout.allocate_param_buffers`` has run, a view of
+            its buffer's ``data``.
+        index: its position in the optimizer's ``param_groups`` order, counted over all
+            groups: its key in ``state_dict()["state"]``, as in torch.optim.
+        group: the index of its param group.
+        buffer: the index of its ``FlatBuffer`` in ``Layout.buffers``.
+        bucket: the index of its ``Bucket`` in ``Layout.buckets``.
+        start: buffer offset (elements) of its first element.
+        numel: its number of elements.
+        extent: ``numel`` rounded up to its state kind's ``block_numel`` (256 for 8-bit
+            states, else 1): the elements it takes in the buffer. The padding after its
+            ``numel`` elements stays zero.
+    """
 
     param: torch.nn.Parameter
     index: int  # position in the optimizer's param_groups order (the state_dict key)
@@ -58,12 +73,33 @@ class ParamSlot:
 
     @property
     def end(self) -> int:
+        """Buffer offset one past the param's last element: ``start + numel`` (its padding
+        not included)."""
         return self.start + self.numel
 
 
 @dataclass(eq=False)
 class Bucket:
-    """A contiguous range of one buffer that is reduced and gathered as one collective."""
+    """A contiguous range of one buffer that is reduced and gathered as one collective.
+
+    As the buckets of Megatron-LM's ``param_and_grad_buffer`` under its distributed
+    optimizer: padded to a multiple of the data-parallel size, each rank owning one equal,
+    contiguous chunk of it (here chunk r belongs to rank r).
+
+    Attributes:
+        index: its position in ``Layout.buckets``, the order buckets are launched in.
+        buffer: the index of the ``FlatBuffer`` it is a range of.
+        start: buffer offset (elements) of its first element.
+        numel: its length in elements, padding included: a multiple of
+            ``world_size * pad_multiple``.
+        world_size: the number of equal chunks it is split into.
+        slots: its params, in buffer order.
+        shard_offset: shard offset (elements) where its owned chunk sits in a rank's shard
+            (the same on every rank).
+        gaps: buffer ranges ``[lo, hi)`` that no param nor its padding occupies (the
+            bucket's padding; for whole params, the end of each rank's chunk): they stay
+            zero.
+    """
 
     index: int
     buffer: int
@@ -77,6 +113,7 @@ class Bucket:
 
     @property
     def chunk_numel(self) -> int:
+        """Elements in each rank's chunk: ``numel // world_size``."""
         return self.numel // self.world_size
 
     def owned_range(self, rank: int) -> tuple[int, int]:
@@ -87,7 +124,23 @@ class Bucket:
 
 @dataclass(eq=False)
 class FlatBuffer:
-    """The packed params of one dtype, and the range of the shard their chunks occupy."""
+    """The packed params of one dtype, and the range of the shard their chunks occupy.
+
+    Attributes:
+        index: its position in ``Layout.buffers``.
+        dtype: its params' dtype (and that of ``data``).
+        device: its params' device.
+        kind: how its params' states are kept (a ``zeroopt.states.StateKind``: precision,
+            paged, block size, whole), or None when the layout was given no ``kind_of``.
+        numel: its length in elements: the sum of its buckets' (padded) ``numel``.
+        data: the 1-D tensor of ``numel`` elements its params are views of; None until
+            ``Layout.allocate_param_buffers``.
+        buckets: its buckets, in buffer order.
+        shard_offset: shard offset (elements) where its buckets' chunks begin in a rank's
+            shard.
+        shard_numel: elements of the shard its chunks take: the sum of its buckets'
+            ``chunk_numel``.
+    """
 
     index: int
     dtype: torch.dtype
@@ -117,7 +170,15 @@ class Run(NamedTuple):
 @dataclass(frozen=True)
 class ShardPiece:
     """The part of one param that this rank owns: ``numel`` elements starting at
-    ``param_offset`` of the flattened param, stored at ``shard_offset`` of the shard."""
+    ``param_offset`` of the flattened param, stored at ``shard_offset`` of the shard.
+
+    Attributes:
+        slot: the param's ``ParamSlot``.
+        param_offset: param offset (elements into the flattened param) of its first element.
+        shard_offset: shard offset of that element.
+        numel: its length in elements (from ``Layout.pieces_of(padded=True)``, the param's
+            padding included).
+    """
 
     slot: ParamSlot
     param_offset: int
@@ -126,6 +187,7 @@ class ShardPiece:
 
     @property
     def buffer_start(self) -> int:
+        """Buffer offset of the piece's first element: ``slot.start + param_offset``."""
         return self.slot.start + self.param_offset
 
 
@@ -315,6 +377,15 @@ class Layout:
                     "optimizer")
 
     def bucket_view(self, bucket: Bucket) -> torch.Tensor:
+        """``bucket``'s range of its flat buffer: what the params' all-gather fills.
+
+        Args:
+            bucket: one of this layout's buckets, whose buffer is allocated
+                (``allocate_param_buffers``).
+
+        Returns:
+            A 1-D view of ``bucket.numel`` elements of the buffer's ``data``.
+        """
         return self.buffers[bucket.buffer].data[bucket.start:bucket.start + bucket.numel]
 
     def owned_view(self, data: torch.Tensor, bucket: Bucket) -> torch.Tensor:

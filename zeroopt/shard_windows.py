@@ -25,6 +25,22 @@ from .states.storage import RegionStates
 
 @dataclass(eq=False)
 class Window:
+    """One window: a stretch of a param group's part of the shard, stepped as one
+    ``ShardTensors``.
+
+    Attributes:
+        shard: the flat fp32 params, gradients and states the rule steps; its states are
+            views of the region (in place) or of ``scratch``.
+        region: the ``RegionStates`` its states are decoded from and encoded into, or None
+            when it is stepped in place (resident 32-bit states).
+        io: ``[region offset, scratch offset, numel]`` of each contiguous stretch to decode
+            and encode (elements).
+        scratch: per state name, the fp32 scratch tensor its states are decoded into (shared
+            by the windows; empty when in place).
+        numel: elements in the window so far: at most the ``window_numel`` it was cut with,
+            except in place, where no bound applies.
+    """
+
     shard: ShardTensors
     region: RegionStates | None = None  # None: stepped in place, nothing to decode
     # (region offset, scratch offset, numel): contiguous stretches to decode and encode
@@ -33,23 +49,31 @@ class Window:
     numel: int = 0
 
     def prefetch(self) -> None:
+        """Ask for the pages of this window's states ahead of use (paged states:
+        ``RegionStates.prefetch``); nothing when in place."""
         if self.region is not None:
             for lo, _, n in self.io:
                 self.region.prefetch(lo, n)
 
     def load(self) -> None:
+        """Decode this window's states from its region into ``scratch`` (fp32); nothing when
+        in place."""
         if self.region is not None:
             for name in self.shard.states:
                 for lo, at, n in self.io:
                     self.region.load(name, lo, self.scratch[name][at:at + n])
 
     def store(self) -> None:
+        """Encode the fp32 states in ``scratch`` back into the region; nothing when in
+        place."""
         if self.region is not None:
             for name in self.shard.states:
                 for lo, at, n in self.io:
                     self.region.store(name, lo, self.scratch[name][at:at + n])
 
     def release(self) -> None:
+        """Drop this window's state pages from the process (paged states:
+        ``RegionStates.release``); nothing when in place."""
         if self.region is not None:
             for lo, _, n in self.io:
                 self.region.release(lo, n)

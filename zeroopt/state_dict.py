@@ -44,6 +44,26 @@ def _gather_full(opt: ZeroOptimizer, shard: torch.Tensor, buffer, base: int = 0,
 
 
 def gather_state_dict(opt: ZeroOptimizer) -> dict:
+    """The full optimizer state, per param and in its shape, as torch.optim's
+    ``Optimizer.state_dict()`` lays it out (what ``ZeroOptimizer.state_dict()`` returns).
+
+    A collective: every rank must call it, and every rank gets the whole dict (each buffer's
+    states and masters are all-gathered bucket by bucket, whole params' per-tensor states
+    with ``all_gather_object``). Reductions in flight are harvested first, and the masters
+    take what was written into 16-bit params since the last step (``Shard.sync_masters``).
+
+    Args:
+        opt: the ``ZeroOptimizer``.
+
+    Returns:
+        ``{"state": {index: entry}, "param_groups": [...], "zeroopt": {"optimizer": the
+        rule's name, "version": FORMAT_VERSION}}``, with an entry for every trainable param
+        of the layout: ``"step"`` (fp32, 0-d) and each of its group's states in the param's
+        shape (8-bit ones as uint8 codes, with ``<name>_absmax``: one fp32 per 256-element
+        block), ``"master_param"`` for 16-bit params, and whole params' per-tensor states as
+        their rule keeps them. The groups hold their hyperparameters and, under
+        ``"params"``, their params' state indices, as torch.optim saves them.
+    """
     opt.grads.finish()  # collectives must not interleave with a pending reduction
     opt.shard.sync_masters()
     state: dict[int, dict] = {}
@@ -83,6 +103,28 @@ def gather_state_dict(opt: ZeroOptimizer) -> dict:
 
 @torch.no_grad()
 def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
+    """Load a state dict into ``opt`` (what ``ZeroOptimizer.load_state_dict()`` does).
+
+    It takes what ``gather_state_dict`` returned, at any world size, bucket size or state
+    precision (each state is converted into the form this optimizer keeps:
+    ``states/encoding.py``), or a torch.optim optimizer's state dict (converted by
+    ``torch_interop.from_torch``). The saved groups' hyperparameters are taken, except the
+    layout's options (``state_precision``, ``min_8bit_size``, ``paged``), which stay as
+    constructed. As in torch.optim, a param the dict has no state for starts afresh (zero
+    states, step 0). Each rank reads the pieces it owns from the dict, so every rank is
+    given the whole dict.
+
+    Args:
+        opt: the ``ZeroOptimizer`` to load into.
+        state_dict: the dict to load.
+
+    Raises:
+        ValueError: it is not an optimizer state dict, was saved by another rule, has another
+            number of groups or other group sizes, lacks a param's state or has one of another shape
+            or a malformed encoding, its hyperparameters need states this optimizer was built
+            without, or a whole param's per-tensor state does not load. The rule's
+            ``validate`` may also refuse the hyperparameters.
+    """
     from .torch_interop import from_torch, is_torch_state_dict
 
     if is_torch_state_dict(state_dict):  # saved by torch.optim (AdamW, SGD, ...)

@@ -27,6 +27,15 @@ log = logging.getLogger("zeroopt")
 
 @dataclass(eq=False)
 class OwnedTensor:
+    """A whole param this rank owns and steps, as views into the shard.
+
+    Attributes:
+        slot: the param's ``ParamSlot``.
+        param: the fp32 master it steps, in the param's shape (``Shard.master_view``: the
+            model's own fp32 buffer, or the master copy of a 16-bit param).
+        grad: its averaged gradient, a view of the gradient shard in the param's shape.
+    """
+
     slot: ParamSlot
     param: torch.Tensor  # the fp32 master, in the param's shape
     grad: torch.Tensor  # its averaged gradient in the shard, in the param's shape
@@ -71,10 +80,17 @@ class WholeTensors:
 
     @property
     def any_layerwise(self) -> bool:
+        """Whether some param group is layerwise (``layerwise=True``) and steps whole
+        tensors: it steps during backward, before any global gradient norm exists."""
         return any(g.get("layerwise", False) and self.rule.whole_tensors(g)
                    for g in self.param_groups)
 
     def all_owned(self):
+        """Every ``OwnedTensor`` of this rank, group by group.
+
+        Returns:
+            A generator of ``OwnedTensor``.
+        """
         return (owned for group in self.owned for owned in group)
 
     def step(self, active: set[int]) -> None:
@@ -99,6 +115,8 @@ class WholeTensors:
             self.stepped.add(owned.slot.index)
 
     def end_step(self) -> None:
+        """Start the next iteration: forget which params layerwise groups stepped during
+        backward (``step`` calls it, and so does an optimizer step that is skipped)."""
         self.stepped.clear()
 
     def _step(self, group: dict, owned: OwnedTensor) -> None:
@@ -114,4 +132,6 @@ class WholeTensors:
             self.rule.tensor_step(group, owned.param, owned.grad, state, state["step"])
 
     def nbytes(self) -> int:
+        """Bytes of the per-tensor states of this rank's whole params, 8-bit ones as stored
+        (``TensorStates.nbytes``)."""
         return self.states.nbytes()

@@ -14,6 +14,18 @@ from .directory import CheckpointError
 
 
 def describe(model: torch.nn.Module | None, optimizer) -> dict:
+    """What the manifest records of ``model`` and ``optimizer``, for ``check_matches``.
+
+    Args:
+        model: the module (each ``state_dict()`` entry's name and shape), or None.
+        optimizer: the ZeroOptimizer (its rule's name, the number of params in each group,
+            and each param's shape and, where ``model`` names it, its name), or None.
+
+    Returns:
+        A JSON-serialisable dict with ``"model"``: ``[[name, shape], ...]`` and
+        ``"optimizer"``: ``{"rule": ..., "groups": [params per group], "params":
+        [[name or None, shape], ...]}``, each key only for what was given.
+    """
     out = {}
     if model is not None:
         out["model"] = [[name, list(value.shape)] for name, value in _entries(model).items()]
@@ -29,6 +41,19 @@ def describe(model: torch.nn.Module | None, optimizer) -> dict:
 
 
 def check_matches(path: str, saved: dict, model, optimizer) -> None:
+    """Refuse a checkpoint whose model or optimizer differs from the ones at hand.
+
+    Args:
+        path: the checkpoint's directory, for the message.
+        saved: its manifest (``describe``'s keys among them).
+        model: the module to load into, or None (not compared).
+        optimizer: the ZeroOptimizer to load into, or None (not compared).
+
+    Raises:
+        CheckpointError: naming the first difference: a model entry missing, extra or of
+            another shape; no model or no optimizer state saved where one is given; another
+            rule, other group sizes, or a param of another shape.
+    """
     why = _model_mismatch(saved, model) or _optimizer_mismatch(saved, optimizer)
     if why:
         raise CheckpointError(f"checkpoint {path} does not fit: {why}. Load it into the model "

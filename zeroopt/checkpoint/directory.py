@@ -132,6 +132,20 @@ def resolve(path: str) -> str:
 
 
 def read_manifest(path: str) -> dict:
+    """Read and check a checkpoint's manifest (``zeroopt.json``, which a save writes last).
+
+    Args:
+        path: the checkpoint's directory (as ``resolve`` returns it).
+
+    Returns:
+        The manifest: ``format``, ``version``, ``files`` (each file's name -> its
+        ``bytes`` and ``sha256``), and what the save recorded (``world_size``,
+        ``compat.describe``'s keys).
+
+    Raises:
+        CheckpointError: it cannot be read or parsed (the checkpoint is damaged), is not a
+            zeroopt checkpoint manifest, or was written by a newer format version.
+    """
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             manifest = json.load(f)

@@ -94,10 +94,29 @@ class Writer(dcp.FileSystemWriter):
     keeps a full disk's ENOSPC, leaving only "unexpected pos 704 vs 598"."""
 
     def write_data(self, plan, planner):
+        """``FileSystemWriter.write_data`` (torch.distributed.checkpoint), with a failure
+        raised as the OSError underneath it.
+
+        Args:
+            plan, planner: as DCP passes them.
+
+        Returns:
+            What ``FileSystemWriter.write_data`` returns (a future of the write results).
+
+        Raises:
+            OSError: a fresh copy (errno, message, filename) of the first OSError in the
+                failure's chain, raised from the failure; an error with none, as it is.
+        """
         with _os_error_on_top():
             return super().write_data(plan, planner)
 
     def finish(self, metadata, results) -> None:
+        """``FileSystemWriter.finish`` (torch.distributed.checkpoint: writes the checkpoint's
+        metadata), with a failure raised as ``write_data`` raises it.
+
+        Args:
+            metadata, results: as DCP passes them.
+        """
         with _os_error_on_top():
             super().finish(metadata, results)
 

@@ -23,6 +23,20 @@ from .errors import CheckpointError
 
 @dataclass
 class Job:
+    """The ranks a checkpoint is written and read by, and the collectives they agree with
+    (torch.distributed's object collectives over ``group``).
+
+    Attributes:
+        group: the process group DCP coordinates over (None: the default group, or none at
+            all for a single rank).
+        distributed: False for a single rank with no process group: the collectives return
+            at once.
+        rank: this rank's number in ``group``.
+        world_size: the number of ranks in ``group``.
+        writes_state: whether this rank writes the sharded optimizer state: with
+            hierarchical sharding only the ranks of the first replica do; every rank reads.
+    """
+
     group: Any  # the process group DCP coordinates over (None: the default group)
     distributed: bool
     rank: int
@@ -30,6 +44,14 @@ class Job:
     writes_state: bool  # one replica writes the sharded state; every rank reads it
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (``torch.distributed.all_gather_object`` over ``group``).
+
+        Args:
+            obj: a picklable object.
+
+        Returns:
+            ``world_size`` objects, by rank; ``[obj]`` when not distributed.
+        """
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
@@ -37,6 +59,8 @@ class Job:
         return out
 
     def barrier(self) -> None:
+        """Wait for every rank of ``group`` (``torch.distributed.barrier``); nothing when not
+        distributed."""
         if self.distributed:
             dist.barrier(group=self.group)
 
@@ -76,6 +100,22 @@ class Job:
 
 
 def job_for(comm) -> Job:
+    """The ``Job`` of an optimizer's collectives.
+
+    Args:
+        comm: the optimizer's ``Collectives`` (without an optimizer, the default ones):
+            ``SingleRank``: one rank, no process group; ``Hierarchical``: the default group,
+            the first replica writing the state; ``TorchDistributed``: its own group; MPI:
+            the default group, a gloo one bootstrapped over MPI if torch.distributed is not
+            initialised.
+
+    Returns:
+        The ``Job``.
+
+    Raises:
+        NotImplementedError: collectives with no torch.distributed process group (XLA).
+        RuntimeError: the default group is needed and torch.distributed is not initialised.
+    """
     if isinstance(comm, SingleRank):
         return Job(None, False, 0, 1, True)
     writes = True

@@ -34,6 +34,23 @@ _STRIDES = "__strides__"
 
 
 def save_items(opt, writes_state: bool) -> dict:
+    """The optimizer's items for ``torch.distributed.checkpoint.save`` (keys in the module
+    notes). Reductions in flight are harvested first, and the masters take what was written
+    into 16-bit params since the last step.
+
+    Args:
+        opt: the ZeroOptimizer.
+        writes_state: whether this rank writes the sharded state (``Job.writes_state``);
+            if False, only the step counts and groups (another replica writes the same
+            shard).
+
+    Returns:
+        ``{key: value}``: ``optimizer.param_steps`` (fp32, one per state_dict index),
+        ``optimizer.param_groups`` (pickled groups without their params, and
+        ``skipped_steps``), and, if ``writes_state``, each owned piece's states and master
+        as flat tensors of which this rank holds its ranges (``ranges.flat_tensor``), and
+        its whole params' per-tensor states and pickled other values.
+    """
     opt.grads.finish()  # no reduction may be in flight while the shard is read
     opt.shard.sync_masters()  # weights written into 16-bit params since the last step
     items = {"optimizer.param_steps": opt.shard.param_steps(),
