@@ -83,6 +83,21 @@ def reference_backward(ref, step: int, world_size: int, micro: int = 0, accum: i
         del p.saved_grad
 
 
+def train_side_by_side(model, opt, references, steps) -> None:
+    """Train ``model`` with ``opt`` on this rank's batches, and each ``(ref, ref_opt)`` of
+    ``references`` unsharded on the average of every rank's gradient, for ``steps`` (an
+    iterable of step numbers): the loop the equivalence tests share."""
+    rank, world_size = world()
+    for step in steps:
+        loss_of(model, *batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+        for ref, ref_opt in references:
+            reference_backward(ref, step, world_size)
+            ref_opt.step()
+            ref_opt.zero_grad()
+
+
 def max_rel_err(model, ref) -> float:
     return max(((a.detach().float() - b.detach()).abs().max() / b.detach().abs().max()).item()
                for a, b in zip(model.parameters(), ref.parameters()))

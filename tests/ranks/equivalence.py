@@ -16,7 +16,7 @@ from torch import nn
 
 import zeroopt
 from training import (BUCKET, EXACT, batch, loss_of, max_rel_err, models, reference_backward,
-                      reference_optimizer, world)
+                      reference_optimizer, train_side_by_side, world)
 
 
 def equivalence(name: str, hp: dict, stage: int, steps: int = 6,
@@ -31,13 +31,7 @@ def equivalence(name: str, hp: dict, stage: int, steps: int = 6,
         model = torch.nn.parallel.DistributedDataParallel(model)
     ref_opt = (zeroopt.ReferenceOptimizer(ref.parameters(), name, **hp) if eager_reference
                else reference_optimizer(name, ref.parameters(), hp))
-    for step in range(steps):
-        loss_of(model, *batch(step, rank)).backward()
-        opt.step()
-        opt.zero_grad()
-        reference_backward(ref, step, world_size)
-        ref_opt.step()
-        ref_opt.zero_grad()
+    train_side_by_side(model, opt, [(ref, ref_opt)], range(steps))
     if opt.rule.to_eval:  # schedule-free: compare where it evaluates, too
         train_err = max_rel_err(model, ref)
         opt.eval()

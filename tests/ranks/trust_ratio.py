@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import zeroopt
-from training import EXACT, batch, loss_of, max_rel_err, models, reference_backward, world
+from training import EXACT, max_rel_err, models, train_side_by_side, world
 
 
 class ChunkwiseReference:
@@ -47,14 +47,7 @@ def per_tensor_vs_chunkwise(rule_name: str, hp: dict, steps: int = 4) -> dict:
                 (piece.param_offset, piece.param_offset + piece.numel))
     ref_opt = zeroopt.ReferenceOptimizer(ref.parameters(), rule_name, **hp)
     chunk_opt = ChunkwiseReference(chunked, rule_name, hp, chunks)
-    for step in range(steps):
-        loss_of(model, *batch(step, rank)).backward()
-        opt.step()
-        opt.zero_grad()
-        for m, o in ((ref, ref_opt), (chunked, chunk_opt)):
-            reference_backward(m, step, world_size)
-            o.step()
-            o.zero_grad()
+    train_side_by_side(model, opt, [(ref, ref_opt), (chunked, chunk_opt)], range(steps))
     return {"vs_per_tensor": max_rel_err(model, ref),
             "vs_chunkwise": max_rel_err(model, chunked),
             "straddling_params": sum(len(c) > 1 for c in chunks.values())}
@@ -72,13 +65,6 @@ def exclusion_by_name(rule_name: str, hp: dict) -> dict:
     ref_opt = zeroopt.ReferenceOptimizer(ref.named_parameters(), rule_name,
                                          exclude_from_trust_ratio=patterns, **hp)
     plain_opt = zeroopt.ReferenceOptimizer(plain.parameters(), rule_name, **hp)
-    for step in range(4):
-        loss_of(model, *batch(step, rank)).backward()
-        opt.step()
-        opt.zero_grad()
-        for m, o in ((ref, ref_opt), (plain, plain_opt)):
-            reference_backward(m, step, world_size)
-            o.step()
-            o.zero_grad()
+    train_side_by_side(model, opt, [(ref, ref_opt), (plain, plain_opt)], range(4))
     return {"vs_named_reference": max_rel_err(model, ref),
             "vs_no_exclusion": max_rel_err(model, plain)}

@@ -12,7 +12,6 @@ LayerNorm and a 0-d param run the plain rule.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import sys
 import warnings
@@ -20,7 +19,8 @@ import warnings
 import torch
 
 import zeroopt
-from training import EXACT, batch, loss_of, max_rel_err, models, reference_backward, world
+from training import (EXACT, batch, loss_of, max_rel_err, models, reference_backward,
+                      train_side_by_side, world)
 
 STEPS = 8
 GAP = 3  # projector refreshes at steps 0, 3 and 6: three per matrix
@@ -134,13 +134,7 @@ def against_reference(case: str, stage: int) -> dict:
         opt = _build(case, model, stage)
         hp, projected = CASES[case]
         ref_opt = reference_for(rule_of(case), ref, hp, projected)
-        for step in range(STEPS):
-            loss_of(model, *batch(step, rank)).backward()
-            opt.step()
-            opt.zero_grad()
-            reference_backward(ref, step, world_size)
-            ref_opt.step()
-            ref_opt.zero_grad()
+        train_side_by_side(model, opt, [(ref, ref_opt)], range(STEPS))
     owned = sorted(o.slot.index for group in opt.shard.whole.owned for o in group)
     return dict(err=max_rel_err(model, ref), svds=svds["count"], owned=owned)
 
