@@ -18,30 +18,8 @@ gradient shard (``grad_sync``); step() updates only that shard (fp32 master weig
 owns what). The model must not be wrapped in DistributedDataParallel: the optimizer averages the
 gradients itself. For a model that is (stage 1 only), pass ``average_grads=False``.
 
-Notes for users:
-- Construct the optimizer after moving the model to its device and dtype: the model's trainable
-  params become views into flat buffers (``model.to(...)`` afterwards would detach them).
-- ``param.grad`` is consumed during backward (it is None afterwards); use
-  ``opt.clip_grad_norm_`` rather than ``torch.nn.utils.clip_grad_norm_``.
-- A param with no gradient on a rank counts as a zero gradient there (as in DistributedDataParallel);
-  one with no gradient on any rank is not stepped (as torch.optim skips ``grad is None``).
-  Gradients assigned to ``p.grad`` by hand count too; params frozen at construction are laid
-  out when they first get a gradient.
-- ``state_dict()`` is a collective: call it on every rank. For checkpoints, prefer
-  ``zeroopt.save_checkpoint`` (every rank writes its own part; loads at any world size).
-- ``backend`` ("nccl", "gloo", "mpi", "xla", "hccl"; or ZEROOPT_BACKEND) overrides the one that
-  follows the params' device; ``shard_size=S`` shards over groups of S ranks and replicates
-  across groups (HSDP-style; ``comm/hierarchical.py``).
-- ``timeout`` (seconds, or a datetime.timedelta; default None) bounds every wait of the
-  optimizer's collectives: a rank that hangs or dies then stops the others with
-  ``zeroopt.comm.CollectiveTimeout`` naming the timeout (and the rank waited on, where known),
-  instead of a hang until the process group's own timeout (``init_process_group(timeout=...)``,
-  30 minutes by default), which still bounds torch's own calls. If the optimizer makes the
-  process group itself (launched by torchrun, none made yet), the group gets this timeout too.
-- At construction the ranks check, in one all-gather, that they agree about everything that
-  decides the layout, the state kinds, the collectives and the update (params, their order and
-  names, every param group's hyperparameters, stage, bucket size...): ranks that disagree all
-  get one error naming the first difference.
+The user-facing behaviour (arguments, what raises, torch.optim's patterns) is documented on
+the class: ``help(zeroopt.ZeroOptimizer)``.
 """
 
 from __future__ import annotations
@@ -71,8 +49,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
     """A torch.optim.Optimizer whose states (stage 1), and gradients (stage 2), are sharded
     across the data-parallel ranks: each rank keeps and updates 1/W of them (ZeRO, Rajbhandari
     et al. 2020), and the update is the named rule's, as torch.optim (or the reference
-    package the name comes from) computes it. Build it after moving the model to its device
-    and dtype; do not wrap the model in DistributedDataParallel (see the module docstring).
+    package the name comes from) computes it.
+
+    - Build it after moving the model to its device and dtype: the trainable params become
+      views of flat buffers (a later ``model.to(...)`` is refused at the next step).
+    - Do not wrap the model in DistributedDataParallel: the optimizer averages the gradients
+      (or pass ``average_grads=False``, stage 1).
+    - ``param.grad`` is consumed during backward: clip with ``opt.clip_grad_norm_``, not
+      ``torch.nn.utils.clip_grad_norm_``.
+    - As torch.optim: a param with no gradient on any rank is not stepped; gradients assigned
+      to ``p.grad`` by hand or from a closure are taken; params frozen now are laid out when
+      they first get a gradient; weights written into the model are where the next step
+      starts; a newer ZeroOptimizer over the same params takes over from this one.
+    - ``state_dict()``, ``clip_grad_norm_()``, ``step()`` and checkpoints are collectives:
+      every rank calls them. The ranks check at construction, in one all-gather, that they
+      agree about the params, their names and every group's hyperparameters.
 
     Args:
         params (iterable): tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or
