@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# benchmarks/ is on sys.path (bench_checkpoint.py puts it there), as for the other benchmarks
+# benchmarks/ is on sys.path (bench_checkpoint/__main__.py puts it there), as for the other benchmarks
 from _common import _busy_cpu_s, _free_port, build_model, make_batch, num_params, wait_for_idle
 
 from .contenders import BATCH, CONTENDERS, TRAIN_STEPS, WIDTH, DeepSpeedSide, ds_universal_convert

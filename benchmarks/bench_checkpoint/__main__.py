@@ -1,6 +1,6 @@
 """Checkpointing a ZeRO-sharded AdamW: zeroopt against DeepSpeed ZeRO-1/2 and torch's ZeroRedundancyOptimizer.
 
-    python benchmarks/bench_checkpoint.py [--rounds 3] [--reps 5] [--wait-idle 30] [--out docs/BENCHMARKS.md]
+    python benchmarks/bench_checkpoint [--rounds 3] [--reps 5] [--wait-idle 30] [--out docs/BENCHMARKS.md]
 
 Model: 24 x nn.Linear(1024, 1024) with ReLU between (25.2M fp32 params, bench_zero.py's), MSE
 loss on a fixed random batch per rank, AdamW(lr=1e-3), trained 2 steps at W=2 (gloo, CPU, one
@@ -47,13 +47,13 @@ import tempfile
 import time
 from pathlib import Path
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)  # for _common and the checkpoint/ package
-sys.path.insert(1, os.path.dirname(_HERE))  # benchmark the zeroopt of this checkout
+_BENCHMARKS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _BENCHMARKS)  # for _common and this package (run as a directory)
+sys.path.insert(1, os.path.dirname(_BENCHMARKS))  # benchmark the zeroopt of this checkout
 from _common import command_line, machine_info, publish  # noqa: E402
-from checkpoint.contenders import CONTENDERS, LAYERS  # noqa: E402
-from checkpoint.jobs import run_round  # noqa: E402
-from checkpoint.report import render  # noqa: E402
+from bench_checkpoint.contenders import CONTENDERS, LAYERS  # noqa: E402
+from bench_checkpoint.jobs import run_round  # noqa: E402
+from bench_checkpoint.report import render  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The parts of benchmarks/bench_checkpoint.py (the entry point; run that script, not this package).
+"""bench_checkpoint: checkpoints against DeepSpeed and torch (run the folder: `python benchmarks/bench_checkpoint`).
 
 - measure.py:    the fsync / sha256 / DCP timers, one timed collective call, bytes on disk, and the
                  fingerprint of a model + optimizer state that the loads are checked against;
@@ -8,6 +8,6 @@
                  processes, and a round of every contender;
 - report.py:     the markdown section.
 
-The modules import `_common` as the other benchmarks do: bench_checkpoint.py puts benchmarks/ (and
+The modules import `_common` as the other benchmarks do: bench_checkpoint/__main__.py puts benchmarks/ (and
 the repository root, for the zeroopt of this checkout) on sys.path first.
 """
