@@ -35,7 +35,8 @@ from .algorithms import ShardTensors, get_preset
 from .algorithms.base import resolve_defaults
 from .checks import check_ranks_agree, describe_params
 from .comm import collectives_for, split
-from .grad_sync import BucketedReducer, LocalGradients
+from .ddp_gradients import LocalGradients
+from .grad_sync import BucketedReducer
 from .layout import DEFAULT_BUCKET_NUMEL, Layout
 from .shard import Shard
 from .states import kinds
@@ -436,19 +437,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _whole_param_statistics(self, plan) -> list[torch.Tensor | None]:
         """Every tensor-wise group's partial sums, all-reduced together in one collective."""
-        partials = []
-        for g, (group, classes) in enumerate(zip(self.param_groups, plan)):
-            if not self.rule.per_tensor(group):
-                partials.append(None)
-                continue
-            uses = self.rule.statistics_use_states
-            # a rank with no active piece still sends zeros of the right shape
-            parts = [] if classes else [self.rule.statistics(
-                group, self.shard.windows_for(g, ())[0].shard, torch.tensor(1.0))]
-            for step, windows in classes:
-                parts += shard_windows.run(windows, lambda shard: self.rule.statistics(
-                    group, shard, step), load=uses, store=uses)
-            partials.append(torch.stack(parts).sum(0))
+        partials = self.shard.statistics_partials(plan)
         present = [p for p in partials if p is not None]
         if not present:
             return partials

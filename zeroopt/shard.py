@@ -259,6 +259,26 @@ class Shard:
             plan.append(classes)
         return plan
 
+    def statistics_partials(self, plan) -> list[torch.Tensor | None]:
+        """Per group, this rank's partial sums of the whole-param statistics its rule needs
+        (LAMB/LARS norms, cautious counts: ``UpdateRule.statistics``, shaped ``[k,
+        num_params]``), or None for groups that need none; ``plan`` is what ``plan()``
+        returned. A rank with no active piece in a group still gives zeros of the right
+        shape, so every rank's all-reduce has the same length."""
+        partials = []
+        for g, (group, classes) in enumerate(zip(self.param_groups, plan)):
+            if not self.rule.per_tensor(group):
+                partials.append(None)
+                continue
+            uses = self.rule.statistics_use_states
+            parts = [] if classes else [self.rule.statistics(
+                group, self.windows_for(g, ())[0].shard, torch.tensor(1.0))]
+            for step, windows in classes:
+                parts += shard_windows.run(windows, lambda shard: self.rule.statistics(
+                    group, shard, step), load=uses, store=uses)
+            partials.append(torch.stack(parts).sum(0))
+        return partials
+
     def _trainable_indices(self, g: int) -> list[int]:
         """State-dict indices of group ``g``'s params in the layout, in group order."""
         return sorted(self.layout.slots[k].index for k in self.positions_in_group[g])

@@ -52,7 +52,7 @@ def settle(grads, comm, norm_type: float | None, frozen_with_grads: torch.Tensor
 
     Args:
         grads: the optimizer's gradient source (``grad_sync.BucketedReducer`` or
-            ``LocalGradients``).
+            ``ddp_gradients.LocalGradients``).
         comm: its ``Collectives``.
         norm_type: the p of the global norm to compute, or None for no norm.
         frozen_with_grads: fp64 flags, one per param that was frozen when the optimizer was

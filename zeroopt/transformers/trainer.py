@@ -37,7 +37,7 @@ import torch
 from transformers import Trainer
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..grad_sync import LocalGradients
+from ..ddp_gradients import LocalGradients
 from ..optimizer import ZeroOptimizer
 from .arguments import create_optimizer
 

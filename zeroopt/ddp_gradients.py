@@ -1,0 +1,109 @@
+"""Gradients already averaged across ranks: the model is wrapped in DistributedDataParallel.
+
+With ``ZeroOptimizer(..., average_grads=False)`` (stage 1 only), DDP's own all-reduce has
+averaged ``param.grad`` by the end of backward; the optimizer must not average again. So this
+source reads ``param.grad`` at step time and copies the pieces this rank owns into the shard.
+It offers the same methods as ``grad_sync.BucketedReducer``, the default source.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .layout import Layout
+
+
+class LocalGradients:
+    """Gradients that are already averaged across ranks (the model is wrapped in DDP).
+
+    Args:
+        layout: the ``Layout`` whose owned pieces are read from ``param.grad``.
+        device: where the shard lives.
+
+    Attributes:
+        shard: this rank's gradient shard: fp32, ``layout.shard_numel`` elements, filled by
+            ``complete``.
+    """
+
+    def __init__(self, layout: Layout, device: torch.device):
+        self.layout = layout
+        self.shard = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
+
+    @property
+    def received(self) -> bool:
+        """Whether some param has a ``grad`` now."""
+        return any(slot.param.grad is not None for slot in self.layout.slots)
+
+    def finish(self) -> None:
+        """Nothing to do: no reduction is ever in flight here."""
+        pass  # nothing is ever in flight
+
+    def take_detached(self) -> None:
+        """Nothing to do: ``complete`` reads every gradient from ``param.grad``, however it
+        got there."""
+        pass  # every gradient is read from param.grad
+
+    def used(self) -> torch.Tensor:
+        """fp64 flags, one per slot (``layout.slots`` order): 1 where the param's ``grad`` is
+        not None on this rank.
+
+        Returns:
+            A 1-D fp64 CPU tensor of ``len(layout.slots)`` elements.
+        """
+        return torch.tensor([float(slot.param.grad is not None) for slot in self.layout.slots],
+                            dtype=torch.float64)
+
+    def pending(self) -> torch.Tensor:
+        """fp64 zeros, one per bucket: nothing is ever staged here for a reduction.
+
+        Returns:
+            A 1-D fp64 CPU tensor of ``len(layout.buckets)`` zeros.
+        """
+        return torch.zeros(len(self.layout.buckets), dtype=torch.float64)
+
+    def carry_over(self, old: "LocalGradients") -> None:
+        """Nothing to take over from ``old`` (the source of this layout before it grew):
+        every gradient is read from ``param.grad`` again.
+
+        Args:
+            old: the previous ``LocalGradients``; unused.
+        """
+        pass  # everything is read from param.grad again
+
+    def complete(self, launch: list[int]) -> None:
+        """Copy the owned pieces of the (already averaged) ``param.grad`` into the shard."""
+        for piece in self.layout.pieces:
+            dst = self.shard[piece.shard_offset:piece.shard_offset + piece.numel]
+            grad = piece.slot.param.grad
+            if grad is None:
+                dst.zero_()
+            else:
+                dst.copy_(grad.reshape(-1)[piece.param_offset:piece.param_offset + piece.numel])
+
+    def zero(self, set_to_none: bool = True) -> None:
+        """Clear every param's ``grad``, as torch.optim's ``zero_grad``.
+
+        Args:
+            set_to_none: True (default): set ``grad`` to None; False: zero it in place.
+        """
+        for slot in self.layout.slots:
+            if set_to_none:
+                slot.param.grad = None
+            elif slot.param.grad is not None:
+                slot.param.grad.zero_()
+
+    @contextmanager
+    def no_sync(self):
+        """A context that changes nothing: the model's ``DistributedDataParallel.no_sync()``
+        is the one that skips the reduction in accumulation micro-steps.
+
+        Yields:
+            None.
+        """
+        yield  # DistributedDataParallel.no_sync() is the one that matters here
+
+    def remove_hooks(self) -> None:
+        """Nothing to remove: no hooks are registered here."""
+        pass
