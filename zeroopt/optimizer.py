@@ -262,8 +262,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: in eval mode (schedule-free), after a newer ZeroOptimizer took over
-                these params, when the model was moved or cast after the optimizer was built,
-                or when a param frozen at construction got a gradient.
+                these params, or when the model was moved or cast after the optimizer was
+                built. (A param frozen at construction that gets a gradient is laid out and
+                trained from fresh state, as torch.optim would.)
         """
         self._check_can_step("step()")
         loss = None
