@@ -2,11 +2,10 @@
 
 from . import comm, deepspeed  # deepspeed itself is imported only when used
 from .algorithms import ReferenceOptimizer, available_optimizers
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, export_torch_state_dict, load_checkpoint, save_checkpoint
 from .deepspeed.fused_optimizer import FusedOptimizer
 from .optimizer import ZeroOptimizer
 from .param_groups import galore_param_groups
-from .torch_interop import export_torch_state_dict
 from .wrap import wrap
 
 __version__ = "0.1.0"

@@ -30,9 +30,9 @@ import weakref
 import torch
 
 from . import ownership, shard_windows
-from . import state_dict as state_io
 from .algorithms import ShardTensors, get_preset
 from .algorithms.base import resolve_defaults
+from .checkpoint import state_dict as state_io
 from .checks import check_ranks_agree, describe_params
 from .comm import collectives_for, split
 from .ddp_gradients import LocalGradients

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .optimizer import ZeroOptimizer
-from .torch_interop import IMPLEMENTATION_KEYS as _IMPLEMENTATION_KEYS
+from .checkpoint.torch_interop import IMPLEMENTATION_KEYS as _IMPLEMENTATION_KEYS
 
 
 def _rule_name(optimizer: torch.optim.Optimizer) -> str | None:

@@ -14,8 +14,9 @@ Keys (``i`` is the param's state_dict index, as in torch.optim):
   counts hold ``optimizer.steps``, one per group, which loads into each group's params.
 
 A load reads the ranges its own layout gives it, in whatever form they were saved, and converts
-them into the form this optimizer keeps (``states/encoding.py``): 8-bit codes are copied as they
-are where both are 8-bit, and decoded otherwise.
+them into the form this optimizer keeps (``encoding.py``): 8-bit codes are copied as they
+are where both are 8-bit, and decoded otherwise. The walk from pieces to saved entries is
+``pieces.py``'s, shared with the state dict.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..states import encoding
 from ..states.blockwise import BLOCK
+from . import pieces
 from .ranges import flat_tensor, merge
 
 PREFIX = "optimizer.state"
@@ -57,25 +58,18 @@ def save_items(opt, writes_state: bool) -> dict:
              "optimizer.param_groups": _groups_blob(opt)}
     if not writes_state:  # another replica holds the same shard and writes it
         return items
+    tensors = [pieces.encoded_tensors(opt.shard, buffer) for buffer in opt.layout.buffers]
     for piece in opt.layout.pieces:
         slot = piece.slot
-        buffer = opt.layout.buffers[slot.buffer]
-        region_lo = buffer.region_offset(piece.shard_offset)
-        if not buffer.kind.whole:
-            region = opt.shard.regions[buffer.index]
-            for name in opt.rule.states(opt.param_groups[slot.group]):
-                for saved, (tensor, per) in region.encoded(name).items():
-                    first, end = _covering(piece.param_offset, piece.numel, per)
-                    items[f"{PREFIX}.{slot.index}.{saved}"] = flat_tensor(
-                        -(-slot.numel // per),
-                        {(first, end): tensor[region_lo // per:region_lo // per + end - first]})
-        if buffer.index in opt.shard.masters:
-            master = opt.shard.masters[buffer.index][region_lo:region_lo + piece.numel]
-            items[f"{PREFIX}.{slot.index}.master_param"] = flat_tensor(
-                slot.numel, {(piece.param_offset, piece.param_offset + piece.numel): master})
+        region_lo = opt.layout.buffers[slot.buffer].region_offset(piece.shard_offset)
+        entries = pieces.piece_entries(tensors[slot.buffer], pieces.state_names(opt.shard, slot),
+                                       piece.param_offset, piece.numel, region_lo)
+        for saved, (first, end, values) in entries.items():
+            per = BLOCK if saved.endswith("_absmax") else 1
+            items[f"{PREFIX}.{slot.index}.{saved}"] = flat_tensor(
+                -(-slot.numel // per), {(first, end): values})
     for owned in opt.shard.whole.all_owned():
-        saved = opt.shard.whole.states.saved(owned.slot.index)
-        saved.pop("param_index", None)
+        saved = pieces.tensor_state(opt.shard, owned.slot.index)
         values = {k: v for k, v in saved.items() if not isinstance(v, torch.Tensor)}
         # Memory order too: a column-major GaLore basis multiplies (and rounds) differently
         values[_STRIDES] = {k: v.stride() for k, v in saved.items() if isinstance(v, torch.Tensor)}
@@ -98,19 +92,18 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
     wanted: dict[str, list[tuple[int, int]]] = {}
     for piece in opt.layout.pieces:
         slot = piece.slot
-        buffer = opt.layout.buffers[slot.buffer]
-        names = [] if buffer.kind.whole else list(opt.rule.states(opt.param_groups[slot.group]))
+        names = list(pieces.state_names(opt.shard, slot))
         if names and f"{PREFIX}.{slot.index}.{names[0]}" not in saved:
             fresh += [(piece, name) for name in names]
             continue
-        if buffer.index in opt.shard.masters and f"{PREFIX}.{slot.index}.master_param" in saved:
-            names.append("master_param")
+        if slot.buffer in opt.shard.masters and f"{PREFIX}.{slot.index}.{pieces.MASTER}" in saved:
+            names.append(pieces.MASTER)
         for name in names:
             key = f"{PREFIX}.{slot.index}.{name}"
             codes = saved[key].properties.dtype == torch.uint8
             # 8-bit codes are read by whole blocks: their scale is per block
             per_block = BLOCK if codes else 1
-            first, end = _covering(piece.param_offset, piece.numel, per_block)
+            first, end = pieces.covering(piece.param_offset, piece.numel, per_block)
             ranges = {name: (key, first * per_block, min(end * per_block, slot.numel))}
             if codes:
                 ranges[name + "_absmax"] = (key + "_absmax", first, end)
@@ -126,7 +119,7 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
     whole = {}
     for owned in opt.shard.whole.all_owned():
         prefix = f"{PREFIX}.{owned.slot.index}."
-        keys = [k for k in saved if k.startswith(prefix) and k != prefix + "master_param"]
+        keys = [k for k in saved if k.startswith(prefix) and k != prefix + pieces.MASTER]
         whole[owned.slot.index] = keys
         for key in keys:
             targets[key] = None if key == prefix + "values" else torch.empty(
@@ -140,11 +133,12 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
                       for _ in group["params"]]
         opt.shard.load_param_steps(counts)
         for piece, name, ranges in reads:
-            _apply_piece(opt, piece, name, {
+            pieces.load_entries(opt.shard, piece, name, {
                 saved_name: _slice(local[key], lo, hi) for saved_name, (key, lo, hi)
                 in ranges.items()}, ranges[name][1])
         for piece, name in fresh:
-            _apply_piece(opt, piece, name, {name: torch.zeros(piece.numel)}, piece.param_offset)
+            pieces.load_entries(opt.shard, piece, name, {name: torch.zeros(piece.numel)},
+                                piece.param_offset)
         for index, keys in whole.items():
             if not keys:  # frozen when saved: it starts afresh
                 opt.shard.whole.states.forget(index)
@@ -164,24 +158,6 @@ def load_targets(opt, metadata) -> tuple[dict, Callable[[dict], None]]:
     return targets, apply
 
 
-def _apply_piece(opt, piece, name: str, values: dict, first_element: int) -> None:
-    buffer = opt.layout.buffers[piece.slot.buffer]
-    region_lo = buffer.region_offset(piece.shard_offset)
-    offset = piece.param_offset - first_element  # where the piece starts in what was read
-    if name == "master_param":
-        opt.shard.masters[buffer.index][region_lo:region_lo + piece.numel].copy_(
-            values[name][offset:offset + piece.numel])
-        return
-    encoding.load_piece(opt.shard.regions[buffer.index], name, values, offset, piece.numel,
-                        region_lo)
-
-
-def _covering(offset: int, numel: int, per: int) -> tuple[int, int]:
-    """The entries [first, end) that cover elements [offset, offset + numel) at ``per``
-    elements an entry."""
-    return offset // per, -(-(offset + numel) // per)
-
-
 def _slice(parts: dict[tuple[int, int], torch.Tensor], lo: int, hi: int) -> torch.Tensor:
     for (start, end), tensor in parts.items():
         if start <= lo and hi <= end:
@@ -192,7 +168,7 @@ def _slice(parts: dict[tuple[int, int], torch.Tensor], lo: int, hi: int) -> torc
 def apply_groups(opt, blob: bytes) -> None:
     """The saved groups' hyperparameters and counters; read (and applied) before the targets
     are built, since the hyperparameters decide which states there are to read."""
-    from ..state_dict import apply_param_groups
+    from .state_dict import apply_param_groups
 
     saved = pickle.loads(blob)
     apply_param_groups(opt, saved["groups"])

@@ -36,7 +36,8 @@ from ..algorithms import ShardTensors, get_preset
 from ..algorithms.base import UpdateRule, resolve_defaults
 from ..shard import initial_fill
 from ..shard_windows import Window, run, window_numel_for
-from ..states import encoding, kinds
+from ..checkpoint import encoding
+from ..states import kinds
 from ..states.kinds import STATE_DEFAULTS
 from ..states.storage import RegionStates
 

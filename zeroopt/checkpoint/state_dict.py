@@ -5,8 +5,9 @@ saves (``{"state": {index: {"step": ..., "exp_avg": ...}}, "param_groups": [...]
 ``master_param`` for 16-bit params and a ``"zeroopt"`` entry naming the rule. 8-bit states are
 saved as they are kept, in bitsandbytes' per-param form: uint8 codes in the param's shape under
 the state's name, and ``<name>_absmax`` with one fp32 per 256-element block of the param; bf16
-states as bf16. A state loads into any precision (``states/encoding.py`` converts). So a state saved
-at one world size loads at another, and a later issue can export it to torch.optim as it is.
+states as bf16. A state loads into any precision (``encoding.py`` converts). So a state saved
+at one world size loads at another; ``torch_interop.py`` turns it into torch.optim's and back.
+The walk from the shard's pieces to each param's saved form is ``pieces.py``'s.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .states import encoding
+from . import encoding, pieces
 
 if TYPE_CHECKING:
-    from .optimizer import ZeroOptimizer
+    from ..optimizer import ZeroOptimizer
 
 FORMAT_VERSION = 1
 # Hyperparameters that decided the layout when the optimizer was built; a loaded state is
@@ -26,17 +27,16 @@ FORMAT_VERSION = 1
 _LAYOUT_OPTIONS = ("state_precision", "min_8bit_size", "paged")
 
 
-def _gather_full(opt: ZeroOptimizer, shard: torch.Tensor, buffer, base: int = 0,
-                 per: int = 1) -> torch.Tensor:
-    """Every rank's chunks of a shard-space tensor (whose element 0 sits at shard offset
-    ``base``; one element per ``per`` shard elements, as 8-bit absmax per block), assembled
-    into ``buffer``'s flat shape (likewise scaled)."""
-    full = torch.zeros(buffer.numel // per, dtype=shard.dtype, device=opt.device)
+def _gather_full(opt: ZeroOptimizer, tensor: torch.Tensor, buffer, per: int = 1) -> torch.Tensor:
+    """Every rank's chunks of a region-space tensor of ``buffer`` (one entry per ``per``
+    elements, as 8-bit absmax per block), assembled into the buffer's flat shape (likewise
+    scaled)."""
+    full = torch.zeros(buffer.numel // per, dtype=tensor.dtype, device=opt.device)
     handles = []
     for bucket in buffer.buckets:
-        at, n, start = ((bucket.shard_offset - base) // per, bucket.chunk_numel // per,
-                        bucket.start // per)
-        full[start + opt.comm.rank * n:start + (opt.comm.rank + 1) * n].copy_(shard[at:at + n])
+        at, n, start = (buffer.region_offset(bucket.shard_offset) // per,
+                        bucket.chunk_numel // per, bucket.start // per)
+        full[start + opt.comm.rank * n:start + (opt.comm.rank + 1) * n].copy_(tensor[at:at + n])
         handles.append(opt.comm.gather_bucket(full[start:start + bucket.numel // per]))
     for handle in handles:
         handle.wait()
@@ -68,26 +68,19 @@ def gather_state_dict(opt: ZeroOptimizer) -> dict:
     opt.shard.sync_masters()
     state: dict[int, dict] = {}
     steps = opt.shard.param_steps()
-    for buffer, region in zip(opt.layout.buffers, opt.shard.regions):
-        full = {}  # saved name -> (buffer-shaped tensor, elements per entry)
-        for name in region.signed:
-            for saved, (tensor, per) in region.encoded(name).items():
-                full[saved] = (_gather_full(opt, tensor, buffer, buffer.shard_offset, per), per)
-        if buffer.index in opt.shard.masters:  # a master covers only its buffer's part of the shard
-            full["master_param"] = (_gather_full(opt, opt.shard.masters[buffer.index], buffer,
-                                                 buffer.shard_offset), 1)
+    for buffer in opt.layout.buffers:
+        full = {saved: (_gather_full(opt, tensor, buffer, per), per)
+                for saved, (tensor, per) in pieces.encoded_tensors(opt.shard, buffer).items()}
         for slot in opt.layout.slots:
             if slot.buffer != buffer.index:
                 continue
             entry = {"step": steps[slot.index].clone()}
-            names = opt.rule.states(opt.param_groups[slot.group])
-            for saved, (flat, per) in full.items():
-                if saved.removesuffix("_absmax") not in (*names, "master_param"):
-                    continue
-                if per == 1:
-                    entry[saved] = flat[slot.start:slot.end].view(slot.param.shape).clone()
-                else:  # 8-bit absmax: the param's blocks, as bitsandbytes keeps them
-                    entry[saved] = flat[slot.start // per:-(-slot.end // per)].clone()
+            names = pieces.state_names(opt.shard, slot)
+            for saved, (_, _, values) in pieces.piece_entries(full, names, 0, slot.numel,
+                                                              slot.start).items():
+                # 8-bit absmax: one per block of the param, as bitsandbytes keeps it
+                entry[saved] = values.clone() if saved.endswith("_absmax") \
+                    else values.view(slot.param.shape).clone()
             state[slot.index] = entry
     for index, saved in _gather_tensor_states(opt).items():
         state[index].update(saved)
@@ -150,19 +143,12 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
     for piece in opt.layout.pieces:
         # As torch.optim: a param the dict has no state for starts afresh (zero states, step
         # 0; its initial values are set at its first step).
+        names = pieces.state_names(opt.shard, piece.slot)
         saved = saved_state.get(piece.slot.index) or {
-            name: torch.zeros(piece.slot.param.shape)
-            for name in opt.rule.states(opt.param_groups[piece.slot.group])}
-        buffer = opt.layout.buffers[piece.slot.buffer]
-        region = opt.shard.regions[buffer.index]
-        for name in opt.rule.states(opt.param_groups[piece.slot.group]):
-            encoding.load_piece(region, name, saved, piece.param_offset, piece.numel,
-                                buffer.region_offset(piece.shard_offset))
-        if buffer.index in opt.shard.masters and "master_param" in saved:
-            offset = buffer.region_offset(piece.shard_offset)
-            lo = piece.param_offset
-            opt.shard.masters[buffer.index][offset:offset + piece.numel].copy_(
-                saved["master_param"].reshape(-1)[lo:lo + piece.numel])
+            name: torch.zeros(piece.slot.param.shape) for name in names}
+        has_master = piece.slot.buffer in opt.shard.masters and pieces.MASTER in saved
+        for name in (*names, pieces.MASTER) if has_master else names:
+            pieces.load_entries(opt.shard, piece, name, saved, 0)
 
 
 def apply_param_groups(opt: ZeroOptimizer, saved_groups: list[dict]) -> None:
@@ -185,8 +171,7 @@ def _gather_tensor_states(opt: ZeroOptimizer) -> dict[int, dict]:
     """The per-tensor states of whole params (each on its owner), from every rank."""
     mine = {}
     for owned in opt.shard.whole.all_owned():
-        saved = opt.shard.whole.states.saved(owned.slot.index)
-        saved.pop("param_index", None)
+        saved = pieces.tensor_state(opt.shard, owned.slot.index)
         if saved:
             saved["step"] = torch.tensor(float(saved["step"]))
             mine[owned.slot.index] = {k: v.cpu() if isinstance(v, torch.Tensor) else v
@@ -222,7 +207,7 @@ def _check_compatible(opt: ZeroOptimizer, state_dict: dict) -> None:
         if slot.index not in state:
             continue  # never stepped there: it starts afresh, as in torch.optim
         entry = state[slot.index]
-        names = opt.rule.states(opt.param_groups[slot.group])
+        names = pieces.state_names(opt.shard, slot)
         for name in ("step", *names):
             if name not in entry:
                 fail(f"param {slot.index} has no {name!r} (it has {sorted(entry)}); was it "

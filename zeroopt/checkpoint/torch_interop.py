@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .states.blockwise import BLOCK, dequantize
+from ..states.blockwise import BLOCK, dequantize
 
 TORCH_EQUIVALENT = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
                     "sgd": torch.optim.SGD, "nesterov": torch.optim.SGD,

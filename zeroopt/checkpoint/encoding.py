@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .blockwise import BLOCK, dequantize
-from .storage import RegionStates
+from ..states.blockwise import BLOCK, dequantize
+from ..states.storage import RegionStates
 
 
 def check_saved(entry: dict, name: str, numel: int) -> str | None:
