@@ -96,6 +96,11 @@ def available_optimizers() -> list[str]:
     return sorted(_RULES)
 
 
+def registered_rules() -> list[UpdateRule]:
+    """Every registered rule once, in the order registered (aliases not repeated)."""
+    return list({id(rule): rule for rule, _ in _RULES.values()}.values())
+
+
 def get_rule(name: str) -> UpdateRule:
     """The rule a name stands for (``get_preset(name)[0]``, without the preset).
 
@@ -123,4 +128,4 @@ def get_preset(name: str) -> tuple[UpdateRule, dict]:
 
 
 __all__ = ["ReferenceOptimizer", "ShardTensors", "UpdateRule", "available_optimizers",
-           "get_preset", "get_rule", "register", "register_alias"]
+           "get_preset", "get_rule", "register", "register_alias", "registered_rules"]

@@ -22,9 +22,9 @@ import math
 
 import torch
 
-from .base import UpdateRule, _number
-from .projection import (GROUP_KEYS, galore_project, galore_project_back, is_projected,
-                         validate_projected)
+from .base import UpdateRule, check_number
+from .projection import (GALORE_PROJECTION, GROUP_KEYS, galore_project, galore_project_back,
+                         is_projected, validate_projected)
 
 
 def _validate(group: dict) -> None:
@@ -35,7 +35,7 @@ def _validate(group: dict) -> None:
                          "lr=None for Adafactor's own relative step sizes")
     if lr is None and not relative:
         raise ValueError("adafactor: relative_step=False needs an lr (for example lr=1e-3)")
-    if lr is not None and _number(lr, "lr") < 0:
+    if lr is not None and check_number(lr, "lr") < 0:
         raise ValueError(f"Invalid lr: {lr} (it must be >= 0)")
     if group["warmup_init"] and not relative:
         raise ValueError("adafactor: warmup_init=True requires relative_step=True")
@@ -43,15 +43,15 @@ def _validate(group: dict) -> None:
     if not isinstance(eps, (tuple, list)) or len(eps) != 2:
         raise ValueError(f"adafactor: eps must be a pair (eps1 for g^2, eps2 for the param "
                          f"scale), got {eps!r}")
-    if _number(group["clip_threshold"], "clip_threshold") <= 0:
+    if check_number(group["clip_threshold"], "clip_threshold") <= 0:
         raise ValueError(f"adafactor: clip_threshold must be > 0, got {group['clip_threshold']}")
-    if _number(group["decay_rate"], "decay_rate") > 0:
+    if check_number(group["decay_rate"], "decay_rate") > 0:
         raise ValueError(f"adafactor: decay_rate must be <= 0 (beta2_t = 1 - t^decay_rate), "
                          f"got {group['decay_rate']}")
     beta1 = group["beta1"]
-    if beta1 is not None and not 0.0 <= _number(beta1, "beta1") < 1.0:
+    if beta1 is not None and not 0.0 <= check_number(beta1, "beta1") < 1.0:
         raise ValueError(f"adafactor: beta1 must be None or in [0, 1), got {beta1}")
-    if _number(group["weight_decay"], "weight_decay") < 0:
+    if check_number(group["weight_decay"], "weight_decay") < 0:
         raise ValueError(f"Invalid weight_decay: {group['weight_decay']} (it must be >= 0)")
     if not isinstance(group["layerwise"], bool):
         raise ValueError(f"layerwise must be True or False, got {group['layerwise']!r}")
@@ -130,4 +130,5 @@ ADAFACTOR = UpdateRule(
     tensor_step=_step,
     tensor_states_8bit=("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"),
     group_keys=GROUP_KEYS,  # galore_adafactor
+    transformers_projection=GALORE_PROJECTION,  # as "galore_adafactor"
 )

@@ -38,4 +38,5 @@ ADAGRAD = UpdateRule(
     reference_step=_reference,
     validate=_validate,
     initial_values=lambda group: {"sum": group["initial_accumulator_value"]},
+    torch_class=torch.optim.Adagrad,
 )

@@ -16,7 +16,8 @@ import math
 import torch
 
 from . import variants
-from .base import ShardTensors, UpdateRule, check_betas, check_fixed, check_nonnegative
+from .base import (ShardTensors, UpdateRule, adam_arguments, check_betas, check_fixed,
+                   check_nonnegative, is_exactly)
 
 _FIXED = {"amsgrad": False}
 
@@ -132,6 +133,22 @@ def _reference(decoupled: bool):
     return step
 
 
+def _decoupled(optimizer) -> bool:
+    """torch 2.x Adam(decoupled_weight_decay=True) is AdamW."""
+    return bool(optimizer.defaults.get("decoupled_weight_decay"))
+
+
+def _wraps_adamw(optimizer) -> bool:
+    return is_exactly(optimizer, torch.optim.AdamW) or (
+        is_exactly(optimizer, torch.optim.Adam) and _decoupled(optimizer))
+
+
+def _wraps_adam(optimizer) -> bool:
+    return is_exactly(optimizer, torch.optim.Adam) and not _decoupled(optimizer)
+
+
+_ZEROOPT_ONLY = {name: False for name in variants.OPTIONS}  # torch.optim has none of them
+
 ADAMW = UpdateRule(
     name="adamw",
     nonnegative_states=("exp_avg_sq",),
@@ -145,6 +162,11 @@ ADAMW = UpdateRule(
     per_tensor=lambda group: group["cautious"],
     statistics=_cautious_statistics(decoupled=True),
     fixed=_FIXED,
+    torch_class=torch.optim.AdamW,
+    zeroopt_only=_ZEROOPT_ONLY,
+    wraps=_wraps_adamw,
+    transformers_names=("adamw_torch_xla", "adamw_torch_npu_fused"),
+    transformers_arguments=adam_arguments,
 )
 
 ADAM = UpdateRule(
@@ -160,4 +182,8 @@ ADAM = UpdateRule(
     per_tensor=lambda group: group["cautious"],
     statistics=_cautious_statistics(decoupled=False),
     fixed=_FIXED,
+    torch_class=torch.optim.Adam,
+    zeroopt_only=_ZEROOPT_ONLY,
+    wraps=_wraps_adam,
+    transformers_arguments=adam_arguments,
 )

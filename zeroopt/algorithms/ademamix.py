@@ -108,4 +108,8 @@ ADEMAMIX = UpdateRule(
     fused_step=_fused,
     reference_step=_reference,
     validate=_validate,
+    # bitsandbytes' AdEMAMix as the Trainer sets it up, and its optim_args names
+    transformers_arguments=lambda args: dict(betas=(args.adam_beta1, args.adam_beta2, 0.9999),
+                                             alpha=5.0, eps=args.adam_epsilon),
+    transformers_optim_args={"t_alpha": ("alpha_warmup", int), "t_beta3": ("beta3_warmup", int)},
 )

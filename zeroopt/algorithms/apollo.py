@@ -23,13 +23,13 @@ import math
 
 import torch
 
-from .base import UpdateRule
-from .galore import GALORE_ADAMW, _galore_adamw_tensor, _step_size, hf_adam_direction
+from .base import UpdateRule, adam_arguments
+from .galore import GALORE_ADAMW, galore_adamw_step, hf_adam_direction, hf_step_size
 from .projection import (is_projected, next_seed, project, random_basis, refresh_due, side,
                          svd_basis, validate_projected)
 
-_PROJECTED_KEYS = dict(update_proj_gap=200, scale=1.0, proj_type="std", proj="random",
-                       scale_type="channel")  # Transformers' apollo_adamw defaults
+_PROJECTED_KEYS = dict(proj="random", scale_type="channel", update_proj_gap=200, scale=1.0,
+                       proj_type="std")  # Transformers' apollo_adamw defaults
 
 
 def _validate(group: dict) -> None:
@@ -58,7 +58,7 @@ def _basis(group: dict, grad: torch.Tensor, state: dict, t: int, where: str) -> 
 
 def _step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
     if not is_projected(group):
-        return _galore_adamw_tensor(group, param, grad, state, t)
+        return galore_adamw_step(group, param, grad, state, t)
     where = side(group["proj_type"], grad.shape)
     low = project(grad, _basis(group, grad, state, t, where), where)
     adam_update = hf_adam_direction(group, low, state)
@@ -82,7 +82,7 @@ def _step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: 
             state["scaled_grad"] = torch.norm(scaled)
     if not group["scale_front"]:
         scaled *= math.sqrt(group["scale"])
-    param.add_(scaled, alpha=-_step_size(group, t))
+    param.add_(scaled, alpha=-hf_step_size(group, t))
     if group["weight_decay"] > 0.0:
         param.add_(param, alpha=-group["lr"] * group["weight_decay"])
 
@@ -99,4 +99,6 @@ APOLLO_ADAMW = UpdateRule(
     tensor_step=_step,
     tensor_states_8bit=("exp_avg", "exp_avg_sq"),
     group_keys=("rank", *_PROJECTED_KEYS),
+    transformers_arguments=adam_arguments,
+    transformers_projection=dict(rank=128, **_PROJECTED_KEYS),
 )

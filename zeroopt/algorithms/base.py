@@ -19,9 +19,11 @@ tests hold the fused step, sharded at several world sizes, to it.
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -58,6 +60,24 @@ class ShardTensors:
 FusedStep = Callable[[dict, ShardTensors, torch.Tensor, "torch.Tensor | None"], None]
 ReferenceStep = Callable[[dict, torch.Tensor, torch.Tensor, dict, int], None]
 Statistics = Callable[[dict, ShardTensors, torch.Tensor], torch.Tensor]
+
+
+def thin_svd_cost(shape: torch.Size) -> int:
+    """The work of stepping a whole matrix of ``shape`` on one rank, up to a constant: that of
+    its thin SVD (GaLore's projection, the costliest whole-matrix step), m n min(m, n); a
+    tensor of fewer than two dimensions costs its numel. ``UpdateRule.placement_cost``'s
+    default.
+
+    Args:
+        shape: the param's shape; the dimensions after the first count as one (n).
+
+    Returns:
+        The cost, an int.
+    """
+    if len(shape) < 2:
+        return int(torch.Size(shape).numel())
+    m, n = shape[0], int(torch.Size(shape[1:]).numel())
+    return m * n * min(m, n)
 
 
 @dataclass(frozen=True)
@@ -127,6 +147,48 @@ class UpdateRule:
         group_keys: keys a param group may carry besides ``defaults`` (GaLore's ``rank``,
             ...): a group with any other key is refused at construction (validation.py), as a
             misspelt one would be. Default ().
+        placement_cost: ``(shape: torch.Size) -> int``: the work of one step of a param of
+            that shape stepped whole (``whole_tensors``), up to a constant: layout.py places
+            such params so that the ranks' totals stay even. Default ``thin_svd_cost``.
+        torch_class: the optimizer class whose update the rule computes: a torch.optim class
+            (``torch.optim.AdamW``), or another package's named by its dotted path
+            (``"lion_pytorch.Lion"``), imported only when used (``mirrored_class``): the
+            package is optional. ``export_torch_state_dict`` saves the state a torch.optim
+            class saves; ``zeroopt.wrap`` builds the rule from an instance of it (``wraps``);
+            the tests hold the rule to it (tests/training.py). Default None: the rule mirrors
+            no class, and ``reference_step`` is its only yardstick.
+        torch_defaults: constructor arguments ``torch_class`` needs to be this rule, under the
+            caller's own (``"nesterov"``: ``momentum=0.9, nesterov=True`` for torch.optim.SGD).
+            Default empty.
+        zeroopt_only: ``{option: the value that turns it off}``: options of the rule that
+            ``torch_class`` has no counterpart for (Adam's ``cautious``, ``adopt``,
+            ``grams``). With one on, a state is not what ``torch_class`` would continue
+            (``export_torch_state_dict`` refuses it), and the tests hold the rule to its
+            ``reference_step`` instead. Default empty.
+        wraps: ``(optimizer) -> bool``: whether ``zeroopt.wrap`` builds this rule from that
+            (not yet stepped) optimizer: its class, and the options that choose between rules
+            (torch.optim.Adam(decoupled_weight_decay=True) is ``"adamw"``). Default None:
+            wrap builds this rule from no optimizer.
+        from_torch_options: ``(optimizer, defaults: dict, groups: list[dict]) -> None``: for
+            ``zeroopt.wrap``: adjusts, in place, the defaults and param groups read from an
+            optimizer ``wraps`` accepted (drops keys that only choose an implementation, such
+            as lion_pytorch's ``use_triton``); raises ValueError for options the rule does not
+            follow. Default None (taken as they are).
+        transformers_names: HuggingFace Transformers ``optim`` strings this rule runs under
+            besides its registered names (``"adamw_torch_xla"``...): ``zeroopt.transformers``
+            runs them as ``name``. Default ().
+        transformers_arguments: ``(training_args) -> dict``: the hyperparameters Transformers'
+            handler for this rule reads from ``TrainingArguments`` (``adam_beta1/2`` and
+            ``adam_epsilon`` for the Adam family, ...); ``learning_rate`` and
+            ``weight_decay`` are read for every rule. Default: none.
+        transformers_optim_args: ``{key: (hyperparameter, type)}``: ``optim_args`` keys
+            Transformers' handler reads under another name, with the type it converts them to
+            (AdEMAMix's ``t_alpha`` is ``alpha_warmup``, an int). Default empty.
+        transformers_projection: the keys a projected group carries (``rank``,
+            ``update_proj_gap``...), with the defaults Transformers' handler gives them, for
+            rules that project (GaLore, APOLLO; Adafactor as ``"galore_adafactor"``):
+            ``zeroopt.transformers`` uses them for the names Transformers projects under
+            (those that start with ``galore_`` or ``apollo_``). Default empty.
     """
 
     name: str
@@ -170,13 +232,59 @@ class UpdateRule:
     # Keys a param group may carry besides ``defaults`` (GaLore's ``rank``, ...): a group with
     # any other key is refused at construction (validation.py), as a misspelt one would be.
     group_keys: tuple[str, ...] = ()
+    # (shape) -> the work of stepping such a param whole, which layout.py spreads over ranks.
+    placement_cost: Callable[[torch.Size], int] = thin_svd_cost
+    # The class the rule mirrors (a torch.optim class, or a dotted path to another package's),
+    # the constructor arguments it needs to be this rule, and the rule's options it lacks
+    # ({option: the value that turns it off}).
+    torch_class: type | str | None = None
+    torch_defaults: dict = field(default_factory=dict)
+    zeroopt_only: dict = field(default_factory=dict)
+    # zeroopt.wrap: (optimizer) -> whether it is this rule; (optimizer, defaults, groups) ->
+    # None: adjusts what wrap read from it, or refuses options the rule does not follow.
+    wraps: Callable[[Any], bool] | None = None
+    from_torch_options: Callable[[Any, dict, list], None] | None = None
+    # HuggingFace Transformers: the optim strings the rule also runs under, the hyperparameters
+    # its handler reads from TrainingArguments, the optim_args keys it reads under other names
+    # ({key: (hyperparameter, type)}), and the projection keys' defaults (GaLore, APOLLO).
+    transformers_names: tuple[str, ...] = ()
+    transformers_arguments: Callable[[Any], dict] = lambda args: {}
+    transformers_optim_args: dict = field(default_factory=dict)
+    transformers_projection: dict = field(default_factory=dict)
+
+    def mirrored_class(self) -> type | None:
+        """``torch_class`` as a class, a dotted path imported.
+
+        Returns:
+            The class; None when the rule has none, or its package is not installed.
+        """
+        spec = self.torch_class
+        if spec is None or isinstance(spec, type):
+            return spec
+        module, _, name = spec.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ImportError:
+            return None
 
     def state_names(self, groups: list[dict]) -> tuple[str, ...]:
         """Every state some group needs, in a stable order."""
         return tuple(dict.fromkeys(name for g in groups for name in self.states(g)))
 
 
-def _number(value, name: str) -> float:
+def check_number(value, name: str) -> float:
+    """A hyperparameter's value as a float, checked to be a number.
+
+    Args:
+        value: the value (a one-element tensor counts as its number).
+        name: the hyperparameter's name, for the message.
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: not a number (or is NaN, or a bool).
+    """
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
@@ -195,7 +303,7 @@ def check_nonnegative(group: dict, *names: str) -> None:
         ValueError: one is not a number (or is NaN or a bool), or is negative.
     """
     for name in names:
-        if _number(group[name], name) < 0:
+        if check_number(group[name], name) < 0:
             raise ValueError(f"Invalid {name}: {group[name]} (it must be >= 0)")
 
 
@@ -213,7 +321,7 @@ def check_betas(group: dict, count: int = 2) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != count:
         raise ValueError(f"betas must be a tuple of {count} numbers, got {betas!r}")
     for i, beta in enumerate(betas):
-        if not 0.0 <= _number(beta, f"betas[{i}]") < 1.0:
+        if not 0.0 <= check_number(beta, f"betas[{i}]") < 1.0:
             raise ValueError(f"Invalid beta at index {i}: {beta} (each beta must be in [0, 1))")
 
 
@@ -232,6 +340,38 @@ def check_fixed(group: dict, fixed: dict, rule: str) -> None:
         if group.get(name, allowed) != allowed:
             raise ValueError(f"{rule}: {name}={group[name]!r} is not supported by zeroopt; "
                              f"use {name}={allowed!r}")
+
+
+def adam_arguments(args) -> dict:
+    """The hyperparameters Transformers' Adam-family handlers read from ``TrainingArguments``
+    (``UpdateRule.transformers_arguments``).
+
+    Args:
+        args: the TrainingArguments.
+
+    Returns:
+        ``dict(betas=(adam_beta1, adam_beta2), eps=adam_epsilon)``.
+    """
+    return dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
+def is_exactly(optimizer, torch_class: type | str) -> bool:
+    """Whether ``optimizer``'s class is ``torch_class`` itself (a subclass may change the
+    update, so it is not). For ``UpdateRule.wraps``.
+
+    Args:
+        optimizer: the optimizer.
+        torch_class: a class, or the dotted path of one: its package is not imported (an
+            instance of the class exists only once it is).
+
+    Returns:
+        True if ``type(optimizer)`` is that class.
+    """
+    if isinstance(torch_class, type):
+        return type(optimizer) is torch_class
+    module, _, name = torch_class.rpartition(".")
+    package = sys.modules.get(module)
+    return package is not None and type(optimizer) is getattr(package, name, None)
 
 
 def update_moments_(m: list[torch.Tensor], v: list[torch.Tensor], grads: list[torch.Tensor],

@@ -23,8 +23,8 @@ import torch
 
 from . import adam
 from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative
-from .projection import (GROUP_KEYS, galore_project, galore_project_back, is_projected,
-                         validate_projected)
+from .projection import (GALORE_PROJECTION, GROUP_KEYS, galore_project, galore_project_back,
+                         is_projected, validate_projected)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -41,7 +41,9 @@ def _validate(rule: str):
     return validate
 
 
-def _step_size(group: dict, t: int) -> float:
+def hf_step_size(group: dict, t: int) -> float:
+    """Transformers' old AdamW step size at step ``t`` (from 1): ``lr``, times
+    ``sqrt(1 - b2^t) / (1 - b1^t)`` with ``correct_bias`` (its bias correction lives here)."""
     beta1, beta2 = group["betas"]
     if not group["correct_bias"]:
         return group["lr"]
@@ -60,7 +62,7 @@ def _hf_adamw_fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats=
     denom = torch._foreach_sqrt(v)
     torch._foreach_add_(denom, group["eps"])
     torch._foreach_add_(params, torch._foreach_div(m, denom),
-                        alpha=-_step_size(group, int(step.item())))
+                        alpha=-hf_step_size(group, int(step.item())))
     if group["weight_decay"] > 0.0:
         torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
 
@@ -77,15 +79,16 @@ def hf_adam_direction(group: dict, low: torch.Tensor, state: dict) -> torch.Tens
     return m / v.sqrt().add_(group["eps"])
 
 
-def _galore_adamw_tensor(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict,
-                         t: int) -> None:
-    """galore-torch's GaLoreAdamW step for one whole tensor (also its reference)."""
+def galore_adamw_step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict,
+                      t: int) -> None:
+    """galore-torch's GaLoreAdamW step for one whole tensor (also its reference): projected
+    when the group carries ``rank``, else Transformers' old AdamW on the whole tensor."""
     projected = is_projected(group)
     low = galore_project(group, grad, state, t) if projected else grad
     norm_grad = hf_adam_direction(group, low, state)
     if projected:
         norm_grad = galore_project_back(group, norm_grad, state, param.shape)
-    param.add_(norm_grad, alpha=-_step_size(group, t))
+    param.add_(norm_grad, alpha=-hf_step_size(group, t))
     if group["weight_decay"] > 0.0:
         param.add_(param, alpha=-group["lr"] * group["weight_decay"])
 
@@ -124,12 +127,13 @@ GALORE_ADAMW = UpdateRule(
     defaults=dict(_COMMON, eps=1e-6, correct_bias=True),
     states=lambda group: () if is_projected(group) else _MOMENTS,
     fused_step=_hf_adamw_fused,
-    reference_step=_galore_adamw_tensor,
+    reference_step=galore_adamw_step,
     validate=_validate("galore_adamw"),
     whole_tensors=is_projected,
-    tensor_step=_galore_adamw_tensor,
+    tensor_step=galore_adamw_step,
     tensor_states_8bit=_MOMENTS,
     group_keys=GROUP_KEYS,
+    transformers_projection=GALORE_PROJECTION,
 )
 
 
@@ -150,4 +154,5 @@ GALORE_ADAMW_8BIT = UpdateRule(
     tensor_step=_adamw_8bit_tensor,
     tensor_states_8bit=_MOMENTS,
     group_keys=GROUP_KEYS,
+    transformers_projection=GALORE_PROJECTION,
 )

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from . import trust_ratio
-from .base import (ShardTensors, UpdateRule, adam_denominator, check_betas, check_nonnegative,
-                   update_moments_)
+from .base import (ShardTensors, UpdateRule, adam_arguments, adam_denominator, check_betas,
+                   check_nonnegative, update_moments_)
 
 
 def _validate(group: dict) -> None:
@@ -78,4 +78,5 @@ LAMB = UpdateRule(
     validate=_validate,
     per_tensor=lambda group: group["weight_decay"] != 0,
     statistics=_statistics,
+    transformers_arguments=adam_arguments,
 )

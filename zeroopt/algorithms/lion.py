@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import variants
-from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative
+from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative, is_exactly
 
 
 def _validate(group: dict) -> None:
@@ -81,6 +81,19 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
     m.mul_(beta2).add_(grad, alpha=1 - beta2)
 
 
+_LION_PYTORCH = "lion_pytorch.Lion"  # lucidrains' lion-pytorch, an optional package
+
+
+def _from_torch_options(optimizer, defaults: dict, groups: list[dict]) -> None:
+    """zeroopt.wrap(lion_pytorch.Lion(...)): its use_triton only picks a kernel."""
+    if getattr(optimizer, "decoupled_wd", False):
+        # lion_pytorch then decays by lr * wd / initial_lr: a different rule.
+        raise ValueError("zeroopt.wrap cannot map lion_pytorch.Lion(decoupled_weight_decay="
+                         "True); use decoupled_weight_decay=False and scale weight_decay")
+    for options in (defaults, *groups):
+        options.pop("use_triton", None)
+
+
 LION = UpdateRule(
     name="lion",
     statistics_use_states=True,  # cautious
@@ -91,4 +104,9 @@ LION = UpdateRule(
     validate=_validate,
     per_tensor=lambda group: group["cautious"],
     statistics=_statistics,
+    torch_class=_LION_PYTORCH,
+    zeroopt_only=dict(maximize=False, cautious=False),
+    wraps=lambda optimizer: is_exactly(optimizer, _LION_PYTORCH),
+    from_torch_options=_from_torch_options,
+    transformers_arguments=lambda args: dict(betas=(args.adam_beta1, args.adam_beta2)),
 )

@@ -23,6 +23,8 @@ import torch
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 GALORE_KEYS = dict(update_proj_gap=200, scale=0.25, proj_type="std")  # Transformers' defaults
 GROUP_KEYS = ("rank", *GALORE_KEYS)  # what a projected param group may carry
+# What Transformers' GaLore handlers give a projected group (UpdateRule.transformers_projection)
+GALORE_PROJECTION = dict(rank=128, **GALORE_KEYS)
 
 
 def is_projected(group: dict) -> bool:

@@ -72,4 +72,6 @@ RMSPROP = UpdateRule(
     fused_step=_fused,
     reference_step=_reference,
     validate=_validate,
+    torch_class=torch.optim.RMSprop,
+    transformers_names=("rmsprop_bnb", "rmsprop_bnb_32bit"),  # bitsandbytes' 32-bit RMSprop
 )

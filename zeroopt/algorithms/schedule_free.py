@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative
+from .base import ShardTensors, UpdateRule, adam_arguments, check_betas, check_nonnegative
 
 
 def _validate(group: dict) -> None:
@@ -74,6 +74,16 @@ def _to_train(group: dict, shard: ShardTensors) -> None:
     torch._foreach_lerp_(shard.params, shard.states["z"], 1 - group["betas"][0])
 
 
+def _warmup_steps(args) -> int:
+    """Schedule-free's warmup is a number of steps; TrainingArguments also allows a ratio."""
+    steps = args.warmup_steps
+    if 0 < steps < 1:
+        raise ValueError(f"schedule_free_adamw warms up over a number of steps; warmup_steps="
+                         f"{steps} is a ratio. Give a step count (warmup_steps=N), or "
+                         f"optim_args='warmup_steps=N'")
+    return int(steps)
+
+
 SCHEDULE_FREE_ADAMW = UpdateRule(
     name="schedule_free_adamw",
     nonnegative_states=("exp_avg_sq",),
@@ -91,4 +101,6 @@ SCHEDULE_FREE_ADAMW = UpdateRule(
     before_step=_before_step,
     to_eval=_to_eval,
     to_train=_to_train,
+    transformers_arguments=lambda args: dict(adam_arguments(args),
+                                             warmup_steps=_warmup_steps(args)),
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ShardTensors, UpdateRule, check_nonnegative
+from .base import ShardTensors, UpdateRule, check_nonnegative, is_exactly
 
 
 def _validate(group: dict) -> None:
@@ -51,6 +51,8 @@ SGD = UpdateRule(
     fused_step=_fused,
     reference_step=_reference,
     validate=_validate,
+    torch_class=torch.optim.SGD,
+    wraps=lambda optimizer: is_exactly(optimizer, torch.optim.SGD),
 )
 
 # "nesterov": SGD with Nesterov momentum on by default.
@@ -61,4 +63,6 @@ NESTEROV = UpdateRule(
     fused_step=_fused,
     reference_step=_reference,
     validate=_validate,
+    torch_class=torch.optim.SGD,
+    torch_defaults=dict(momentum=0.9, nesterov=True),
 )
