@@ -1,10 +1,10 @@
 """Moving between zeroopt and torch.optim, in both directions.
 
-``export_torch_state_dict(opt)`` gives the state dict the equivalent torch.optim optimizer
-(AdamW, Adam, SGD, Adagrad, RMSprop) saves: states decoded to fp32 in each param's shape (8-bit
-and bf16 states are decoded; fp32 masters are dropped: torch.optim keeps none), the group keys
-torch's class knows. ``ZeroOptimizer.load_state_dict`` takes such a dict (``from_torch``
-fills in what torch.optim leaves out), so state moves either way.
+``export_torch_state_dict(opt)`` gives the state dict the equivalent torch.optim optimizer (the
+rule's ``torch_class``: AdamW, Adam, SGD, Adagrad, RMSprop) saves: states decoded to fp32 in
+each param's shape (8-bit and bf16 states are decoded; fp32 masters are dropped: torch.optim
+keeps none), the group keys torch's class knows. ``ZeroOptimizer.load_state_dict`` takes such
+a dict (``from_torch`` fills in what torch.optim leaves out), so state moves either way.
 """
 
 from __future__ import annotations
@@ -12,13 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..algorithms import registered_rules
 from ..states.blockwise import BLOCK, dequantize
 
-TORCH_EQUIVALENT = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
-                    "sgd": torch.optim.SGD, "nesterov": torch.optim.SGD,
-                    "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
-# zeroopt options torch.optim has no counterpart for, with the value that means "off"
-_ZEROOPT_ONLY = dict(cautious=False, adopt=False, grams=False)
 # Keys torch.optim puts in param groups that choose an implementation, not the math.
 IMPLEMENTATION_KEYS = {"foreach", "fused", "capturable", "differentiable",
                        "decoupled_weight_decay", "initial_lr"}
@@ -27,14 +23,15 @@ IMPLEMENTATION_KEYS = {"foreach", "fused", "capturable", "differentiable",
 def export_torch_state_dict(optimizer) -> dict | None:
     """The optimizer's whole state as torch.optim's equivalent class saves it, on rank 0
     (None on the others). A collective: call it on every rank."""
-    rule = optimizer.rule.name
-    torch_class = TORCH_EQUIVALENT.get(rule)
+    rule = optimizer.rule
+    torch_class = _torch_optim_class(rule)
     if torch_class is None:
-        raise ValueError(f"optimizer {rule!r} has no torch.optim equivalent (those are "
-                         f"{', '.join(sorted(TORCH_EQUIVALENT))}); use optimizer.state_dict() "
+        exportable = sorted(r.name for r in registered_rules() if _torch_optim_class(r))
+        raise ValueError(f"optimizer {rule.name!r} has no torch.optim equivalent (those are "
+                         f"{', '.join(exportable)}); use optimizer.state_dict() "
                          "or zeroopt.save_checkpoint to save it")
     for group in optimizer.param_groups:
-        on = [k for k, off in _ZEROOPT_ONLY.items() if group.get(k, off) != off]
+        on = [k for k, off in rule.zeroopt_only.items() if group.get(k, off) != off]
         if on:
             raise ValueError(f"torch.optim.{torch_class.__name__} has no {on[0]!r}: a state "
                              f"trained with {on[0]}=True is not what it would continue")
@@ -53,6 +50,12 @@ def export_torch_state_dict(optimizer) -> dict | None:
             out["step"] = torch.tensor(float(entry["step"]))
         state[index] = out
     return {"state": state, "param_groups": groups}
+
+
+def _torch_optim_class(rule) -> type | None:
+    """The rule's ``torch_class`` if it is torch.optim's (not another package's)."""
+    spec = rule.torch_class
+    return spec if isinstance(spec, type) and spec.__module__.startswith("torch.optim") else None
 
 
 def is_torch_state_dict(state_dict: dict) -> bool:
