@@ -5,8 +5,9 @@ The hyperparameters each name takes from the arguments follow Transformers' own 
 (``transformers/trainer_optimizer.py``): ``learning_rate`` for all; ``adam_beta1/2`` and
 ``adam_epsilon`` for the Adam family (Lion takes the betas only; GaLore and Adafactor neither,
 as there); ``warmup_steps`` for schedule-free; GaLore's and APOLLO's projection keys (and
-their defaults) from ``optim_args``. Params are grouped as the Trainer groups them:
-``weight_decay`` on all but biases and norms, which get 0.
+their defaults) from ``optim_args``. Those are the rules' own facts (``UpdateRule``'s
+``transformers_*`` fields). Params are grouped as the Trainer groups them: ``weight_decay`` on
+all but biases and norms, which get 0.
 
 ``optim_args`` ("key=value,key=value") may also carry:
 - ``optimizer=NAME``: any zeroopt name, including those TrainingArguments does not accept
@@ -24,22 +25,13 @@ import difflib
 import torch
 from torch import nn
 
-from ..algorithms import available_optimizers, get_preset
+from ..algorithms import available_optimizers, get_preset, registered_rules
 from ..optimizer import ZeroOptimizer
 from ..param_groups import galore_param_groups
-
-# Transformers' optim names that zeroopt runs under another name: the same update rule.
-RENAMED = {"adamw_torch_xla": "adamw", "adamw_torch_npu_fused": "adamw",
-           "rmsprop_bnb": "rmsprop", "rmsprop_bnb_32bit": "rmsprop"}
 
 # ZeroOptimizer's own keyword arguments that optim_args may set (the rest are hyperparameters).
 OPTIMIZER_OPTIONS = ("stage", "shard_size", "bucket_numel", "reduce_dtype", "skip_nonfinite",
                      "window_numel", "page_dir", "backend", "average_grads")
-
-# The projection keys and their defaults, as Transformers' GaLore and APOLLO handlers set them.
-GALORE_DEFAULTS = dict(rank=128, update_proj_gap=200, scale=0.25, proj_type="std")
-APOLLO_DEFAULTS = dict(rank=128, proj="random", scale_type="channel", update_proj_gap=200,
-                       scale=1.0, proj_type="std")
 
 # The Trainer's rule for which params get no weight decay (Trainer.get_decay_parameter_names).
 NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -64,10 +56,10 @@ def optimizer_arguments(args, model: nn.Module, decay_parameter_names: list[str]
     options = {key: settings.pop(key) for key in OPTIMIZER_OPTIONS if key in settings}
     if isinstance(options.get("reduce_dtype"), str):
         options["reduce_dtype"] = _dtype(options["reduce_dtype"])
-    projection = _projection(name, args, settings)
+    projection = _projection(name, rule, settings)
     weight_decay = settings.pop("weight_decay", args.weight_decay)
-    hyperparameters = {"lr": args.learning_rate, **_from_training_arguments(rule.name, args),
-                       **_renamed_keys(rule.name, args, settings), **settings}
+    hyperparameters = {"lr": args.learning_rate, **rule.transformers_arguments(args),
+                       **_renamed_keys(rule, args, settings), **settings}
     if decay_parameter_names is None:
         decay_parameter_names = default_decay_parameter_names(model)
     groups = param_groups(model, set(decay_parameter_names), weight_decay, projection,
@@ -78,7 +70,8 @@ def optimizer_arguments(args, model: nn.Module, decay_parameter_names: list[str]
 def zeroopt_name(optim) -> str:
     """The zeroopt name for a TrainingArguments ``optim`` (a string or OptimizerNames)."""
     optim = getattr(optim, "value", optim)
-    name = RENAMED.get(optim, optim)
+    name = next((rule.name for rule in registered_rules() if optim in rule.transformers_names),
+                optim)
     if name in available_optimizers():
         return name
     close = difflib.get_close_matches(str(optim), available_optimizers(), n=1, cutoff=0.5)
@@ -138,59 +131,34 @@ def param_groups(model: nn.Module, decay: set[str], weight_decay: float,
     return [group for group in groups if group["params"]]
 
 
-def _from_training_arguments(rule: str, args) -> dict:
-    """The hyperparameters Transformers' handler for this rule reads from TrainingArguments."""
-    adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    if rule in ("adamw", "adam", "lamb", "apollo_adamw"):
-        return adam
-    if rule == "lion":
-        return dict(betas=adam["betas"])
-    if rule == "ademamix":  # bitsandbytes' AdEMAMix as the Trainer sets it up
-        return dict(betas=(*adam["betas"], 0.9999), alpha=5.0, eps=args.adam_epsilon)
-    if rule == "schedule_free_adamw":
-        return dict(adam, warmup_steps=_warmup_steps(args))
-    return {}
-
-
-def _renamed_keys(rule: str, args, settings: dict) -> dict:
-    """optim_args keys Transformers reads under other names: beta1/beta2/beta3 (AdEMAMix's
-    betas), t_alpha/t_beta3 (its warmups)."""
+def _renamed_keys(rule, args, settings: dict) -> dict:
+    """optim_args keys Transformers reads under other names, taken out of ``settings``:
+    beta1/beta2 (and beta3, for a rule with three betas: AdEMAMix) are ``betas``; the rule's
+    own ``transformers_optim_args`` (AdEMAMix's t_alpha/t_beta3, its warmups)."""
     renamed = {}
     parts = [settings.pop(key, None) for key in ("beta1", "beta2", "beta3")]
     if any(part is not None for part in parts):
         defaults = (args.adam_beta1, args.adam_beta2, 0.9999)
-        count = 3 if rule == "ademamix" else 2
-        if rule != "ademamix" and parts[2] is not None:
-            raise ValueError(f"beta3 in optim_args is AdEMAMix's; {rule} has two betas")
+        count = 3 if len(rule.defaults.get("betas", ())) == 3 else 2
+        if count == 2 and parts[2] is not None:
+            raise ValueError(f"beta3 in optim_args is AdEMAMix's; {rule.name} has two betas")
         renamed["betas"] = tuple(float(part if part is not None else default)
                                  for part, default in zip(parts[:count], defaults))
-    if rule == "ademamix":
-        for key, ours in (("t_alpha", "alpha_warmup"), ("t_beta3", "beta3_warmup")):
-            if key in settings:
-                renamed[ours] = int(settings.pop(key))
+    for key, (ours, kind) in rule.transformers_optim_args.items():
+        if key in settings:
+            renamed[ours] = kind(settings.pop(key))
     return renamed
 
 
-def _projection(name: str, args, settings: dict) -> dict | None:
-    """GaLore's or APOLLO's projection keys (Transformers' defaults, optim_args win), taken
-    out of ``settings``; None for names that project nothing."""
-    if name.startswith("galore_"):
-        defaults = GALORE_DEFAULTS
-    elif name.startswith("apollo_"):
-        defaults = APOLLO_DEFAULTS
-    else:
+def _projection(name: str, rule, settings: dict) -> dict | None:
+    """GaLore's or APOLLO's projection keys (the rule's ``transformers_projection``: its
+    defaults as Transformers' handler sets them; optim_args win), taken out of ``settings``;
+    None for names that project nothing (Transformers projects under the names that start
+    with galore_ or apollo_: "galore_adafactor" projects, "adafactor" does not)."""
+    if not rule.transformers_projection or not name.startswith(("galore_", "apollo_")):
         return None
-    return {key: settings.pop(key, default) for key, default in defaults.items()}
-
-
-def _warmup_steps(args) -> int:
-    """Schedule-free's warmup is a number of steps; TrainingArguments also allows a ratio."""
-    steps = args.warmup_steps
-    if 0 < steps < 1:
-        raise ValueError(f"schedule_free_adamw warms up over a number of steps; warmup_steps="
-                         f"{steps} is a ratio. Give a step count (warmup_steps=N), or "
-                         f"optim_args='warmup_steps=N'")
-    return int(steps)
+    return {key: settings.pop(key, default)
+            for key, default in rule.transformers_projection.items()}
 
 
 def _dtype(name: str) -> torch.dtype:
