@@ -17,7 +17,7 @@ A rank's *shard* is its chunks of all buckets, laid end to end. Optimizer state,
 weights and the averaged gradient live in shard space; the ``ShardPiece`` map says which part of
 which param each stretch of the shard belongs to. Params that a rule steps whole (GaLore, Adafactor: a kind with ``whole``) are never cut: in their
 buckets every param goes whole to one rank, largest first, to the rank with the fewest elements in
-that bucket (ties: the least placement cost so far, a thin SVD's m n min(m, n) per matrix), and each rank's params
+that bucket (ties: the least placement cost so far, the rule's ``placement_cost``: by default a thin SVD's m n min(m, n) per matrix), and each rank's params
 sit end to end in its chunk, padded to the largest chunk. The collectives stay equal-chunk
 reduce-scatters and all-gathers, each rank gets whole gradients of the matrices it owns, and the
 SVDs are spread over the ranks. Such a bucket is closed once it holds at least ``world_size``
@@ -35,9 +35,11 @@ Ranges are named for what they index:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
+
+from .algorithms.base import thin_svd_cost
 
 DEFAULT_BUCKET_NUMEL = 4_000_000  # gloo on CPU moves 4M-element buckets at full speed
 DEFAULT_PAD_MULTIPLE = 256  # chunks stay multiples of 256 elements: quantization blocks never straddle ranks
@@ -195,13 +197,8 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def placement_cost(shape: torch.Size) -> int:
-    """The work of stepping a whole matrix of ``shape`` on one rank, up to a constant: that of
-    its thin SVD (GaLore's projection, the costliest whole-matrix step), m n min(m, n)."""
-    if len(shape) < 2:
-        return int(torch.Size(shape).numel())
-    m, n = shape[0], int(torch.Size(shape[1:]).numel())
-    return m * n * min(m, n)
+# The default cost of placing a whole param on a rank (UpdateRule.placement_cost's default).
+placement_cost = thin_svd_cost
 
 
 class Layout:
@@ -215,13 +212,18 @@ class Layout:
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
         pad_multiple: int = DEFAULT_PAD_MULTIPLE,
         kind_of=None,
+        placement_cost: Callable[[torch.Size], int] = placement_cost,
     ):
         """``kind_of(group, param)`` names a param's state kind; params of one kind share
-        buffers, and a kind's ``block_numel`` (1 if absent) aligns and pads its params."""
+        buffers, and a kind's ``block_numel`` (1 if absent) aligns and pads its params.
+        ``placement_cost(shape)`` is the work of stepping a whole param of that shape (the
+        rule's ``placement_cost``): whole params are spread so that the ranks' totals stay
+        even."""
         self.world_size = world_size
         self.rank = rank
         self.bucket_numel, self.pad_multiple = bucket_numel, pad_multiple
         self.kind_of = kind_of or (lambda group, param: None)
+        self.placement_cost = placement_cost
         self.buffers: list[FlatBuffer] = []
         self.buckets: list[Bucket] = []
         self.slots: list[ParamSlot] = []
@@ -298,7 +300,7 @@ class Layout:
             rank = min(range(self.world_size), key=lambda r: (load[r], self._placed_cost[r], r))
             owner[slot] = rank
             load[rank] += slot.extent
-            self._placed_cost[rank] += placement_cost(slot.param.shape)
+            self._placed_cost[rank] += self.placement_cost(slot.param.shape)
         chunk = _round_up(max(load), pad_multiple)
         filled = [0] * self.world_size
         for slot in bucket.slots:

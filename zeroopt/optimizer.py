@@ -172,7 +172,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.layout = Layout(trainable, self.comm.world_size, self.comm.rank, bucket_numel,
                              kind_of=lambda g, p: kinds.kind_of(
                                  self.param_groups[g], p.numel(),
-                                 self.rule.whole_tensors(self.param_groups[g])))
+                                 self.rule.whole_tensors(self.param_groups[g])),
+                             placement_cost=self.rule.placement_cost)
         self.layout.allocate_param_buffers()
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
             self.comm.broadcast(buffer.data, src=0)
