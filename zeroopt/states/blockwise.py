@@ -47,9 +47,16 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def _midpoints(signed: bool) -> torch.Tensor:
+def midpoints(signed: bool) -> torch.Tensor:
+    """The 255 midpoints between neighbouring codes of ``dynamic_map(signed)``, sorted: a
+    normalized value's code is the number of midpoints strictly below it (the nearest code,
+    ties to the lower one). The torch quantizer searches them; native.py builds its table
+    from them."""
     code = dynamic_map(signed)
     return (code[1:] + code[:-1]) / 2
+
+
+_midpoints = midpoints  # the name tests/test_blockwise_native.py still uses
 
 
 def quantize(values: torch.Tensor, signed: bool, codes: torch.Tensor | None = None,
@@ -97,7 +104,7 @@ def _quantize_torch(values: torch.Tensor, signed: bool, codes: torch.Tensor | No
     divisor = torch.where(block_max > 0, block_max, torch.ones_like(block_max))
     normalized = (blocks / divisor[:, None]).clamp_(-1, 1)
     # the number of midpoints strictly below: the nearest code, ties to the lower one
-    index = torch.bucketize(normalized, _midpoints(signed).to(values.device))
+    index = torch.bucketize(normalized, midpoints(signed).to(values.device))
     if codes is None:
         return index.to(torch.uint8).view(-1), block_max
     codes.view(-1, BLOCK).copy_(index)

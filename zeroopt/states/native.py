@@ -143,9 +143,9 @@ def prefix_range(prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def table(signed: bool) -> torch.Tensor:
     """zq_quantize's lookup table (65536 int32, layout in _blockwise.c), built from the torch
     reference itself: torch.bucketize counts the midpoints strictly below a value."""
-    from .blockwise import _midpoints
+    from .blockwise import midpoints
 
-    mid = _midpoints(signed)
+    mid = midpoints(signed)
     nan_code = int(torch.bucketize(torch.tensor([float("nan")]), mid))
     lo, hi = (int(_key(torch.tensor([end]))) >> 16 for end in (-1.0, 1.0))
     prefix = torch.arange(lo, hi + 1)
