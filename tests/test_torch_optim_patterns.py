@@ -4,7 +4,9 @@ W = 1, 2, 3, stages 1 and 2 (rank-side code: ranks/torch_optim_patterns.py).
 Tolerance 1e-6 relative to each param's largest magnitude, as in test_equivalence.py (the
 gradients are summed exactly in fp64; what remains is the fused kernels' arithmetic against
 torch.optim's per-tensor loop, ~1e-7). A param stepped when it should not be (weight decay,
-momentum), a missed or doubled gradient, or a wrong per-param step count gives 1e-3 or more.
+momentum), or not stepped when torch.optim steps it (a grad zeroed by
+``zero_grad(set_to_none=False)``), a missed or doubled gradient, or a wrong per-param step count
+gives 1e-3 or more.
 """
 
 import pytest
@@ -30,6 +32,29 @@ def per_rank(request):
 def test_params_without_gradients_are_not_stepped(per_rank, name, stage):
     for r in per_rank:
         assert r["unused", name, stage] < TOL, r["unused", name, stage]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_zero_grad_without_set_to_none_keeps_stepping_params_that_had_a_gradient(
+        per_rank, name, stage):
+    """zero_grad(set_to_none=False) leaves zeroed grads: torch.optim goes on stepping those
+    params (weight decay, momentum) in steps where no rank uses them, until set_to_none=True."""
+    for r in per_rank:
+        got = r["zeroed_kept", name, stage]
+        assert got["params"] < TOL, got
+        assert got["hand_grad_zeroed_in_place"], got
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_zero_grad_without_set_to_none_with_a_model_wrapped_in_ddp(per_rank, name):
+    """The same with DistributedDataParallel's averaged grads (average_grads=False, stage 1)."""
+    if len(per_rank) == 1:
+        pytest.skip("DistributedDataParallel needs a process group (W > 1)")
+    for r in per_rank:
+        got = r["zeroed_kept_ddp", name]
+        assert got["params"] < TOL, got
+        assert got["hand_grad_zeroed_in_place"], got
 
 
 @pytest.mark.parametrize("stage", STAGES)

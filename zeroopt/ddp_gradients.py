@@ -30,11 +30,11 @@ class LocalGradients:
     def __init__(self, layout: Layout, device: torch.device):
         self.layout = layout
         self.shard = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
-
-    @property
-    def received(self) -> bool:
-        """Whether some param has a ``grad`` now."""
-        return any(slot.param.grad is not None for slot in self.layout.slots)
+        # Per slot (layout.slots order), 1 where the param had a grad that a step consumed
+        # since the last zero(); and where torch.optim would hold a zeroed grad
+        # (zero(set_to_none=False)) until zero().
+        self._had = bytearray(len(layout.slots))
+        self._kept = bytearray(len(layout.slots))
 
     def finish(self) -> None:
         """Nothing to do: no reduction is ever in flight here."""
@@ -47,12 +47,14 @@ class LocalGradients:
 
     def used(self) -> torch.Tensor:
         """fp64 flags, one per slot (``layout.slots`` order): 1 where the param's ``grad`` is
-        not None on this rank.
+        not None on this rank, or where torch.optim would hold a zeroed grad for it
+        (``zero(set_to_none=False)`` after a step consumed its grad).
 
         Returns:
             A 1-D fp64 CPU tensor of ``len(layout.slots)`` elements.
         """
-        return torch.tensor([float(slot.param.grad is not None) for slot in self.layout.slots],
+        return torch.tensor([float(slot.param.grad is not None or kept)
+                             for slot, kept in zip(self.layout.slots, self._kept)],
                             dtype=torch.float64)
 
     def pending(self) -> torch.Tensor:
@@ -64,13 +66,15 @@ class LocalGradients:
         return torch.zeros(len(self.layout.buckets), dtype=torch.float64)
 
     def carry_over(self, old: "LocalGradients") -> None:
-        """Nothing to take over from ``old`` (the source of this layout before it grew):
-        every gradient is read from ``param.grad`` again.
+        """Take over from ``old`` (the source of this layout before it grew) which params
+        stay used after ``zero(set_to_none=False)``; every gradient is read from
+        ``param.grad`` again.
 
         Args:
-            old: the previous ``LocalGradients``; unused.
+            old: the previous ``LocalGradients``.
         """
-        pass  # everything is read from param.grad again
+        self._had[:len(old._had)] = old._had
+        self._kept[:len(old._kept)] = old._kept
 
     def complete(self, launch: list[int]) -> None:
         """Copy the owned pieces of the (already averaged) ``param.grad`` into the shard."""
@@ -82,17 +86,32 @@ class LocalGradients:
             else:
                 dst.copy_(grad.reshape(-1)[piece.param_offset:piece.param_offset + piece.numel])
 
+    def consume(self) -> None:
+        """The step has taken the gradients: set every param's ``grad`` to None, remembering
+        which had one, for ``zero(set_to_none=False)``."""
+        for position, slot in enumerate(self.layout.slots):
+            if slot.param.grad is not None:
+                self._had[position] = 1
+                slot.param.grad = None
+
     def zero(self, set_to_none: bool = True) -> None:
         """Clear every param's ``grad``, as torch.optim's ``zero_grad``.
 
         Args:
-            set_to_none: True (default): set ``grad`` to None; False: zero it in place.
+            set_to_none: True (default): set ``grad`` to None. False: zero it in place; a
+                param whose grad a step consumed since the last ``zero()`` stays used (a zero
+                gradient) in every later step until a ``zero(set_to_none=True)``, as
+                torch.optim steps a param whose grad was zeroed.
         """
-        for slot in self.layout.slots:
+        for position, slot in enumerate(self.layout.slots):
             if set_to_none:
                 slot.param.grad = None
-            elif slot.param.grad is not None:
-                slot.param.grad.zero_()
+                self._kept[position] = 0
+            else:
+                self._kept[position] |= self._had[position]
+                if slot.param.grad is not None:
+                    slot.param.grad.zero_()
+            self._had[position] = 0
 
     @contextmanager
     def no_sync(self):

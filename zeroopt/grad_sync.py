@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import partial
+from operator import or_
 
 import torch
 
@@ -54,7 +55,6 @@ class BucketedReducer:
 
     Attributes:
         shard: this rank's averaged gradient shard: fp32, ``layout.shard_numel`` elements.
-        received: whether any gradient was staged since the last ``zero()``.
         sync: False inside ``no_sync()``: backward launches no reduction.
         on_reduced: None, or a callable ``(bucket index) -> None`` called after each bucket
             is harvested into the shard (layerwise rules step there).
@@ -74,7 +74,6 @@ class BucketedReducer:
         self.max_staged_buckets = max_staged_buckets
         self.reduce_dtype, self.device = reduce_dtype, device
         self.shard = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
-        self.received = False  # any gradient since the last zero()
         self.sync = True
         n = len(layout.buckets)
         self._staging: list[torch.Tensor | None] = [None] * n
@@ -87,8 +86,12 @@ class BucketedReducer:
         self._largest_bucket = max(bucket.numel for bucket in layout.buckets)
         self._in_backward = False
         self.on_reduced = None  # (bucket index) -> None, after a bucket is harvested
-        # 1 where this rank staged a gradient for the slot (layout.slots order) since zero()
+        # Per slot (layout.slots order), 1 where this rank staged a gradient for its param:
+        # this step (since the last consume() or zero()), and since the last zero(); and where
+        # torch.optim would hold a zeroed grad (zero(set_to_none=False)) until zero().
         self._used = bytearray(len(layout.slots))
+        self._had = bytearray(len(layout.slots))
+        self._kept = bytearray(len(layout.slots))
         self._hooks = [slot.param.register_post_accumulate_grad_hook(
             partial(self._on_grad, position, slot)) for position, slot in enumerate(layout.slots)]
 
@@ -127,8 +130,7 @@ class BucketedReducer:
             view.copy_(grad.reshape(-1))
             self._written[b].add(slot)
         slot.param.grad = None
-        self.received = True
-        self._used[position] = 1
+        self._used[position] = self._had[position] = 1
 
     def take_detached(self) -> None:
         """Stage the gradients that did not come through backward's hooks: ``p.grad``
@@ -237,8 +239,11 @@ class BucketedReducer:
 
     def used(self) -> torch.Tensor:
         """fp64 flags, one per slot (``layout.slots`` order): 1 where this rank has staged a
-        gradient for the param since ``zero()``."""
-        return torch.frombuffer(self._used, dtype=torch.uint8).double()
+        gradient for the param this step, or where torch.optim would hold a zeroed grad for it
+        (``zero(set_to_none=False)`` after it had one): a param used on no rank gets a zero
+        gradient then, and is stepped (weight decay, momentum) as torch.optim steps it."""
+        flags = bytes(map(or_, self._used, self._kept)) if 1 in self._kept else self._used
+        return torch.frombuffer(bytearray(flags), dtype=torch.uint8).double()
 
     def pending(self) -> torch.Tensor:
         """fp64 flags, one per bucket: 1 where this rank holds staged gradients that no
@@ -265,36 +270,59 @@ class BucketedReducer:
         unfrozen after construction were packed after the existing ones): its reduced shard,
         which the new buckets' chunks follow, and its flags. ``old`` has nothing in flight."""
         old.finish()  # (``old.layout`` is this one: it grew in place)
-        filled, used = old.filled_buckets(), old.used().to(torch.uint8).tolist()
+        filled = old.filled_buckets()
         self.shard[:old.shard.numel()].copy_(old.shard)
         self._shard_filled[:len(filled)] = filled
-        self._used[:len(used)] = bytes(used)
-        self.received = old.received
+        for mine, theirs in ((self._used, old._used), (self._had, old._had),
+                             (self._kept, old._kept)):
+            mine[:len(theirs)] = theirs
 
     def filled_buckets(self) -> list[bool]:
         """Per bucket, whether its chunk of the shard holds this step's reduced gradient."""
         return list(self._shard_filled)
 
+    def consume(self) -> None:
+        """The step has taken this step's gradients: forget them (``_forget``) and set every
+        param's ``grad`` to None. Which params had a gradient since the last ``zero()`` is
+        remembered, for ``zero(set_to_none=False)``."""
+        self._forget()
+        for slot in self.layout.slots:
+            slot.param.grad = None
+
     def zero(self, set_to_none: bool = True) -> None:
-        """Forget this step's gradients (the optimizer's ``zero_grad``): wait for reductions
-        in flight and drop their results, clear the staged, used and filled flags (the next
-        gradients overwrite the staging buffers and the shard), and set every param's
-        ``grad`` to None.
+        """The optimizer's ``zero_grad``: forget this step's gradients (``_forget``).
 
         Args:
-            set_to_none: torch.optim's ``zero_grad`` argument; ignored here: ``param.grad``
-                is always set to None (gradients live in the staging buffers and the shard).
+            set_to_none: torch.optim's ``zero_grad`` argument. True: every param's ``grad`` is
+                set to None, and no param is used until it gets a gradient again. False: as
+                torch.optim, which zeroes the grads instead of dropping them, a param that had
+                a gradient since the last ``zero()`` stays used (a zero gradient) in every
+                later step until a ``zero(set_to_none=True)``; a ``grad`` not staged yet
+                (assigned by hand) is zeroed in place, and so keeps its param used too.
         """
+        if set_to_none:
+            self._kept[:] = bytes(len(self._kept))
+        else:
+            self._kept[:] = bytes(map(or_, self._kept, self._had))
+        self._had[:] = bytes(len(self._had))
+        self._forget()
+        for position, slot in enumerate(self.layout.slots):
+            if set_to_none:
+                slot.param.grad = None
+            elif slot.param.grad is not None:
+                slot.param.grad.zero_()
+                self._kept[position] = 1
+
+    def _forget(self) -> None:
+        """Wait for reductions in flight and drop their results; clear the staged, used and
+        filled flags (the next gradients overwrite the staging buffers and the shard)."""
         for b, work in enumerate(self._work):
             if work is not None:
                 work.wait()
                 self._work[b] = None
         self._written = [set() for _ in self._written]
         self._shard_filled = [False] * len(self._shard_filled)
-        self.received = False
         self._used[:] = bytes(len(self._used))
-        for slot in self.layout.slots:
-            slot.param.grad = None
 
     @contextmanager
     def no_sync(self):

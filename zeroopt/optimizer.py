@@ -292,7 +292,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                             "updated (as torch.optim). Call loss.backward() before step(), "
                             "and zero_grad() after it, not before it")
             self.shard.whole.end_step()
-            self.grads.zero()
+            self.grads.consume()
             return loss
         self.shard.sync_masters()
         for group in self.param_groups:
@@ -310,18 +310,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
                 shard_windows.run(windows, update, load=uses, store=uses)
         self.shard.whole.step({self.layout.slots[k].index for k in inputs.active})
-        self.grads.zero()  # consumed: a rule may have overwritten them (as DeepSpeed zeroes them)
+        self.grads.consume()  # a rule may have overwritten them (as DeepSpeed zeroes them)
         self.publish_params()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop the gradients taken since the last step (``set_to_none`` as torch.optim: the
-        gradient shard is cleared either way). A no-op on a superseded optimizer."""
+        """Drop the gradients taken since the last step, as torch.optim: after
+        ``set_to_none=False`` a param that had one is stepped with a zero gradient (weight
+        decay, momentum) in later steps that give it none, until a ``zero_grad()``. A no-op on
+        a superseded optimizer."""
         if self._retired:
             return
         self.grads.zero(set_to_none)
         for p in self._frozen_at_build:
-            p.grad = None
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
         self._inputs = None
 
     @torch.no_grad()

@@ -5,7 +5,9 @@ Before an update every rank must know:
 - which params got a gradient on some rank since ``zero_grad()``: only those are stepped. Every
   other one is left exactly as torch.optim leaves a param whose ``grad`` is None (no weight
   decay, no momentum, its step count unchanged). A param with a gradient on some ranks only
-  counts as zeros on the others, as in DistributedDataParallel;
+  counts as zeros on the others, as in DistributedDataParallel; one that had a gradient before
+  a ``zero_grad(set_to_none=False)`` counts as used, with zeros, as torch.optim steps a
+  zeroed grad;
 - which buckets still hold gradients that no reduction has taken (assigned to ``p.grad`` by
   hand, or staged inside ``no_sync()``): every rank reduces those buckets together;
 - whether a param that was frozen when the optimizer was built has a gradient now (the
@@ -35,7 +37,6 @@ class StepInputs:
     Attributes:
         active: positions in ``layout.slots`` of the params with a gradient on some rank.
         norm: the global gradient norm (fp32, 0-d), or None when none was asked for.
-        norm_type: the p of ``norm`` (``float('inf')`` for the max norm), or None.
         unfrozen: positions in the list of params frozen at construction of those that have
             a gradient on some rank now. When not empty, nothing else was agreed: the caller
             lays them out and settles again.
@@ -43,7 +44,6 @@ class StepInputs:
 
     active: frozenset[int]
     norm: torch.Tensor | None = None
-    norm_type: float | None = None
     unfrozen: frozenset[int] = frozenset()
 
 
@@ -90,7 +90,7 @@ def settle(grads, comm, norm_type: float | None, frozen_with_grads: torch.Tensor
     elif norm_type is not None:
         norm = finish_norm(vector[:1], norm_type)
     active = frozenset((used > 0).nonzero().flatten().tolist())
-    return StepInputs(active, norm, norm_type)
+    return StepInputs(active, norm)
 
 
 def local_norm_part(shard: torch.Tensor, norm_type: float) -> torch.Tensor:

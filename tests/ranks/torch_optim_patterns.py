@@ -52,10 +52,13 @@ def loss_of(model, step: int, rank: int, heads: str):
     return nn.functional.mse_loss(model(x, heads).float(), y)
 
 
-def averaged_grads(ref, step: int, world_size: int, heads_of_rank, into=None) -> None:
+def averaged_grads(ref, step: int, world_size: int, heads_of_rank, into=None,
+                   accumulate: bool = False) -> None:
     """Set the grads of ``into`` (default ``ref``; a model with the same params) to the mean
     over ranks of each rank's gradient through ``ref`` (zeros where a rank did not use the
-    param; None where no rank did), as torch.optim unsharded would take it."""
+    param; None where no rank did), as torch.optim unsharded would take it. With
+    ``accumulate``, add the mean into the grads there are, as backward does (a param that no
+    rank used keeps its grad, None or the zeros ``zero_grad(set_to_none=False)`` left)."""
     params = [p for p in ref.parameters() if p.requires_grad]
     targets = [p for p in (into or ref).parameters() if p.requires_grad]
     sums: list[torch.Tensor | None] = [None] * len(params)
@@ -66,7 +69,11 @@ def averaged_grads(ref, step: int, world_size: int, heads_of_rank, into=None) ->
             if g is not None:
                 sums[i] = g.double() if sums[i] is None else sums[i] + g.double()
     for p, total in zip(targets, sums):
-        p.grad = None if total is None else (total * (1.0 / world_size)).float()
+        mean = None if total is None else (total * (1.0 / world_size)).float()
+        if not accumulate:
+            p.grad = mean
+        elif mean is not None:
+            p.grad = mean if p.grad is None else p.grad.add_(mean)
 
 
 def step_side_by_side(model, opt, ref, ref_opt, step: int, heads_of_rank) -> None:
@@ -104,6 +111,54 @@ def unused_params(name: str, hp: dict, stage: int, ref_name: str | None = None) 
     for step in SCHEDULE:
         step_side_by_side(model, opt, ref, ref_opt, step, scheduled_heads)
     return max_rel_err(model, ref)
+
+
+# zero_grad(set_to_none=False) after every step but step 4's. Head b is used by rank 0 at
+# step 1 and by every rank at step 5, by none at the other steps; head c by none, but it is
+# given a gradient by hand after step 2, which step 2's zero_grad zeroes before any step.
+# Step 6 runs no backward at all: only zeroed grads are stepped. Buckets of 200 elements put
+# c.weight, head b and head a in buckets of their own, so a param stepped with a zeroed grad
+# is also one in a bucket that no rank filled (all of them at step 6).
+KEPT_SCHEDULE = {0: lambda r: "a", 1: lambda r: "ab" if r == 0 else "a", 2: lambda r: "a",
+                 3: lambda r: "a", 4: lambda r: "a", 5: lambda r: "ab", 6: lambda r: "",
+                 7: lambda r: "a"}
+SET_TO_NONE_AT = 4
+
+
+def zeroed_grads_kept(name: str, hp: dict, stage: int, ddp: bool = False) -> dict:
+    """``zero_grad(set_to_none=False)``, as torch.optim: a param that had a gradient keeps a
+    zeroed one, so it is stepped (weight decay, momentum, its step count) in the later steps
+    where no rank uses it, until a ``zero_grad(set_to_none=True)``; a ``grad`` assigned by
+    hand and not stepped yet is zeroed in place, and so is stepped too. With ``ddp`` (W > 1,
+    stage 1) the model is wrapped in DistributedDataParallel and zeroopt takes its averaged
+    ``param.grad`` (``average_grads=False``)."""
+    rank, world_size = world()
+    model, ref = heads_models()
+    options = dict(EXACT, bucket_numel=200, **(dict(average_grads=False) if ddp else {}))
+    opt = zeroopt.ZeroOptimizer(model.parameters(), name, stage=stage, **options, **hp)
+    inner = model
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    ref_opt = reference_optimizer(name, ref.parameters(), hp)
+    heads = lambda step, r: KEPT_SCHEDULE[step](r)  # noqa: E731
+    out = {}
+    for step in KEPT_SCHEDULE:
+        if heads(step, rank):
+            loss_of(model, step, rank, heads(step, rank)).backward()
+            averaged_grads(ref, step, world_size, heads, accumulate=True)
+        opt.step()
+        ref_opt.step()
+        if step == 2:  # a gradient assigned by hand, zeroed in place before any step takes it
+            for m in (inner, ref):
+                m.c.weight.grad = _hand_grad(m.c.weight, step, 0)
+            hand = inner.c.weight.grad
+        opt.zero_grad(set_to_none=step == SET_TO_NONE_AT)
+        ref_opt.zero_grad(set_to_none=step == SET_TO_NONE_AT)
+        if step == 2:
+            grad = inner.c.weight.grad
+            out["hand_grad_zeroed_in_place"] = grad is hand and not grad.any().item()
+    out["params"] = max_rel_err(inner, ref)
+    return out
 
 
 def freeze_and_unfreeze_later(stage: int) -> float:
@@ -330,6 +385,11 @@ def suite() -> dict:
         for name in ("adamw", "lamb"):
             out["unfrozen", name, stage] = frozen_at_construction_then_unfrozen(
                 name, rules[name], stage)
+        for name in ("adamw", "sgd"):
+            out["zeroed_kept", name, stage] = zeroed_grads_kept(name, rules[name], stage)
+    if torch.distributed.is_initialized():
+        for name in ("adamw", "sgd"):
+            out["zeroed_kept_ddp", name] = zeroed_grads_kept(name, rules[name], 1, ddp=True)
     return out
 
 
