@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import zeroopt
+from zeroopt.algorithms import get_preset
 
 BUCKET = 700  # several buckets for a ~3,000-param model
 # Sum ranks' fp32 gradients in fp64: exact, so the average does not depend on the order in which
@@ -104,14 +105,16 @@ def max_rel_err(model, ref) -> float:
 
 
 def reference_optimizer(name, params, hp):
-    torch_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
-                 "nesterov": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
-                 "rmsprop": torch.optim.RMSprop}
-    if name == "nesterov":
-        hp = {"momentum": 0.9, "nesterov": True, **hp}
-    variant = any(hp.get(option) for option in ("cautious", "adopt", "grams"))
-    if name in torch_cls and not variant:
-        return torch_cls[name](params, **hp)
+    """The unsharded optimizer the tests hold ``name`` to: the class its rule mirrors
+    (``UpdateRule.torch_class``, with its ``torch_defaults``) where that class is installed,
+    the name presets nothing and no zeroopt-only option is on; else the rule's eager
+    ``ReferenceOptimizer``."""
+    rule, preset = get_preset(name)
+    torch_class = rule.mirrored_class()
+    variant = any(hp.get(option, off) != off for option, off in rule.zeroopt_only.items())
+    if torch_class is not None and not preset and not variant:
+        hp = {k: v for k, v in hp.items() if k not in rule.zeroopt_only}  # all off
+        return torch_class(params, **{**rule.torch_defaults, **hp})
     return zeroopt.ReferenceOptimizer(params, optimizer=name, **hp)
 
 

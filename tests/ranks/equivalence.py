@@ -365,6 +365,11 @@ RULES = {
     "lion_cautious": dict(lr=1e-3, weight_decay=0.1, cautious=True),
     "schedule_free_adamw": dict(lr=1e-2, weight_decay=0.05, warmup_steps=3),
 }
+# Every other registered rule runs too, at its defaults (docs/ADDING_A_RULE.md); the rules that
+# step params whole (tensor_step) are held to their reference packages in ranks/whole_tensors.py.
+for _rule in zeroopt.algorithms.registered_rules():
+    if _rule.tensor_step is None:
+        RULES.setdefault(_rule.name, {})
 
 
 def rule_of(case: str) -> str:
