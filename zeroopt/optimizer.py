@@ -29,14 +29,12 @@ import weakref
 
 import torch
 
-from . import ownership, shard_windows
+from . import gradient_source, modes, ownership, shard_windows, unfreezing
 from .algorithms import ShardTensors, get_preset
 from .algorithms.base import resolve_defaults
 from .checkpoint import state_dict as state_io
 from .checks import check_ranks_agree, describe_params
 from .comm import collectives_for, split
-from .ddp_gradients import LocalGradients
-from .grad_sync import BucketedReducer
 from .layout import DEFAULT_BUCKET_NUMEL, Layout
 from .shard import Shard
 from .states import kinds
@@ -149,14 +147,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         except (ValueError, TypeError) as error:
             invalid = error
 
-        trainable = [[(i, p) for i, p in _indexed(self.param_groups, g) if p.requires_grad]
-                     for g in range(len(self.param_groups))]
+        trainable = unfreezing.params_by_group(self.param_groups, lambda p: p.requires_grad)
         if not any(trainable):
             raise ValueError("ZeroOptimizer got no trainable params (all have requires_grad=False)")
         ownership.take_over([p for group in trainable for _, p in group], self)
-        # Params frozen now get no state until one gets a gradient (_lay_out_unfrozen).
-        self._frozen_at_build = [p for group in self.param_groups for p in group["params"]
-                                 if not p.requires_grad]
+        self._frozen = unfreezing.FrozenAtBuild(self.param_groups)  # laid out once unfrozen
         self.device = next(p for group in trainable for _, p in group).device
         self.comm = collectives_for(self.device, process_group, backend, timeout)
         if invalid is not None and self.comm.world_size == 1:
@@ -178,61 +173,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
             self.comm.broadcast(buffer.data, src=0)
         self.window_numel = shard_windows.window_numel_for(window_numel, self.device)
-        self._gradient_options = dict(average_grads=average_grads, reduce_dtype=reduce_dtype)
+        self._gradient_options = dict(stage=stage, average_grads=average_grads,
+                                      reduce_dtype=reduce_dtype)
         self.grads = self._gradient_source()
         self.shard = Shard(self.rule, self.param_groups, self.layout, self.grads.shard,
                            self.device, self.window_numel, page_dir, skip_nonfinite)
-        self._connect_layerwise()
+        gradient_source.connect_layerwise(self.grads, self.shard.whole)
         self._inputs: StepInputs | None = None  # agreed by clip_grad_norm_, reused by step()
         self.skipped_steps = 0
         self.last_step_skipped = False
         self._constructed = True
-
-    # -- construction helpers -------------------------------------------------------------
-
-    def refresh_masters(self) -> None:
-        """Take the fp32 masters of 16-bit params from the params again, wholly: after a
-        write through ``p.data``, which no version counter sees (``step()`` takes every other
-        write into the params by itself)."""
-        self.shard.refresh_masters()
-
-    def _gradient_source(self):
-        """Where the averaged gradients come from: the bucketed reducer (its backward hooks),
-        or, for a model wrapped in DDP (``average_grads=False``), ``param.grad`` itself."""
-        if self._gradient_options["average_grads"]:
-            grads = BucketedReducer(self.layout, self.comm, keep_staging=self.stage == 1,
-                                    reduce_dtype=self._gradient_options["reduce_dtype"],
-                                    device=self.device)
-        else:
-            grads = LocalGradients(self.layout, self.device)
-        weakref.finalize(self, grads.remove_hooks)  # a dead optimizer takes no more grads
-        return grads
-
-    def _connect_layerwise(self) -> None:
-        if self.shard.whole.layerwise_in_bucket and self._gradient_options["average_grads"]:
-            self.grads.on_reduced = self.shard.whole.on_bucket_reduced
-
-    @torch.no_grad()
-    def _lay_out_unfrozen(self, params: list[torch.nn.Parameter]) -> None:
-        """Params frozen at construction that now have a gradient on some rank (gradual
-        unfreezing): pack them into new buffers after the existing ones. Nothing laid out
-        before moves (states, masters and this step's reduced gradients stay where they are);
-        the new params start with fresh states, as torch.optim creates a param's state at its
-        first step. Every rank calls it with the same params (step_inputs agreed on them)."""
-        wanted = {id(p) for p in params}
-        first = self.layout.extend([[(i, p) for i, p in _indexed(self.param_groups, g)
-                                     if id(p) in wanted] for g in range(len(self.param_groups))])
-        ownership.take_over(params, self)
-        self.layout.allocate_param_buffers(first)
-        for buffer in self.layout.buffers[first:]:  # rank 0's values, as at construction
-            self.comm.broadcast(buffer.data, src=0)
-        old = self.grads
-        old.remove_hooks()
-        self.grads = self._gradient_source()
-        self.grads.carry_over(old)
-        self.shard.extend(first, self.grads.shard)
-        self._connect_layerwise()
-        self._frozen_at_build = [p for p in self._frozen_at_build if id(p) not in wanted]
 
     def add_param_group(self, param_group: dict) -> None:
         """torch.optim's, during construction only.
@@ -322,11 +272,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self._retired:
             return
         self.grads.zero(set_to_none)
-        for p in self._frozen_at_build:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
+        self._frozen.zero_grad(set_to_none)
         self._inputs = None
 
     @torch.no_grad()
@@ -365,34 +311,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def eval(self) -> None:
         """Put the model's params where they are evaluated (schedule-free: the average x);
-        a no-op for rules that train at the point they evaluate."""
-        self._switch_mode(train=False)
+        a no-op for rules that train at the point they evaluate (modes.py)."""
+        if modes.switch(self.rule, self.param_groups, self.shard, self.layout, train=False):
+            self.publish_params()
 
     def train(self) -> None:
         """Put the params back where training steps them (schedule-free: y)."""
-        self._switch_mode(train=True)
+        if modes.switch(self.rule, self.param_groups, self.shard, self.layout, train=True):
+            self.publish_params()
 
-    @torch.no_grad()
-    def _switch_mode(self, train: bool) -> None:
-        move = self.rule.to_train if train else self.rule.to_eval
-        # Already there: nothing to gather (the Trainer calls train() before every micro-step).
-        if move is None or all(group["train_mode"] == train for group in self.param_groups):
-            return
-        self.shard.sync_masters()
-        stepped = self.shard.stepped()
-        for g, group in enumerate(self.param_groups):
-            if group["train_mode"] != train:
-                def step_to(shard: ShardTensors) -> None:
-                    if shard.params:
-                        move(group, shard)
-
-                # Reads the states (schedule-free's z), leaves them as they are. Params never
-                # stepped have no z yet (torch.optim: no state) and stay where they are.
-                windows = self.shard.windows_for(g, [k for k in stepped if self.layout.slots[
-                    k].group == g])
-                shard_windows.run(windows, step_to, load=True, store=False)
-                group["train_mode"] = train
-        self.publish_params()
+    def refresh_masters(self) -> None:
+        """Take the fp32 masters of 16-bit params from the params again, wholly: after a
+        write through ``p.data``, which no version counter sees (``step()`` takes every other
+        write into the params by itself)."""
+        self.shard.refresh_masters()
 
     def no_sync(self):
         """Context for gradient-accumulation micro-steps: backward accumulates locally and the
@@ -429,18 +361,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "torch.optim, use the optimizer you built last). To carry this one's state "
                 "over: new_opt.load_state_dict(old_opt.state_dict())")
 
+    def _gradient_source(self):
+        """A new source of the averaged gradients for the layout (gradient_source.py)."""
+        grads = gradient_source.new_source(self.layout, self.comm, self.device,
+                                           **self._gradient_options)
+        weakref.finalize(self, grads.remove_hooks)  # a dead optimizer takes no more grads
+        return grads
+
     def _settle(self, norm_type: float | None) -> StepInputs:
         """Reduce the rest of this step's gradients and agree with every rank on which params
-        have one, and on the norm (step_inputs.py: one small all-reduce)."""
-        inputs = settle(self.grads, self.comm, norm_type, self._frozen_with_grads())
+        have one, and on the norm (step_inputs.py: one small all-reduce). Params frozen at
+        construction that have a gradient now are laid out first (unfreezing.py)."""
+        inputs = settle(self.grads, self.comm, norm_type, self._frozen.with_grads())
         if inputs.unfrozen:
-            self._lay_out_unfrozen([self._frozen_at_build[i] for i in sorted(inputs.unfrozen)])
-            inputs = settle(self.grads, self.comm, norm_type, self._frozen_with_grads())
+            params = self._frozen.take(inputs.unfrozen)
+            ownership.take_over(params, self)
+            self.grads = unfreezing.lay_out(params, self.param_groups, self.layout, self.comm,
+                                            self.shard, self.grads, self._gradient_source)
+            inputs = settle(self.grads, self.comm, norm_type, self._frozen.with_grads())
         return inputs
-
-    def _frozen_with_grads(self) -> torch.Tensor:
-        return torch.tensor([float(p.grad is not None) for p in self._frozen_at_build],
-                            dtype=torch.float64)
 
     def _whole_param_statistics(self, plan) -> list[torch.Tensor | None]:
         """Every tensor-wise group's partial sums, all-reduced together in one collective."""
@@ -461,9 +400,3 @@ class ZeroOptimizer(torch.optim.Optimizer):
                    for bucket in self.layout.buckets]
         for handle in handles:
             handle.wait()
-
-
-def _indexed(param_groups: list[dict], group: int):
-    """(state_dict index, param) for one group: indices run on across groups, as in torch."""
-    start = sum(len(g["params"]) for g in param_groups[:group])
-    return enumerate(param_groups[group]["params"], start=start)
