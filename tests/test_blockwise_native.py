@@ -99,7 +99,7 @@ def neighbours(values: torch.Tensor, steps: int = 3) -> torch.Tensor:
 @SIGNS
 def test_every_midpoint_and_its_neighbours(signed):
     """Ties and near-ties, as normalized values (the block's absmax is 1)."""
-    near = neighbours(blockwise._midpoints(signed))
+    near = neighbours(blockwise.midpoints(signed))
     assert_native_matches_torch(blocks_with_absmax_one(near), signed)
     assert_native_matches_torch(blocks_with_absmax_one(-near), signed)
 
@@ -111,7 +111,7 @@ def test_midpoints_times_absmax(signed):
     and x * (1 / d) round apart, the code can differ, so this catches the faster multiply."""
     for absmax in (0.3, 3.7e-4, 1234.5678, 1 - 2**-24, 6.02e23, 1.1e-38):
         d = torch.tensor(absmax)
-        near = neighbours(blockwise._midpoints(signed) * d)
+        near = neighbours(blockwise.midpoints(signed) * d)
         near = torch.cat([near, -near]).clamp(-d, d)
         x = blocks_with_absmax_one(near / d) * d  # the blocks' first element is d
         assert x.abs().view(-1, BLOCK).amax(1).eq(d).all()

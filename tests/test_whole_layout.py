@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import zeroopt
-from zeroopt.layout import Layout, placement_cost
+from zeroopt.algorithms.base import thin_svd_cost as placement_cost
+from zeroopt.layout import Layout
 from zeroopt.states.kinds import StateKind
 
 WHOLE = StateKind(whole=True)

@@ -15,10 +15,12 @@ those bitsandbytes would give the param alone) and to one rank, at every world s
 
 A rank's *shard* is its chunks of all buckets, laid end to end. Optimizer state, fp32 master
 weights and the averaged gradient live in shard space; the ``ShardPiece`` map says which part of
-which param each stretch of the shard belongs to. Params that a rule steps whole (GaLore, Adafactor: a kind with ``whole``) are never cut: in their
-buckets every param goes whole to one rank, largest first, to the rank with the fewest elements in
-that bucket (ties: the least placement cost so far, the rule's ``placement_cost``: by default a thin SVD's m n min(m, n) per matrix), and each rank's params
-sit end to end in its chunk, padded to the largest chunk. The collectives stay equal-chunk
+which param each stretch of the shard belongs to. Params that a rule steps whole (GaLore,
+Adafactor: a kind with ``whole``) are never cut: in their buckets every param goes whole to one
+rank, largest first, to the rank with the fewest elements in that bucket (ties: the least
+placement cost so far, the rule's ``placement_cost``, by default a thin SVD's m n min(m, n) per
+matrix), and each rank's params sit end to end in its chunk, padded to the largest chunk. The
+collectives stay equal-chunk
 reduce-scatters and all-gathers, each rank gets whole gradients of the matrices it owns, and the
 SVDs are spread over the ranks. Such a bucket is closed once it holds at least ``world_size``
 times its largest param, so the padding stays below one param per rank even when a matrix is
@@ -197,8 +199,6 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-# The default cost of placing a whole param on a rank (UpdateRule.placement_cost's default).
-placement_cost = thin_svd_cost
 
 
 class Layout:
@@ -212,7 +212,7 @@ class Layout:
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
         pad_multiple: int = DEFAULT_PAD_MULTIPLE,
         kind_of=None,
-        placement_cost: Callable[[torch.Size], int] = placement_cost,
+        placement_cost: Callable[[torch.Size], int] = thin_svd_cost,
     ):
         """``kind_of(group, param)`` names a param's state kind; params of one kind share
         buffers, and a kind's ``block_numel`` (1 if absent) aligns and pads its params.

@@ -56,9 +56,6 @@ def midpoints(signed: bool) -> torch.Tensor:
     return (code[1:] + code[:-1]) / 2
 
 
-_midpoints = midpoints  # the name tests/test_blockwise_native.py still uses
-
-
 def quantize(values: torch.Tensor, signed: bool, codes: torch.Tensor | None = None,
              absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (uint8, like ``values``) and per-block absmax (fp32) of a flat fp32 tensor whose
