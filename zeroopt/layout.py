@@ -20,11 +20,12 @@ Adafactor: a kind with ``whole``) are never cut: in their buckets every param go
 rank, largest first, to the rank with the fewest elements in that bucket (ties: the least
 placement cost so far, the rule's ``placement_cost``, by default a thin SVD's m n min(m, n) per
 matrix), and each rank's params sit end to end in its chunk, padded to the largest chunk. The
-collectives stay equal-chunk reduce-scatters and all-gathers, each rank gets whole gradients
-of the matrices it owns, and the SVDs are spread over the ranks. Such a bucket is closed once it holds at least ``world_size``
-times its largest param, so the padding stays below one param per rank even when a matrix is
-larger than ``bucket_numel`` (a single matrix larger than all the rest together still goes to
-one rank; the other ranks' chunks are padding, which that bucket's collectives carry).
+collectives stay equal-chunk reduce-scatters and all-gathers, each rank gets whole gradients of
+the matrices it owns, and the SVDs are spread over the ranks. Such a bucket is closed once it
+holds at least ``world_size`` times its largest param, so the padding stays below one param per
+rank even when a matrix is larger than ``bucket_numel`` (a single matrix larger than all the
+rest together still goes to one rank; the other ranks' chunks are padding, which that bucket's
+collectives carry).
 
 Ranges are named for what they index:
 
