@@ -21,6 +21,8 @@ from .lion import LION
 from .reference import ReferenceOptimizer
 from .rmsprop import RMSPROP
 from .schedule_free import SCHEDULE_FREE_ADAMW
+from .schedule_free_radam import SCHEDULE_FREE_RADAM
+from .schedule_free_sgd import SCHEDULE_FREE_SGD
 from .sgd import NESTEROV, SGD
 
 # name -> (rule, hyperparameters the name presets)
@@ -63,6 +65,8 @@ register(ADAGRAD)
 register(RMSPROP)
 register(ADEMAMIX)
 register(SCHEDULE_FREE_ADAMW)
+register(SCHEDULE_FREE_RADAM)
+register(SCHEDULE_FREE_SGD)
 
 # 8-bit and paged states (zeroopt.states), named as in HuggingFace Transformers' ``optim``.
 for _name in ("adamw_8bit", "adamw_bnb_8bit", "adamw_torch_8bit"):
