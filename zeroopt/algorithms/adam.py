@@ -6,7 +6,9 @@ CPU fallback for the fused kernel would update copies, and lose the update of pa
 views of a flat buffer (zeroopt's shards are).
 
 The options ``cautious``, ``adopt`` and ``grams`` (variants.py) change the update; with any of
-them the step runs variants.py's multi-tensor path instead of the fused kernel.
+them the step runs variants.py's multi-tensor path instead of the fused kernel. The options for
+fine-tuning (``spd``, ``orthograd``, ``agr``, ``tam``, ``alora``, ``dynamic_weight_decay``) are
+adamw_options.py's.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import math
 
 import torch
 
-from . import variants
+from . import adamw_options, sources, variants
 from .base import (ShardTensors, UpdateRule, adam_arguments, check_betas, check_fixed,
-                   check_nonnegative, is_exactly)
+                   check_nonnegative)
 
 _FIXED = {"amsgrad": False}
 
@@ -29,6 +31,7 @@ def _validate(group: dict) -> None:
     for name in variants.OPTIONS:
         if not isinstance(group[name], bool):
             raise ValueError(f"{name} must be True or False, got {group[name]!r}")
+    adamw_options.validate(group)
 
 
 _FUSED_DEVICES = ("cpu", "cuda", "mps")  # where torch has _fused_adam(w)_
@@ -63,6 +66,10 @@ def _fused(decoupled: bool):
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
 
     def step(group: dict, shard: ShardTensors, step_count: torch.Tensor, stats=None) -> None:
+        if adamw_options.any_option(group):
+            if stats is not None:
+                return adamw_options.fused_step(group, shard, step_count, stats, decoupled)
+            group = adamw_options.with_effective_decay(group, step_count)
         if variants.any_option(group):
             return _variant_step(group, shard, step_count, stats, decoupled)
         if shard.params and shard.params[0].device.type not in _FUSED_DEVICES:
@@ -80,6 +87,8 @@ def _fused(decoupled: bool):
 def _cautious_statistics(decoupled: bool):
     """Phase 1 of cautious: the update direction, masked, stashed over the gradients."""
     def statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.Tensor:
+        if adamw_options.any_option(group):
+            return adamw_options.statistics(group, shard, step, decoupled)
         direction = (variants.adam_direction(group, shard, int(step.item()), decoupled)
                      if shard.params else None)
         if direction is None:  # nothing here, or ADOPT's first step
@@ -108,6 +117,8 @@ def _variant_step(group: dict, shard: ShardTensors, step: torch.Tensor, stats,
 
 def _reference(decoupled: bool):
     def step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
+        if adamw_options.any_option(group):
+            return variants.reference_with_options(group, param, grad, state, t, decoupled)
         if variants.any_option(group):
             direction, grad = variants.reference_direction(group, param, grad, state, t,
                                                            decoupled)
@@ -138,34 +149,61 @@ def _decoupled(optimizer) -> bool:
     return bool(optimizer.defaults.get("decoupled_weight_decay"))
 
 
-def _wraps_adamw(optimizer) -> bool:
-    return is_exactly(optimizer, torch.optim.AdamW) or (
-        is_exactly(optimizer, torch.optim.Adam) and _decoupled(optimizer))
+def _grams_options(optimizer, group: dict) -> None:
+    """pytorch_optimizer.Grams is adamw with grams=True (and decoupled weight decay)."""
+    sources.decoupled_decay("pytorch_optimizer.Grams", "adamw", fixed_decay=False)(
+        optimizer, group)
+    group["grams"] = True
 
 
-def _wraps_adam(optimizer) -> bool:
-    return is_exactly(optimizer, torch.optim.Adam) and not _decoupled(optimizer)
+# zeroopt.wrap: the classes adamw and adam are built from (sources.py). bitsandbytes' Adam
+# decays the weights as AdamW does, so it is adamw too.
+_ADAMW_SOURCES = sources.Sources(
+    sources.Source(torch.optim.AdamW),
+    sources.Source(torch.optim.Adam, when=_decoupled),
+    *sources.bitsandbytes(*(f"{paged}{name}{bits}" for name in ("AdamW", "Adam")
+                            for paged in ("", "Paged") for bits in ("", "8bit", "32bit"))),
+    sources.Source("pytorch_optimizer.Grams", options=_grams_options,
+                   preset=sources.maximize_attribute),
+    sources.Source("pytorch_optimizer.ADOPT", refuse=(
+        "pytorch-optimizer's ADOPT clips the normalised gradient at step^0.25 counting the "
+        "step after its increment (the authors' ADOPT, which zeroopt's adopt=True follows, "
+        "counts it before) and decays the weights on the first step, which only initialises "
+        "v. Build ZeroOptimizer(params, 'adamw', adopt=True) for the authors' ADOPT")),
+)
+_ADAM_SOURCES = sources.Sources(
+    sources.Source(torch.optim.Adam, when=lambda optimizer: not _decoupled(optimizer)))
 
 
-_ZEROOPT_ONLY = {name: False for name in variants.OPTIONS}  # torch.optim has none of them
+_ZEROOPT_ONLY = {name: False for name in (*variants.OPTIONS, *adamw_options.OPTIONS)}
+
+
+def _option_fields(decoupled: bool) -> dict:
+    """The UpdateRule fields of the options' states, statistics and whole-param steps."""
+    return dict(states=adamw_options.states, per_tensor=adamw_options.per_tensor,
+                initial_values=adamw_options.initial_values,
+                full_precision_states=("initial_param",), whole_tensors=adamw_options.whole,
+                tensor_step=_reference(decoupled), tensor_states_8bit=("exp_avg", "exp_avg_sq"),
+                group_keys=("layerwise",), placement_cost=adamw_options.placement_cost)
+
 
 ADAMW = UpdateRule(
     name="adamw",
     nonnegative_states=("exp_avg_sq",),
     statistics_use_states=True,  # cautious
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
-                  amsgrad=False, cautious=False, adopt=False, grams=False),
-    states=lambda group: ("exp_avg", "exp_avg_sq"),
+                  amsgrad=False, cautious=False, adopt=False, grams=False,
+                  **adamw_options.DEFAULTS),
     fused_step=_fused(decoupled=True),
     reference_step=_reference(decoupled=True),
     validate=_validate,
-    per_tensor=lambda group: group["cautious"],
     statistics=_cautious_statistics(decoupled=True),
+    **_option_fields(decoupled=True),
     fixed=_FIXED,
     torch_class=torch.optim.AdamW,
     zeroopt_only=_ZEROOPT_ONLY,
-    wraps=_wraps_adamw,
-    transformers_names=("adamw_torch_xla", "adamw_torch_npu_fused"),
+    wraps=_ADAMW_SOURCES,
+    from_torch_options=_ADAMW_SOURCES.from_torch_options,
     transformers_arguments=adam_arguments,
 )
 
@@ -174,16 +212,16 @@ ADAM = UpdateRule(
     nonnegative_states=("exp_avg_sq",),
     statistics_use_states=True,  # cautious
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
-                  amsgrad=False, cautious=False, adopt=False, grams=False),
-    states=lambda group: ("exp_avg", "exp_avg_sq"),
+                  amsgrad=False, cautious=False, adopt=False, grams=False,
+                  **adamw_options.DEFAULTS),
     fused_step=_fused(decoupled=False),
     reference_step=_reference(decoupled=False),
     validate=_validate,
-    per_tensor=lambda group: group["cautious"],
     statistics=_cautious_statistics(decoupled=False),
+    **_option_fields(decoupled=False),
     fixed=_FIXED,
     torch_class=torch.optim.Adam,
     zeroopt_only=_ZEROOPT_ONLY,
-    wraps=_wraps_adam,
+    wraps=_ADAM_SOURCES,
     transformers_arguments=adam_arguments,
 )

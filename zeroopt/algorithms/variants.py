@@ -35,9 +35,11 @@ def any_option(group: dict) -> bool:
     return any(group.get(name) for name in OPTIONS)
 
 
-def adam_direction(group: dict, shard: ShardTensors, t: int, decoupled: bool):
+def adam_direction(group: dict, shard: ShardTensors, t: int, decoupled: bool,
+                   tam_cos: list[float] | None = None):
     """Weight decay and moments; returns the update direction (new tensors), or None on
-    ADOPT's first step, which only initialises v."""
+    ADOPT's first step, which only initialises v. ``tam_cos``: per piece, the cosine of
+    Torque-Aware Momentum (adamw_options.py), which damps the gradient's weight in m."""
     beta1, beta2 = group["betas"]
     lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
     params, grads = shard.params, shard.grads
@@ -51,6 +53,14 @@ def adam_direction(group: dict, shard: ShardTensors, t: int, decoupled: bool):
         return None
     if wd != 0 and decoupled:
         torch._foreach_mul_(params, 1 - lr * wd)
+    damping = None
+    if tam_cos is not None:  # s <- gamma s + (1 - gamma) cos; d = (1 + s) / 2 + eps
+        s, gamma = shard.states["tam_s"], group["tam_decay_rate"]
+        torch._foreach_mul_(s, gamma)
+        torch._foreach_add_(s, [(1 - gamma) * c for c in tam_cos])
+        damping = torch._foreach_add(s, 1.0)
+        torch._foreach_mul_(damping, 0.5)
+        torch._foreach_add_(damping, eps)
     if group["adopt"]:
         denom = torch._foreach_sqrt(v)
         torch._foreach_clamp_min_(denom, eps)
@@ -58,12 +68,12 @@ def adam_direction(group: dict, shard: ShardTensors, t: int, decoupled: bool):
         clip = (t - 1) ** 0.25
         torch._foreach_clamp_min_(direction, -clip)
         torch._foreach_clamp_max_(direction, clip)
-        torch._foreach_lerp_(m, direction, 1 - beta1)
+        _first_moment(m, direction, beta1, damping)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
         torch._foreach_copy_(direction, m)
     else:
-        torch._foreach_lerp_(m, grads, 1 - beta1)
+        _first_moment(m, grads, beta1, damping)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
         direction = adam_denominator(v, beta2, t, eps)
@@ -74,6 +84,16 @@ def adam_direction(group: dict, shard: ShardTensors, t: int, decoupled: bool):
         torch._foreach_abs_(direction)
         torch._foreach_mul_(direction, torch._foreach_sign(grads))
     return direction
+
+
+def _first_moment(m: list[torch.Tensor], new: list[torch.Tensor], beta1: float,
+                  damping: list[torch.Tensor] | None) -> None:
+    """m <- b1 m + (1 - b1) new, the new term damped element-wise by ``damping`` (TAM)."""
+    if damping is None:
+        torch._foreach_lerp_(m, new, 1 - beta1)
+        return
+    torch._foreach_mul_(m, beta1)
+    torch._foreach_add_(m, torch._foreach_mul(damping, new), alpha=1 - beta1)
 
 
 def keep_agreeing(direction: list[torch.Tensor], grads: list[torch.Tensor],
@@ -136,3 +156,120 @@ def reference_cautious(direction: torch.Tensor, grad: torch.Tensor) -> torch.Ten
     """
     mask = (direction * grad > 0).to(direction.dtype)
     return direction * mask * (mask.numel() / (mask.sum() + 1))
+
+
+# --- the per-tensor pieces of adamw_options.py's options (the reference, whole steps) ----------
+
+
+def alora_row_scale(group: dict, param: torch.Tensor) -> torch.Tensor:
+    """ALLoRA: 1 / sqrt(||row||^2 + 1/eta^2) per row (dim 0), shaped to broadcast over
+    ``param.reshape(rows, -1)``."""
+    rows = param.detach().reshape(param.shape[0] if param.dim() else 1, -1).double()
+    eta = float(group["alora_eta"])
+    return (rows.square().sum(1, keepdim=True) + 1 / eta**2).rsqrt().float()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> / (||a|| ||b||) in float64, each norm at least 1e-12 (F.normalize's rule)."""
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    return float(torch.dot(a, b) / (a.norm().clamp_min(1e-12) * b.norm().clamp_min(1e-12)))
+
+
+def orthogonalized(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """OrthoGrad for one whole param, as pytorch_optimizer.OrthoGrad computes it in fp32."""
+    w, g = param.reshape(-1), grad.reshape(-1)
+    proj = torch.dot(w, g) / (torch.dot(w, w) + 1e-30)
+    perp = g - w * proj
+    norm, perp_norm = g.norm(), perp.norm()
+    if perp_norm <= 4 * torch.finfo(torch.float32).eps * norm:
+        return torch.zeros_like(grad)
+    return (perp * (norm / (perp_norm + 1e-30))).view_as(grad)
+
+
+def agr(grad: torch.Tensor) -> torch.Tensor:
+    """AGR for one whole param: g - g |g| / sum|g|, as g (sum|g| - |g|) / sum|g|."""
+    total = grad.abs().sum()
+    return grad * ((total - grad.abs()) / total) if total > 0 else grad.clone()
+
+
+def spd_project(strength: float, param: torch.Tensor, new: torch.Tensor,
+                raw_grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """SPD for one whole param: ``new`` (x~) pulled toward ``anchor`` (x0) by strength * r
+    where c = -<g, x - x0> < 0 (norms in float64), else ``new``."""
+    displacement = (param - anchor).double()
+    condition = -torch.dot(raw_grad.double().reshape(-1), displacement.reshape(-1))
+    if condition >= 0:
+        return new
+    current = (new - anchor).double().norm()
+    previous = displacement.norm()
+    ratio = float(((current - previous) / current).clamp(0, 1)) if current > 0 else 0.0
+    return new - strength * ratio * (new - anchor)
+
+
+def ensure_states(group: dict, param: torch.Tensor, state: dict) -> None:
+    """Create a whole param's missing states (its first step, or an option turned on)."""
+    for name in ("exp_avg", "exp_avg_sq", *(("initial_param",) if group["spd"] else ()),
+                 *(("tam_s",) if group["tam"] else ())):
+        if name not in state:
+            state[name] = (param.detach().float().clone() if name == "initial_param"
+                           else torch.zeros_like(param, dtype=torch.float32))
+
+
+def reference_with_options(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict,
+                           t: int, decoupled: bool) -> None:
+    """The per-tensor definition of Adam(W) with adamw_options.py's options on (and
+    cautious, adopt, grams): the eager reference, and the step of params stepped whole.
+
+    In order: maximize; agr; orthograd; Adam's L2 term (``adam``; not with spd); ADOPT's first
+    step (v only); AdamW's decay (not with spd); tam's damping of m; the direction (ADOPT or
+    Adam), grams, cautious, alora's row scale; the step, projected by spd."""
+    from .adamw_options import effective_weight_decay
+
+    ensure_states(group, param, state)
+    beta1, beta2 = group["betas"]
+    lr, eps = group["lr"], group["eps"]
+    wd = 0.0 if group["spd"] else effective_weight_decay(group, t)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    raw = -grad if group["maximize"] else grad
+    rows = alora_row_scale(group, param) if group["alora"] else None
+    g = agr(raw) if group["agr"] else raw
+    if group["orthograd"]:
+        g = orthogonalized(param, g)
+    if wd != 0 and not decoupled:
+        g = g + wd * param
+    if group["adopt"] and t == 1:
+        v.addcmul_(g, g)
+        return
+    before = param.clone() if group["spd"] else None
+    if wd != 0 and decoupled:
+        param.mul_(1 - lr * wd)
+    damping = None
+    if group["tam"]:
+        s, gamma = state["tam_s"], group["tam_decay_rate"]
+        s.mul_(gamma).add_((1 - gamma) * cosine(m, g))
+        damping = (s + 1) * 0.5 + eps
+    if group["adopt"]:
+        new = (g / v.sqrt().clamp_min(eps)).clamp(-(t - 1) ** 0.25, (t - 1) ** 0.25)
+    else:
+        new = g
+    if damping is None:
+        m.lerp_(new, 1 - beta1)
+    else:
+        m.mul_(beta1).add_(damping * new, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if group["adopt"]:
+        direction = m.clone()
+    else:
+        direction = (m / (1 - beta1**t)) / (v.sqrt() / math.sqrt(1 - beta2**t) + eps)
+    if group["grams"]:
+        direction = g.sign() * direction.abs()
+    if group["cautious"]:
+        direction = reference_cautious(direction, g)
+    if rows is not None:
+        direction = (direction.reshape(rows.shape[0], -1) * rows).view_as(direction)
+    if group["spd"]:
+        new_param = spd_project(effective_weight_decay(group, t), before,
+                                before - lr * direction, raw, state["initial_param"])
+        param.copy_(new_param)
+    else:
+        param.add_(direction, alpha=-lr)
