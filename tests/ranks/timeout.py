@@ -68,6 +68,9 @@ def init_distributed_with_timeout(port: int, flag_dir: str) -> dict:
     harness's group torn down first): the group gets the timeout as its own, and the returned
     collectives give up after it."""
     rank, world_size = world()
+    # Both ranks reach the new rendezvous together: its 3 s are the store's wait for the other
+    # rank too, which a busy machine's slower process start would otherwise eat.
+    dist.barrier()
     dist.destroy_process_group()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_PORT=str(port))
