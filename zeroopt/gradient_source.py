@@ -36,7 +36,8 @@ def new_source(layout: Layout, comm, device: torch.device, *, stage: int, averag
 
 def connect_layerwise(grads: BucketedReducer | LocalGradients, whole) -> None:
     """Have the reducer call ``whole.on_bucket_reduced`` after each bucket it harvests, where
-    a layerwise rule steps whole tensors during backward (``whole``: the shard's
-    ``whole_tensors.WholeTensors``). LocalGradients has no buckets: nothing to connect."""
-    if whole.layerwise_in_bucket and isinstance(grads, BucketedReducer):
+    a layerwise rule steps params during backward (``whole``: the shard's
+    ``whole_tensors.WholeTensors``). LocalGradients has no buckets: nothing to connect (its
+    params are stepped in ``step()``)."""
+    if whole.steps_in_backward and isinstance(grads, BucketedReducer):
         grads.on_reduced = whole.on_bucket_reduced

@@ -241,12 +241,13 @@ class Shard:
         """Advance the step counts of the params at ``active`` (positions with a gradient on
         some rank) and return, per group, the classes of params to step together: equal step
         counts (torch.optim's per-param ``step``), as ``(step, windows)``. Almost always one
-        class per group. A class's first step sets its initial values."""
+        class per group. A class's first step sets its initial values. Params stepped during
+        backward since the last step (whole_tensors.py) are left out."""
         plan = []
         for g, positions in enumerate(self.positions_in_group):
             by_count: dict[int, list[int]] = {}
             for k in positions:
-                if k in active:
+                if k in active and k not in self.whole.stepped_positions:
                     by_count.setdefault(self._step_counts[k], []).append(k)
             classes = []
             for count, members in sorted(by_count.items()):

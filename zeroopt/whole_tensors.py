@@ -10,6 +10,11 @@ Layerwise groups (``layerwise=True``, the ``*_layerwise`` names) step each matri
 its bucket's averaged gradient is harvested, during backward, instead of in ``step()``. So they
 work with data parallelism and with gradient accumulation (the micro-steps run inside
 ``opt.no_sync()``; the gradient is reduced, and the matrix stepped, once).
+
+Rules that are layerwise by construction (LOMO: ``layerwise_by_construction``) step their
+element-wise groups so too: when a bucket is harvested, this rank's pieces of its params are
+stepped by the rule's ``fused_step`` right there (``Shard.plan`` counts their step then, and
+leaves them out of ``step()``'s plan).
 """
 
 from __future__ import annotations
@@ -19,10 +24,17 @@ from dataclasses import dataclass
 
 import torch
 
+from . import shard_windows
 from .layout import ParamSlot
 from .states.tensor_states import TensorStates
 
 log = logging.getLogger("zeroopt")
+
+
+def layerwise_by_construction(rule) -> bool:
+    """Whether ``rule`` steps every group during backward, whatever the name (LOMO, AdaLomo:
+    their ``fixed`` holds ``layerwise=True``), its element-wise groups included."""
+    return rule.fixed.get("layerwise") is True
 
 
 @dataclass(eq=False)
@@ -57,6 +69,10 @@ class WholeTensors:
         self.owned: list[list[OwnedTensor]] = [[] for _ in self.param_groups]
         self.layerwise_in_bucket: dict[int, list[OwnedTensor]] = {}
         self.stepped: set[int] = set()  # layerwise params stepped since the last step()
+        # element-wise params stepped during backward (layerwise_by_construction): per bucket,
+        # their positions in layout.slots; those stepped since the last step()
+        self.flat_in_bucket: dict[int, list[int]] = {}
+        self.stepped_positions: set[int] = set()
         self.skipped_nonfinite = 0
         self.build()
 
@@ -77,13 +93,25 @@ class WholeTensors:
             self.owned[slot.group].append(owned)
             if self.param_groups[slot.group]["layerwise"]:
                 self.layerwise_in_bucket.setdefault(slot.bucket, []).append(owned)
+        self.flat_in_bucket = {}
+        if layerwise_by_construction(self.rule):
+            for position, slot in enumerate(shard.layout.slots):
+                if not self.rule.whole_tensors(self.param_groups[slot.group]):
+                    self.flat_in_bucket.setdefault(slot.bucket, []).append(position)
 
     @property
     def any_layerwise(self) -> bool:
         """Whether some param group is layerwise (``layerwise=True``) and steps whole
         tensors: it steps during backward, before any global gradient norm exists."""
-        return any(g.get("layerwise", False) and self.rule.whole_tensors(g)
+        return any(g.get("layerwise", False) and (self.rule.whole_tensors(g) or
+                                                  layerwise_by_construction(self.rule))
                    for g in self.param_groups)
+
+    @property
+    def steps_in_backward(self) -> bool:
+        """Whether some bucket has params stepped when it is harvested (the reducer must call
+        ``on_bucket_reduced``)."""
+        return bool(self.layerwise_in_bucket or self.flat_in_bucket)
 
     def all_owned(self):
         """Every ``OwnedTensor`` of this rank, group by group.
@@ -106,18 +134,56 @@ class WholeTensors:
         """A bucket's averaged gradient is in the shard: step its layerwise params."""
         for owned in self.layerwise_in_bucket.get(bucket, ()):
             if owned.slot.index in self.stepped:
-                raise RuntimeError(
-                    "a layerwise optimizer got a second reduced gradient before step(): it "
-                    "steps each matrix as soon as its gradient is reduced. Run gradient-"
-                    "accumulation micro-steps inside opt.no_sync() (the gradient is then reduced "
-                    "once, at the last micro-step), or use the name without '_layerwise'")
+                raise self._second_reduction()
             self._step(self.param_groups[owned.slot.group], owned)
             self.stepped.add(owned.slot.index)
+        positions = self.flat_in_bucket.get(bucket)
+        if positions:
+            self._step_flat(positions)
+
+    def _step_flat(self, positions: list[int]) -> None:
+        """Step this rank's pieces of the element-wise params at ``positions`` (one bucket's)
+        with the rule's ``fused_step``, as ``step()`` would; ``Shard.plan`` counts the step and
+        leaves them out of ``step()``'s own plan. Each rank decides on its own pieces whether a
+        gradient is finite (no global norm exists yet)."""
+        if self.stepped_positions.intersection(positions):
+            raise self._second_reduction()
+        plan = self.shard.plan(frozenset(positions))
+        self.stepped_positions.update(positions)
+        for group, classes in zip(self.param_groups, plan):
+            for step, windows in classes:
+                def update(shard) -> None:
+                    if not shard.params:
+                        return
+                    if self.skip_nonfinite and not all(
+                            bool(torch.isfinite(g).all()) for g in shard.grads):
+                        self.skipped_nonfinite += 1
+                        log.warning("zeroopt: a non-finite gradient in this rank's piece of a "
+                                    "bucket; its step during backward is skipped")
+                        return
+                    self.rule.fused_step(group, shard, step, None)
+
+                with torch.no_grad():
+                    shard_windows.run(windows, update, load=True, store=True)
+
+    def _second_reduction(self) -> RuntimeError:
+        if layerwise_by_construction(self.rule):
+            alternative = ""
+            what = f"{self.rule.name} steps each param"
+        else:
+            alternative = ", or use the name without '_layerwise'"
+            what = "it steps each matrix"
+        return RuntimeError(
+            f"a layerwise optimizer got a second reduced gradient before step(): {what} as "
+            "soon as its gradient is reduced. Run gradient-accumulation micro-steps inside "
+            "opt.no_sync() (the gradient is then reduced once, at the last micro-step)"
+            f"{alternative}")
 
     def end_step(self) -> None:
         """Start the next iteration: forget which params layerwise groups stepped during
         backward (``step`` calls it, and so does an optimizer step that is skipped)."""
         self.stepped.clear()
+        self.stepped_positions.clear()
 
     def _step(self, group: dict, owned: OwnedTensor) -> None:
         if group["layerwise"] and self.skip_nonfinite \

@@ -13,6 +13,12 @@ What differs from the Trainer, and why:
   Here the ZeroOptimizer clips by the global norm over all ranks' shards, and that norm is
   logged. Layerwise names step during backward, before a global norm exists: they need
   ``max_grad_norm=0`` (Transformers' layerwise optimizers ignore it silently).
+- LOMO and AdaLomo (``optim="lomo"``/``"adalomo"``) step during backward by construction. The
+  Trainer hands their backward a ``learning_rate`` for lomo_optim's ``fused_backward``; here
+  plain backward runs (the hooks step with the groups' lr, which the scheduler set to that
+  value). ``max_grad_norm`` is not applied, as the Trainer does not apply it to lomo_optim
+  (nothing is left to clip): a warning says so, and the norm logged is that of the averaged
+  gradient the step applied.
 - Gradient accumulation: micro-steps run inside ``opt.no_sync()``, so the sum is reduced once
   (and layerwise names step once, on it).
 - Checkpoints: the optimizer state is saved by every rank in parallel with
@@ -31,6 +37,7 @@ passing ``optimizers=``, move the model there first). ZeroTrainer checks this an
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -39,7 +46,11 @@ from transformers import Trainer
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..ddp_gradients import LocalGradients
 from ..optimizer import ZeroOptimizer
+from ..step_inputs import finish_norm, local_norm_part
+from ..whole_tensors import layerwise_by_construction
 from .arguments import create_optimizer
+
+log = logging.getLogger("zeroopt")
 
 OPTIMIZER_DIR = "zeroopt_optimizer"  # in each checkpoint-N folder
 SCHEDULER_NAME = "scheduler.pt"  # as the Trainer names it
@@ -100,7 +111,13 @@ class ZeroTrainer(Trainer):
                 self.args, model, decay_parameter_names=self.get_decay_parameter_names(model),
                 **self.zeroopt_settings)
         zero = self.zero_optimizer
-        if is_layerwise(zero) and self.args.max_grad_norm > 0:
+        if layerwise_by_construction(zero.rule) and self.args.max_grad_norm > 0:
+            log.warning("zeroopt: %s steps each param during backward, before a global gradient "
+                        "norm exists: max_grad_norm=%s is not applied (Transformers' Trainer "
+                        "does not apply it to lomo_optim either). The logged grad_norm is that of "
+                        "the averaged gradient each step applied. Set max_grad_norm=0 to silence "
+                        "this", zero.rule.name, self.args.max_grad_norm)
+        elif is_layerwise(zero) and self.args.max_grad_norm > 0:
             raise ValueError(
                 f"{zero.rule.name} with layerwise=True steps each matrix during backward, before "
                 f"a global gradient norm exists, so it cannot clip: set max_grad_norm=0 in "
@@ -142,8 +159,18 @@ class ZeroTrainer(Trainer):
         def prepare_optimizer_in_place(optimizer, device_placement=None):
             return prepare_optimizer(optimizer, device_placement=False)
 
+        backward = accelerator.backward
+
+        def backward_without_learning_rate(loss, **kwargs):
+            # The Trainer passes it for optim="lomo"/"adalomo", for lomo_optim's
+            # fused_backward(loss, lr); a ZeroOptimizer's hooks step with its groups' lr,
+            # which the scheduler set to that value, and plain backward takes no such argument.
+            kwargs.pop("learning_rate", None)
+            return backward(loss, **kwargs)
+
         accelerator.prepare_model = prepare_model_without_ddp
         accelerator.prepare_optimizer = prepare_optimizer_in_place
+        accelerator.backward = backward_without_learning_rate
 
     def _move_model_to_device(self, model, device) -> None:
         if not is_on(model, device):  # a real move (before the optimizer is built, or an error)
@@ -173,11 +200,16 @@ class ZeroTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def _clip_grad_norm(self, model):
-        return self.zero_optimizer.clip_grad_norm_(self.args.max_grad_norm)
+        zero = self.zero_optimizer
+        if layerwise_by_construction(zero.rule):  # stepped already: nothing to clip (warned)
+            return applied_grad_norm(zero)
+        return zero.clip_grad_norm_(self.args.max_grad_norm)
 
     def _get_grad_norm(self, model, grad_norm=None):
         zero = self.zero_optimizer
-        if grad_norm is None and not is_layerwise(zero):
+        if grad_norm is None and layerwise_by_construction(zero.rule):
+            grad_norm = applied_grad_norm(zero)
+        elif grad_norm is None and not is_layerwise(zero):
             # max_grad_norm=0: the norm, for the logs (step() reuses it for its inf/nan check;
             # clipping at inf costs one multiply by 1 over this rank's shard)
             grad_norm = zero.clip_grad_norm_(float("inf"))
@@ -220,6 +252,19 @@ def check_params_are_views(zero: ZeroOptimizer) -> None:
 def is_layerwise(zero: ZeroOptimizer) -> bool:
     """Whether some param group steps layerwise (during backward: ``layerwise=True``)."""
     return any(group.get("layerwise", False) for group in zero.param_groups)
+
+
+def applied_grad_norm(zero: ZeroOptimizer) -> torch.Tensor:
+    """The global L2 norm of this step's averaged gradient, for a rule that steps with it
+    during backward (LOMO, AdaLomo): the gradient shard still holds it. A collective.
+
+    Returns:
+        The norm (fp32, 0-d), the same on every rank.
+    """
+    zero.grads.complete([])  # reductions in flight harvested (their buckets stepped)
+    total = local_norm_part(zero.grads.shard, 2.0)
+    zero.comm.all_reduce(total)
+    return finish_norm(total, 2.0)
 
 
 def averages_grads(zero: ZeroOptimizer) -> bool:
