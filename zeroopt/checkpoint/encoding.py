@@ -1,6 +1,10 @@
 """Saved states into a region's form: 8-bit codes copied as they are where the region is 8-bit
 (no re-rounding), decoded where it is not; fp32 or bf16 values encoded into whatever the region
-keeps. This is what lets a state saved in one precision, or by bitsandbytes, load in another."""
+keeps. This is what lets a state saved in one precision, or by bitsandbytes, load in another.
+
+4-bit states are saved as their decoded fp32 values (``states/storage.py``); loaded into a
+4-bit region they are encoded so that they decode to the same values bit for bit
+(``fourbit.quantize_exact``), so a 4-bit run resumes exactly, at any world size."""
 
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ def check_saved(entry: dict, name: str, numel: int) -> str | None:
 def load_piece(region: RegionStates, name: str, saved: dict, param_offset: int, numel: int,
                region_lo: int) -> None:
     """Load elements [param_offset, +numel) of a param's saved state ``name`` into the region
-    from ``region_lo``. Pieces of 8-bit params start on a block of the param."""
+    from ``region_lo``. Pieces of 8-bit and 4-bit params start on a block of the param."""
     value = saved[name].reshape(-1)
     if value.dtype == torch.uint8:
         # The blocks covering the piece (a piece of an 8-bit param starts on one of them).
@@ -49,11 +53,11 @@ def load_piece(region: RegionStates, name: str, saved: dict, param_offset: int, 
         value = dequantize(padded, absmax, region.signed[name])[skip:skip + numel]
     else:
         value = value[param_offset:param_offset + numel].float()
-    blocks = -(-numel // BLOCK)
     if region.kind.in_place:
         region.view(name, region_lo, numel).copy_(value)
         return
-    if region.kind.precision == "8bit":  # whole blocks: the param's padding holds zeros
-        value = torch.cat([value, value.new_zeros(blocks * BLOCK - numel)])
-    region.store(name, region_lo, value.to(region.device))
+    pad = -numel % region.kind.block_numel  # whole blocks: the param's padding holds zeros
+    if pad:
+        value = torch.cat([value, value.new_zeros(pad)])
+    region.store(name, region_lo, value.to(region.device), exact=True)
     region.release(region_lo, value.numel())

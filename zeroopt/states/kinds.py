@@ -1,13 +1,20 @@
-"""Which form a param's optimizer states take: precision (32-bit, bf16, 8-bit blockwise) and
-whether they are paged out of device memory.
+"""Which form a param's optimizer states take: precision (32-bit, bf16, 8-bit or 4-bit
+blockwise) and whether they are paged out of device memory.
 
-Every rule takes three extra hyperparameters, per param group:
+Every rule takes four extra hyperparameters, per param group:
 
-- ``state_precision``: "32bit" (default), "bf16", or "8bit" (bitsandbytes' blockwise format);
-- ``min_8bit_size``: params with fewer elements keep 32-bit states under "8bit" (bitsandbytes'
-  rule, default 4096). Decided on the param's full size, never its shard, so one model gets
-  the same precisions at every world size. To keep, say, the embeddings 32-bit, give them a
-  param group with ``state_precision="32bit"``;
+- ``state_precision``: "32bit" (default), "bf16", "8bit" (bitsandbytes' blockwise format) or
+  "4bit" (torchao's ``AdamW4bit`` format: ``states/fourbit.py``);
+- ``min_8bit_size``: params with fewer elements keep 32-bit states under "8bit" or "4bit"
+  (bitsandbytes' rule, default 4096, which torchao's 4-bit optimizers follow too). Decided on
+  the param's full size, never its shard, so one model gets the same precisions at every world
+  size. Under "4bit", a param whose size is not a multiple of the block keeps 32-bit states
+  too, as in torchao. To keep, say, the embeddings 32-bit, give them a param group with
+  ``state_precision="32bit"``;
+- ``block_size``: elements per quantization block. None (default) is the precision's own: 256
+  for "8bit" (bitsandbytes', the only one it takes), 128 for "4bit" (torchao's ``AdamW4bit``;
+  Transformers' ``adamw_torch_4bit`` passes 256). A 4-bit block is even and divides 256, so
+  blocks never straddle ranks;
 - ``paged``: keep the states off the compute device (a memory-mapped file for a CPU shard,
   pinned host memory for an accelerator's) and stream them through a bounded window.
 
@@ -22,9 +29,12 @@ import difflib
 from dataclasses import dataclass
 
 from .blockwise import BLOCK
+from .fourbit import DEFAULT_BLOCK as BLOCK_4BIT
 
-PRECISIONS = ("32bit", "bf16", "8bit")
-STATE_DEFAULTS = dict(state_precision="32bit", min_8bit_size=4096, paged=False)
+PRECISIONS = ("32bit", "bf16", "8bit", "4bit")
+STATE_DEFAULTS = dict(state_precision="32bit", min_8bit_size=4096, block_size=None, paged=False)
+# Blocks must not straddle ranks: a 4-bit block divides the layout's padding of every chunk.
+_ALIGNMENT = 256  # zeroopt.layout.DEFAULT_PAD_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -32,20 +42,24 @@ class StateKind:
     """The form a param's states take (see the module docstring).
 
     Attributes:
-        precision: "32bit" (default), "bf16" or "8bit" (one of ``PRECISIONS``).
+        precision: "32bit" (default), "bf16", "8bit" or "4bit" (one of ``PRECISIONS``).
         paged: whether the states are kept off the compute device (default False).
         whole: whether the param is owned whole by one rank and stepped tensor by tensor
             (``UpdateRule.whole_tensors``; default False).
+        block: elements per 4-bit block (``block_size``); None for the other precisions.
     """
 
     precision: str = "32bit"
     paged: bool = False
     whole: bool = False  # owned whole by one rank, stepped tensor by tensor
+    block: int | None = None  # 4-bit only: elements per quantization block
 
     @property
     def block_numel(self) -> int:
         """Params of this kind start on, and fill, whole blocks of this many elements."""
-        return BLOCK if self.precision == "8bit" and not self.whole else 1
+        if self.whole:
+            return 1
+        return BLOCK if self.precision == "8bit" else self.block or 1
 
     @property
     def in_place(self) -> bool:
@@ -60,9 +74,22 @@ def kind_of(group: dict, numel: int, whole: bool = False) -> StateKind:
     if whole:
         return StateKind(group["state_precision"], False, whole=True)
     precision = group["state_precision"]
-    if precision == "8bit" and numel < group["min_8bit_size"]:
+    if precision in ("8bit", "4bit") and numel < group["min_8bit_size"]:
         precision = "32bit"
+    if precision == "4bit":
+        block = block_size(group)
+        if numel % block:  # torchao's rule: only whole blocks are quantized
+            return StateKind("32bit", bool(group["paged"]))
+        return StateKind(precision, bool(group["paged"]), block=block)
     return StateKind(precision, bool(group["paged"]))
+
+
+def block_size(group: dict) -> int:
+    """Elements per quantization block of the group's precision (``block_size``, or the
+    precision's default)."""
+    if group.get("block_size") is not None:
+        return group["block_size"]
+    return BLOCK_4BIT if group["state_precision"] == "4bit" else BLOCK
 
 
 def validate(group: dict, rule) -> None:
@@ -74,7 +101,9 @@ def validate(group: dict, rule) -> None:
 
     Raises:
         ValueError: an unknown ``state_precision`` (the closest one suggested); a
-            ``min_8bit_size`` that is not a non-negative int; a ``paged`` that is not a bool;
+            ``min_8bit_size`` that is not a non-negative int; a ``block_size`` that is not
+            None, or an even int dividing 256 for "4bit", or 256 for "8bit"; a ``paged`` that
+            is not a bool;
             ``paged=True`` for params the rule steps whole; or a precision other than
             "32bit" where the rule keeps a state in 32-bit (``full_precision_states``) or
             keeps no state at all for this group.
@@ -88,6 +117,7 @@ def validate(group: dict, rule) -> None:
     size = group["min_8bit_size"]
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"min_8bit_size must be a non-negative int, got {size!r}")
+    _check_block_size(group)
     if not isinstance(group["paged"], bool):
         raise ValueError(f"paged must be True or False, got {group['paged']!r}")
     if rule.whole_tensors(group):
@@ -108,3 +138,19 @@ def validate(group: dict, rule) -> None:
         raise ValueError(f"state_precision={precision!r}: {rule.name} with these "
                          f"hyperparameters keeps no state to store in lower precision (for "
                          f"sgd, set momentum > 0, as bitsandbytes' SGD8bit requires)")
+
+
+def _check_block_size(group: dict) -> None:
+    block, precision = group["block_size"], group["state_precision"]
+    if block is None:
+        return
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"block_size must be None or a positive int, got {block!r}")
+    if precision == "8bit" and block != BLOCK:
+        raise ValueError(f"block_size={block}: 8-bit states are bitsandbytes' blockwise format, "
+                         f"in blocks of {BLOCK}; use block_size=None (or {BLOCK}), or "
+                         f"state_precision='4bit' (torchao's format) for other blocks")
+    if precision == "4bit" and (block % 2 or _ALIGNMENT % block):
+        raise ValueError(f"block_size={block}: 4-bit blocks must be even (two codes a byte) "
+                         f"and divide {_ALIGNMENT} (so no block straddles two ranks): 2, 4, "
+                         f"8, ..., 128 (torchao's default) or 256 (Transformers')")

@@ -7,6 +7,11 @@ decoded into an fp32 window before the rule's step and encoded back after it (``
 
 - bf16: one bf16 tensor per state (rounded to nearest even);
 - 8bit: uint8 codes per element and one fp32 absmax per 256-element block (``blockwise``);
+- 4bit: uint8 bytes of two codes each and one fp32 scale per block of ``kind.block`` elements
+  (torchao's format, ``fourbit``); the scales are kept under ``<name>_absmax`` too. Their saved
+  form (``encoded``) is the decoded fp32 values, which every reader of a state dict or
+  checkpoint takes as a 32-bit state; loaded back into 4-bit they decode to the same values
+  bit for bit (``fourbit.quantize_exact``);
 - paged, either precision: the same tensors, kept in a memory-mapped file (CPU shard) or pinned
   host memory (accelerator shard) instead of on the device (``paging``).
 """
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import blockwise, paging
+from . import blockwise, fourbit, paging
 from .kinds import StateKind
 
 
@@ -23,15 +28,18 @@ class RegionStates:
     """Every state of one region of the flat shard, stored in one ``StateKind``.
 
     8-bit states are a uint8 code per element and an fp32 ``<name>_absmax`` per block of
-    ``blockwise.BLOCK`` (256) elements (bitsandbytes' blockwise format); bf16 and 32-bit ones
-    are one tensor each. Paged states live in a memory-mapped file (CPU) or pinned host
-    memory (accelerators); the others on ``device``. Every state starts at zero.
+    ``blockwise.BLOCK`` (256) elements (bitsandbytes' blockwise format); 4-bit ones a byte per
+    two elements and an fp32 ``<name>_absmax`` (torchao's scale) per block of ``kind.block``
+    (torchao's format); bf16 and 32-bit ones are one tensor each. Paged states live in a
+    memory-mapped file (CPU) or pinned host memory (accelerators); the others on ``device``.
+    Every state starts at zero.
 
     Args:
         names: the rule's states for this region.
-        nonnegative: the states never negative (unsigned 8-bit map,
+        nonnegative: the states never negative (unsigned 8-bit or 4-bit map,
             ``UpdateRule.nonnegative_states``).
-        numel: the region's length in elements (a multiple of the block size for 8-bit).
+        numel: the region's length in elements (a multiple of the block size for 8-bit and
+            4-bit).
         kind: the storage form.
         device: the compute device.
         page_dir: the directory of the memory-mapped file for paged CPU states (default None:
@@ -47,6 +55,9 @@ class RegionStates:
             if kind.precision == "8bit":
                 sizes[name] = (numel, torch.uint8)
                 sizes[name + "_absmax"] = (numel // blockwise.BLOCK, torch.float32)
+            elif kind.precision == "4bit":  # all zero: torchao's fresh state, decodes to 0
+                sizes[name] = (numel // 2, torch.uint8)
+                sizes[name + "_absmax"] = (numel // kind.block, torch.float32)
             else:
                 sizes[name] = (numel, torch.bfloat16 if kind.precision == "bf16"
                                else torch.float32)
@@ -76,20 +87,26 @@ class RegionStates:
         parts = [self._on_device(t) for t in self._encoded(name, lo, out.numel())]
         if self.kind.precision == "8bit":
             blockwise.dequantize(*parts, self.signed[name], out=out)
+        elif self.kind.precision == "4bit":
+            fourbit.dequantize(*parts, self.signed[name], out=out)
         else:
             out.copy_(parts[0])
 
-    def store(self, name: str, lo: int, values: torch.Tensor) -> None:
-        """Encode fp32 ``values`` into state ``name`` from region offset ``lo``."""
+    def store(self, name: str, lo: int, values: torch.Tensor, exact: bool = False) -> None:
+        """Encode fp32 ``values`` into state ``name`` from region offset ``lo``. ``exact``
+        (loading saved values): a 4-bit state that was saved decodes back to the same values
+        bit for bit (``fourbit.quantize_exact``); the other forms store as they always do."""
         targets = self._encoded(name, lo, values.numel())
         staged = targets[0].device != values.device  # paged accelerator states: host copies
-        if self.kind.precision != "8bit":
+        if self.kind.precision not in ("8bit", "4bit"):
             targets[0].copy_(values, non_blocking=staged)
-        elif not staged:  # quantize straight into the stored codes and absmax
-            blockwise.quantize(values, self.signed[name], *targets)
-        else:
-            for target, part in zip(targets, blockwise.quantize(values, self.signed[name])):
-                target.copy_(part, non_blocking=True)
+            return
+        exact = exact and self.kind.precision == "4bit"
+        if not staged and not exact:  # quantize straight into the stored codes and absmax
+            self._quantize(name, values, *targets)
+            return
+        for target, part in zip(targets, self._quantize(name, values, exact=exact)):
+            target.copy_(part, non_blocking=staged)
 
     def prefetch(self, lo: int, numel: int) -> None:
         """Ask for the pages of region range [lo, lo + numel) ahead of use."""
@@ -108,8 +125,17 @@ class RegionStates:
     # -- saving and accounting --------------------------------------------------------------
 
     def encoded(self, name: str) -> dict[str, tuple[torch.Tensor, int]]:
-        """The stored tensors of state ``name``, by saved name, with how many elements each
-        entry covers (1, or the block size for absmax)."""
+        """The saved form of state ``name``, by saved name, with how many elements each
+        entry covers (1, or the block size for absmax): the stored tensors themselves, but
+        for 4-bit states, whose saved form is their values decoded to fp32 (a new tensor,
+        fp32 in every reader's eyes; see the module notes)."""
+        if self.kind.precision == "4bit":
+            values = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+            for lo in range(0, self.numel, _DECODE_NUMEL):  # paged: page by page
+                window = values[lo:lo + _DECODE_NUMEL]
+                self.load(name, lo, window)
+                self.release(lo, window.numel())
+            return {name: (values, 1)}
         if self.kind.precision == "8bit":
             return {name: (self.tensors[name], 1),
                     name + "_absmax": (self.tensors[name + "_absmax"], blockwise.BLOCK)}
@@ -131,6 +157,11 @@ class RegionStates:
     # -- internals --------------------------------------------------------------------------
 
     def _encoded(self, name: str, lo: int, numel: int) -> list[torch.Tensor]:
+        if self.kind.precision == "4bit":
+            block = self.kind.block
+            assert lo % block == 0 and numel % block == 0, "4-bit windows are whole blocks"
+            return [self.tensors[name][lo // 2:(lo + numel) // 2],
+                    self.tensors[name + "_absmax"][lo // block:(lo + numel) // block]]
         if self.kind.precision == "8bit":
             block = blockwise.BLOCK
             assert lo % block == 0 and numel % block == 0, "8-bit windows are whole blocks"
@@ -138,10 +169,23 @@ class RegionStates:
                     self.tensors[name + "_absmax"][lo // block:(lo + numel) // block]]
         return [self.tensors[name][lo:lo + numel]]
 
+    def _quantize(self, name: str, values: torch.Tensor, codes: torch.Tensor | None = None,
+                  absmax: torch.Tensor | None = None,
+                  exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        signed = self.signed[name]
+        if self.kind.precision == "8bit":
+            return blockwise.quantize(values, signed, codes, absmax)
+        if exact:
+            return fourbit.quantize_exact(values, signed, self.kind.block)
+        return fourbit.quantize(values, signed, self.kind.block, codes, absmax)
+
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device == self.device:
             return tensor
         return tensor.to(self.device, non_blocking=True)
+
+
+_DECODE_NUMEL = 1 << 20  # elements decoded at a time for the saved form (whole 4-bit blocks)
 
 
 def _zero_code(signed: bool) -> int:

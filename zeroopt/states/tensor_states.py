@@ -6,7 +6,9 @@ moments a row and a column), so they live in a dict per param, as torch.optim ke
 the flat shard. With ``state_precision="8bit"`` the rule's ``tensor_states_8bit`` of at least
 ``min_8bit_size`` elements (bitsandbytes' rule, on the state's own size, as galore-torch's 8-bit
 AdamW gets it) are kept between steps as 8-bit blockwise codes and absmax, and decoded to fp32
-around each step; "bf16" keeps them in bf16.
+around each step; "4bit" keeps those of them that also fill whole blocks in torchao's 4-bit
+format (``fourbit.py``; saved as their decoded fp32 values, as flat 4-bit states are); "bf16"
+keeps them in bf16.
 """
 
 from __future__ import annotations
@@ -16,33 +18,44 @@ from dataclasses import dataclass
 
 import torch
 
-from . import blockwise
+from . import blockwise, fourbit
+from .kinds import block_size
 
 
 @dataclass
 class Encoded:
-    """One state tensor in 8-bit (``codes`` padded to whole blocks, ``absmax`` per block) or
-    bf16 (``codes`` holds the bf16 values, ``absmax`` is None)."""
+    """One state tensor in 8-bit (``codes`` padded to whole blocks, ``absmax`` per block),
+    4-bit (``codes`` two a byte, ``absmax`` torchao's scale per block of ``block`` elements)
+    or bf16 (``codes`` holds the bf16 values, ``absmax`` is None)."""
 
     codes: torch.Tensor
     absmax: torch.Tensor | None
     shape: torch.Size
     signed: bool
+    block: int = 0  # 4-bit: elements per block; 0 for the other precisions
 
     @staticmethod
-    def of(value: torch.Tensor, precision: str, signed: bool) -> Encoded:
+    def of(value: torch.Tensor, precision: str, signed: bool, block: int = 0,
+           exact: bool = False) -> Encoded:
         """Encode an fp32 state.
 
         Args:
             value: the state, any shape.
-            precision: "bf16", or anything else for 8-bit blockwise.
-            signed: whether it may be negative (else the unsigned 8-bit map is used).
+            precision: "bf16", "4bit", or anything else for 8-bit blockwise.
+            signed: whether it may be negative (else the unsigned map is used).
+            block: 4-bit only: elements per block (they must divide ``value.numel()``).
+            exact: 4-bit only: values saved from a 4-bit state decode back bit for bit
+                (``fourbit.quantize_exact``; for loading).
 
         Returns:
             The ``Encoded`` state, remembering ``value``'s shape.
         """
         if precision == "bf16":
             return Encoded(value.to(torch.bfloat16), None, value.shape, signed)
+        if precision == "4bit":
+            quantize = fourbit.quantize_exact if exact else fourbit.quantize
+            codes, scale = quantize(value.reshape(-1).contiguous(), signed, block)
+            return Encoded(codes, scale, value.shape, signed, block)
         codes, absmax = blockwise.quantize(_whole_blocks(value), signed)
         return Encoded(codes, absmax, value.shape, signed)
 
@@ -50,13 +63,18 @@ class Encoded:
         """The state in fp32, as a new tensor of its own shape."""
         if self.absmax is None:
             return self.codes.float()
+        if self.block:
+            return fourbit.dequantize(self.codes, self.absmax, self.signed).view(self.shape)
         values = blockwise.dequantize(self.codes, self.absmax, self.signed)
         return values[:self.shape.numel()].view(self.shape)
 
     def saved(self, name: str) -> dict[str, torch.Tensor]:
-        """bitsandbytes' per-tensor form: codes in the state's shape, absmax per block."""
+        """bitsandbytes' per-tensor form: codes in the state's shape, absmax per block (4-bit:
+        the decoded fp32 values, as flat 4-bit states are saved)."""
         if self.absmax is None:
             return {name: self.codes.clone()}
+        if self.block:
+            return {name: self.decode()}
         n = self.shape.numel()
         return {name: self.codes[:n].view(self.shape).clone(),
                 name + "_absmax": self.absmax.clone()}
@@ -71,8 +89,9 @@ class TensorStates:
     """The states of the params this rank steps whole, one dict per param.
 
     Each entry holds ``"step"``, ``"param_index"`` and the rule's states, any shapes; a
-    state is kept encoded (8-bit or bf16, as the group's ``state_precision`` says) where it
-    is in ``quantizable`` and, for 8-bit, has at least ``min_8bit_size`` elements; fp32
+    state is kept encoded (8-bit, 4-bit or bf16, as the group's ``state_precision`` says)
+    where it is in ``quantizable`` and, for 8-bit and 4-bit, has at least ``min_8bit_size``
+    elements (and for 4-bit, whole blocks of ``block_size``, as torchao asks); fp32
     otherwise.
 
     Args:
@@ -124,7 +143,7 @@ class TensorStates:
                 if group["state_precision"] != "8bit":
                     value = self._encode(name, value.decode(), group)
             elif isinstance(value, torch.Tensor) and value.is_floating_point():
-                value = self._encode(name, value.float().clone(), group)
+                value = self._encode(name, value.float().clone(), group, exact=True)
             stored[name] = value
         stored["step"] = int(stored.get("step", 0))
         stored["param_index"] = index
@@ -135,13 +154,23 @@ class TensorStates:
         state for a param a loaded state dict has none for)."""
         self.entries.pop(index, None)
 
-    def _encode(self, name: str, value: torch.Tensor, group: dict):
-        """``value`` as the group keeps state ``name``: encoded, or fp32 as it is."""
+    def _encode(self, name: str, value: torch.Tensor, group: dict, exact: bool = False):
+        """``value`` as the group keeps state ``name``: encoded, or fp32 as it is. ``exact``:
+        loading (4-bit: saved 4-bit values decode back bit for bit)."""
         precision = group["state_precision"]
-        if (precision != "32bit" and name in self.quantizable
-                and value.numel() >= (group["min_8bit_size"] if precision == "8bit" else 0)):
-            return Encoded.of(value, precision, signed=name not in self.nonnegative)
-        return value
+        if precision == "32bit" or name not in self.quantizable:
+            return value
+        signed = name not in self.nonnegative
+        if precision == "bf16":
+            return Encoded.of(value, precision, signed)
+        if value.numel() < group["min_8bit_size"]:
+            return value
+        if precision == "4bit":
+            block = block_size(group)
+            if value.numel() % block:
+                return value
+            return Encoded.of(value, precision, signed, block, exact)
+        return Encoded.of(value, precision, signed)
 
     def nbytes(self) -> int:
         """Bytes of every state tensor held, encoded ones as stored."""
