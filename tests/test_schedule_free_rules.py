@@ -7,8 +7,10 @@ arguments for both names.
 All three optimizers see the same gradient bit for bit (the exact fp64 average), and zeroopt
 runs the package's own foreach operations in its order, so the params agree exactly: observed
 0.0 against both yardsticks, at every W and stage, train and eval points alike. The tolerance is
-1e-6 relative, as in test_equivalence.py; a wrong rectification (Adam from step 1, or no
-silent phase) or a wrong interpolation weight gives 1e-3 or more, a weight decay left out 1e-5.
+1e-6 relative, as in test_equivalence.py. Perturbed by hand, each fails it by far: the SGD
+phase one step too long 1.0, the silent phase ignored inf (a param the package leaves at 0
+moves), weight decay halved 2e-3, SGD's eval point at momentum 0.9 instead of 0.7 0.2, and the
+weight sum not restored by a load makes the resumed params differ.
 """
 
 from __future__ import annotations
