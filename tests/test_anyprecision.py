@@ -186,6 +186,7 @@ def test_invalid_settings_are_refused():
     rule = zeroopt.algorithms.get_rule("adamw_anyprecision")
     base = dict(rule.defaults)
     for bad, match in [(dict(state_precision="8bit"), "adamw_8bit"),
+                       (dict(state_precision="4bit"), "would round"),
                        (dict(state_precision="bf16"), "would round"),
                        (dict(momentum_dtype=torch.float64), "at most 32 bits"),
                        (dict(variance_dtype="float8"), "floating torch dtype"),

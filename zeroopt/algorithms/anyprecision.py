@@ -32,8 +32,8 @@ How the dtypes map onto zeroopt's state storage (``state_precision``): by defaul
 bfloat16 is ``state_precision="bf16"`` (bf16 states in the shard: half the memory); any other
 pair is stored "32bit", where a bf16 or fp16 state is held exactly (its value is always one
 the dtype represents). ``state_precision="32bit"`` may be given with bf16 dtypes (the same
-results, stored wider); "bf16" with a float32 or float16 state, and "8bit", are refused: the
-storage would round a state the dtype says to keep.
+results, stored wider); "bf16" with a float32 or float16 state, and "8bit" or "4bit", are
+refused: the storage would round a state the dtype says to keep.
 
 Where zeroopt differs from torchdistx, and why:
 
@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import torch
 
+from ..states import kinds
 from .base import ShardTensors, UpdateRule, adam_arguments, check_betas, check_nonnegative
 
 _STATE_DTYPES = {"momentum_dtype": "exp_avg", "variance_dtype": "exp_avg_sq"}
@@ -109,7 +110,8 @@ def _validate(group: dict) -> None:
     precision = group["state_precision"]
     if precision is None:  # follow the dtypes
         group["state_precision"] = "bf16" if both_bf16 else "32bit"
-    elif precision == "8bit" or (precision == "bf16" and not both_bf16):
+    elif precision != "32bit" and not (precision == "bf16" and both_bf16) \
+            and precision in kinds.PRECISIONS:  # (an unknown one: kinds.validate's error)
         raise ValueError(
             f"adamw_anyprecision: state_precision={precision!r} would round a state kept in "
             f"{', '.join(f'{n}={d}' for n, d in dtypes.items())}. Leave state_precision unset "
