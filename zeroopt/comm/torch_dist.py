@@ -20,6 +20,7 @@ process group's own timeout.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 import pickle
@@ -136,15 +137,14 @@ class TorchDistributed(Collectives):
         if self.timeout is None:
             work.wait()
         elif p2p:
-            try:
+            with _backend_timeout_as_ours(self.timeout, what, peer):
                 work.wait(timeout=datetime.timedelta(seconds=self.timeout))
-            except RuntimeError as error:  # gloo: "Timed out waiting 5000ms for recv ..."
-                if "timed out" in str(error).lower():
-                    raise timed_out(self.timeout, what, peer) from error
-                raise
         elif testable if testable is not None else self.backend in ("gloo", "nccl"):
             poll_until(work.is_completed, self.timeout, what, peer)
-            work.wait()  # done (or failed: its error is raised here)
+            # Done, or failed: its error is raised here. The group's own timeout may be the
+            # same as ours (init_distributed(timeout=) sets both) and expire first.
+            with _backend_timeout_as_ours(self.timeout, what, peer):
+                work.wait()
         else:
             wait_in_thread(work.wait, self.timeout, what, peer)
 
@@ -203,6 +203,18 @@ class TorchDistributed(Collectives):
     def barrier(self) -> None:
         """``dist.barrier`` over the group; see ``Collectives.barrier``."""
         self._run(lambda async_op: dist.barrier(group=self.group, async_op=async_op), "barrier")
+
+
+@contextlib.contextmanager
+def _backend_timeout_as_ours(timeout: float, what: str, peer: int | None):
+    """The backend's own timeout error (gloo: "Timed out waiting 5000ms for recv ...") raised
+    as zeroopt's CollectiveTimeout: the same event, one error type for the caller."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "timed out" in str(error).lower():
+            raise timed_out(timeout, what, peer) from error
+        raise
 
 
 class _Timed:
