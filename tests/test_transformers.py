@@ -40,6 +40,8 @@ def settings_for(name: str) -> dict:
         settings["optim"] = name
     else:
         extra.insert(0, f"optimizer={name}")
+    if name == "schedule_free_radam":  # its first steps (rho_t <= 4) take no step by default
+        extra.append("silent_sgd_phase=false")
     if extra:
         settings["optim_args"] = ",".join(extra)
     return settings
