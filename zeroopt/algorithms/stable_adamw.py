@@ -2,7 +2,8 @@
 vision-language models", Algorithm 2), as torch-optimi's ``optimi.StableAdamW`` computes it:
 AdamW with Adafactor's update clipping, one learning rate per tensor.
 
-    b1_t = (b1^t - b1) / (b1^t - 1)      b2_t = (b2^t - b2) / (b2^t - 1)   (debiased betas)
+    b1_t = (b1^t - b1) / (b1^t - 1)      b2_t = (b2^t - b2) / (b2^t - 1)   (debiased betas;
+                                                           t: the group's step count)
     m <- b1_t m + (1 - b1_t) g           v <- b2_t v + (1 - b2_t) g^2
     rms = sqrt(mean over the whole tensor of g^2 / max(v, eps^2))
     lr_t = lr / max(1, rms)
@@ -33,6 +34,11 @@ Hyperparameters (optimi's names and defaults; Transformers' ``stable_adamw`` pas
 - ``max_lr``: the largest scheduled learning rate, for ``decouple_lr``; None takes the
   group's ``lr`` at construction (optimi takes the constructor's ``lr`` for every group: the
   same unless a group sets its own ``lr``; pass ``max_lr`` to be explicit).
+- ``step``: bookkeeping, not to be set: the group's step count t, kept in the param group (so
+  saved and resumed with it). optimi counts steps per group, as pytorch_optimizer does, not per
+  param as torch.optim: a param first stepped in its group's 5th step is debiased as at t = 5.
+  zeroopt follows. (A step() that finds no gradient on any rank changes nothing here, the
+  count included; optimi's step() still counts it.)
 - ``kahan_sum``: accepted (None, True or False) and ignored. optimi's Kahan summation keeps,
   for 16-bit params, a 16-bit compensation buffer that carries the low bits an update loses to
   the param's rounding. zeroopt steps an fp32 master of every 16-bit param and rounds it into
@@ -78,6 +84,8 @@ def _validate(group: dict) -> None:
         raise ValueError(f"decouple_lr must be True or False, got {group['decouple_lr']!r}")
     if group["kahan_sum"] is not None and not isinstance(group["kahan_sum"], bool):
         raise ValueError(f"kahan_sum must be None, True or False, got {group['kahan_sum']!r}")
+    if not isinstance(group["step"], int) or isinstance(group["step"], bool) or group["step"] < 0:
+        raise ValueError(f"step counts the group's steps (an int >= 0), got {group['step']!r}")
     if group["max_lr"] is None and group["decouple_lr"]:
         group["max_lr"] = group["lr"]  # fixed now: a schedule moves lr, not max_lr
     if group["max_lr"] is not None:
@@ -94,12 +102,16 @@ def _max_lr(group: dict) -> float:
     return group["max_lr"]
 
 
+def _count_step(group: dict) -> None:
+    group["step"] += 1
+
+
 def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.Tensor:
     """Phase 1: the moments; per param, this rank's sum of g^2 / max(v, eps^2); the direction
     m / (sqrt(v) + eps) written over the gradients."""
     if not shard.params:
         return shard.per_param([])[None]
-    t = int(step.item())
+    t = group["step"]  # the group's count, as optimi's (not the param's own)
     beta1, beta2 = group["betas"]
     b1, b2 = debias_beta(beta1, t), debias_beta(beta2, t)
     m, v, grads = shard.states["exp_avg"], shard.states["exp_avg_sq"], shard.grads
@@ -132,6 +144,7 @@ def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats) -> None:
 
 
 def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
+    t = group["step"]  # the group's steps, not this param's
     beta1, beta2 = group["betas"]
     b1, b2 = debias_beta(beta1, t), debias_beta(beta2, t)
     m, v, eps = state["exp_avg"], state["exp_avg_sq"], group["eps"]
@@ -148,11 +161,12 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
 STABLE_ADAMW = UpdateRule(
     name="stable_adamw",
     defaults=dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, decouple_lr=False,
-                  max_lr=None, kahan_sum=None),
+                  max_lr=None, kahan_sum=None, step=0),
     states=lambda group: ("exp_avg", "exp_avg_sq"),
     fused_step=_fused,
     reference_step=_reference,
     validate=_validate,
+    before_step=_count_step,
     per_tensor=lambda group: True,  # every step needs each param's rms
     statistics=_statistics,
     statistics_use_states=True,  # phase 1 moves the moments
