@@ -29,6 +29,93 @@ def test_unknown_hyperparameter_suggests_the_closest_name():
         zeroopt.ZeroOptimizer(model().parameters(), "adamw", beta=(0.9, 0.99))
 
 
+@pytest.mark.parametrize("name", sorted(set(zeroopt.algorithms.ELSEWHERE)
+                                        - set(zeroopt.available_optimizers())))
+def test_an_optimizer_zeroopt_has_no_rule_for_says_where_it_lives(name):
+    """Not "Did you mean" a registered name spelt alike ("adan" -> "adam", "muon" -> "lion",
+    "adamw_torch_4bit" -> "adamw_torch_8bit" are other optimizers)."""
+    with pytest.raises(ValueError) as caught:
+        zeroopt.ZeroOptimizer(model().parameters(), name)
+    message = str(caught.value)
+    assert message.startswith(f"Unknown optimizer {name!r}: zeroopt has no rule for it ("
+                              f"{zeroopt.algorithms.ELSEWHERE[name]}). Available: adafactor, ")
+    assert "Did you mean" not in message
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("adamw8bit", "adamw_8bit"), ("sdg", "sgd"), ("lamp", "lamb"), ("LION", None),
+    ("paged_adamw_8bt", "paged_adamw_8bit"), ("ademamix_8bit_paged", None),
+    ("adamw_4bit", None), ("lion_16bit", None), ("adam_mini", None)])
+def test_did_you_mean_only_for_a_typo(typo, meant):
+    """Within two edits (one for names of up to four letters), with the same numbers: 4-bit is
+    not a misspelt 8-bit, nor Adam-mini a misspelt adamw_8bit (difflib's 0.5 cutoff said so)."""
+    if meant is None and typo.lower() in zeroopt.available_optimizers():
+        zeroopt.ZeroOptimizer(model().parameters(), typo)  # names are case-insensitive
+        return
+    with pytest.raises(ValueError) as caught:
+        zeroopt.ZeroOptimizer(model().parameters(), typo)
+    hint = re.search(r"Did you mean '(\w+)'\?", str(caught.value))
+    assert (hint and hint.group(1)) == (meant or None), str(caught.value)[:120]
+
+
+@pytest.mark.parametrize("word, choices, meant", [
+    ("stgae", ["stage", "shard_size"], "stage"),  # neighbours swapped
+    ("momentun", ["lr", "momentum"], "momentum"),
+    ("lrr", ["lr", "eps"], "lr"),
+    ("wd", ["lr", "eps"], None),  # two edits in a two-letter word is another word
+    ("muon", ["lion", "lamb"], None),
+    ("lr_decay", ["weight_decay", "lr"], None),  # difflib's 0.5: weight_decay
+    ("fp31", ["fp32", "bf16"], None),  # both with numbers, not the same numbers
+    ("beta1", ["betas", "eps"], "betas"),  # numbers in one only: a typo still
+])
+def test_closest_name(word, choices, meant):
+    from zeroopt.validation import closest_name
+
+    assert closest_name(word, choices) == meant
+
+
+@pytest.mark.parametrize("rule", [r.name for r in zeroopt.algorithms.registered_rules()])
+def test_a_hyperparameter_of_other_rules_is_refused_naming_them(rule):
+    """Every other rule's hyperparameter or group key, given to this rule as a keyword: a
+    TypeError that lists what the rule takes and names the rules that take the key."""
+    from zeroopt.states.kinds import STATE_DEFAULTS
+
+    this = zeroopt.algorithms.get_rule(rule)
+    takes = list({**STATE_DEFAULTS, **this.defaults})
+    rules = zeroopt.algorithms.registered_rules()
+    foreign = {key for r in rules for key in (*r.defaults, *r.group_keys)} - set(takes)
+    for key in sorted(foreign):
+        with pytest.raises(TypeError) as caught:
+            zeroopt.ZeroOptimizer(model().parameters(), rule, **{key: 1})
+        message = str(caught.value)
+        assert f"{rule} got an unexpected hyperparameter {key!r}" in message
+        assert f"It takes: {', '.join(takes)}." in message, message
+        if key in this.group_keys:
+            assert f"{key!r} is a key of {rule}'s param groups: give it in the group" in message
+            continue
+        owners = [r.name for r in rules if key in r.defaults or key in r.group_keys]
+        assert f" {key!r} is a " in message and message.endswith(f", not of {rule}."), message
+        assert all(owner in message.split(f" {key!r} is a ")[1] for owner in owners), message
+
+
+@pytest.mark.parametrize("rule, group, owners", [
+    ("adamw", dict(rank=4, update_proj_gap=10), "a param-group key of galore_adamw, "
+                                                "galore_adamw_8bit, apollo_adamw and adafactor"),
+    ("adamw", dict(momentum=0.9), "a hyperparameter of sgd, nesterov, "),
+    ("lamb", dict(momentum=0.9), "a hyperparameter of sgd, nesterov, "),
+    ("sgd", dict(betas=(0.9, 0.99)), "a hyperparameter of adamw, adam, lion, "),
+    ("lion", dict(update_proj_gap=10), "a param-group key of galore_adamw, "),
+])
+def test_a_group_key_of_other_rules_is_refused_naming_them(rule, group, owners):
+    m = model()
+    key = next(iter(group))
+    with pytest.raises(TypeError, match=rf"param group 1 has an unknown key '{key}'\. A param "
+                                        rf"group of {rule} takes: params, .*\. '{key}' is "
+                                        rf"{owners}.*, not of {rule}\.$"):
+        zeroopt.ZeroOptimizer([{"params": m[0].parameters()},
+                               {"params": m[1].parameters(), **group}], rule)
+
+
 @pytest.mark.parametrize("name, hp, message", [
     ("adamw", dict(lr=-1e-3), r"Invalid lr: -0.001 \(it must be >= 0\)"),
     ("adamw", dict(betas=(0.9, 1.0)), r"Invalid beta at index 1: 1.0 \(each beta must be in \[0, 1\)\)"),
@@ -81,8 +168,8 @@ def test_add_param_group_after_construction():
 
 
 def test_wrap_rejects_what_it_cannot_map():
-    with pytest.raises(TypeError, match=r"cannot map torch.optim.rmsprop.RMSprop.*available_optimizers"):
-        zeroopt.wrap(torch.optim.RMSprop(model().parameters()))
+    with pytest.raises(TypeError, match=r"cannot map torch.optim.adamax.Adamax.*available_optimizers"):
+        zeroopt.wrap(torch.optim.Adamax(model().parameters()))
     m = model()
     stepped = torch.optim.AdamW(m.parameters())
     m(torch.randn(2, 4)).sum().backward()

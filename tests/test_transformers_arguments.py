@@ -100,11 +100,37 @@ def test_optim_args_values_are_typed():
         parse_optim_args("rank8")
 
 
-@pytest.mark.parametrize("optim,closest", [("lomo", "lion"), ("schedule_free_sgd",
-                                                              "schedule_free_adamw")])
+@pytest.mark.parametrize("optim,closest", [("adamw_torch_fusd", "adamw_torch_fused"),
+                                           ("paged_lion8bit", "paged_lion_8bit")])
 def test_a_name_zeroopt_does_not_run_suggests_the_closest(optim, closest):
     with pytest.raises(ValueError, match=f"closest zeroopt name is '{closest}'"):
         zeroopt_name(optim)
+
+
+@pytest.mark.parametrize("optim", ["adan", "muon", "sophia"])
+def test_a_name_zeroopt_has_no_rule_for_says_where_it_lives(optim):
+    """Not a name merely spelt alike ("adan" -> "adam" is another optimizer, not a typo)."""
+    with pytest.raises(ValueError, match=rf"no update rule for optim='{optim}' \(.*\)\. Pick a") \
+            as caught:
+        zeroopt_name(optim)
+    assert "closest" not in str(caught.value)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_xla", "adamw_torch_npu_fused", "rmsprop_bnb",
+                                   "rmsprop_bnb_32bit"])
+def test_names_only_the_trainer_had_are_zeroopt_names(optim, tmp_path):
+    """Registered, so ZeroOptimizer, the DeepSpeed section and the Trainer all take them; the
+    bitsandbytes RMSprop names keep 32-bit states (Transformers: optim_bits=8 only for
+    "8bit" names)."""
+    import zeroopt
+    from zeroopt.deepspeed.config import plan
+
+    assert optim in zeroopt.available_optimizers() and zeroopt_name(optim) == optim
+    opt = create_optimizer(arguments(str(tmp_path), optim=optim), tiny_llama())
+    assert opt.rule is get_rule("rmsprop" if "rmsprop" in optim else "adamw")
+    assert all(g["state_precision"] == "32bit" for g in opt.param_groups)
+    kwargs = plan({"zeroopt": {"optimizer": optim}}).optimizer_kwargs
+    assert zeroopt.ZeroOptimizer(tiny_llama().parameters(), **kwargs).rule is opt.rule
 
 
 def test_bad_settings_get_clear_errors(tmp_path):

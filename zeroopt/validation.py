@@ -9,9 +9,9 @@ raises it rather than the others waiting for this one.
 
 from __future__ import annotations
 
-import difflib
 import numbers
 import os
+import re
 import tempfile
 
 import torch
@@ -128,8 +128,9 @@ def _check_tensor(p: torch.Tensor, where: str) -> None:
 
 def check_group_keys(param_groups: list[dict], rule) -> None:
     """Refuse a key no part of zeroopt reads (a misspelt hyperparameter would otherwise be
-    ignored silently), suggesting the closest known one, as ``resolve_defaults`` does for the
-    keyword arguments. Run after the rule's own checks, which name the fix for options of
+    ignored silently), suggesting the known one it is a typo of, as ``resolve_defaults`` does
+    for the keyword arguments, or naming the rules that take it (GaLore's ``rank``, SGD's
+    ``momentum``). Run after the rule's own checks, which name the fix for options of
     other rules (Lion's ``adopt``).
 
     Args:
@@ -138,7 +139,7 @@ def check_group_keys(param_groups: list[dict], rule) -> None:
             ``TORCH_GROUP_KEYS`` are what a group may carry.
 
     Raises:
-        TypeError: the first unknown key, with its group.
+        TypeError: the first unknown key, with its group and every key the group may carry.
     """
     from .states.kinds import STATE_DEFAULTS
 
@@ -147,11 +148,93 @@ def check_group_keys(param_groups: list[dict], rule) -> None:
     for g, group in enumerate(param_groups):
         for key in group:
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
+                close = closest_name(key, known)
+                hint = f" Did you mean {close!r}?" if close else ""
                 raise TypeError(
                     f"param group {g} has an unknown key {key!r}.{hint} A param group of "
-                    f"{rule.name} takes: {', '.join(known)}")
+                    f"{rule.name} takes: {', '.join(known)}.{taken_elsewhere(key, rule)}")
+
+
+def closest_name(word, choices) -> str | None:
+    """The choice ``word`` is a typo of, for a "Did you mean" hint; None when none is.
+
+    A typo is within two edits of the name (a letter inserted, deleted or replaced, or two
+    neighbours swapped: "adamww", "stgae", "state_precisoin"), one edit for words of up to
+    four letters (where two edits are half the word: "muon" is not a misspelt "lion", nor "wd"
+    of "lr"); case aside; and where both have numbers in them, the same numbers ("adamw_4bit"
+    is another optimizer than "adamw_8bit", not a misspelling of it). difflib's ratio, used
+    before, suggested unrelated names at any usable cutoff ("lomo" -> "lion" at 0.5; "muon"
+    and "lion" share half their letters).
+
+    Args:
+        word: what the user wrote (any value; compared as its str).
+        choices: the known names, in the order to prefer among equally close ones.
+
+    Returns:
+        The closest choice within that distance, or None.
+    """
+    word = str(word).lower()
+    limit = 1 if len(word) <= 4 else 2
+    numbers = re.findall(r"\d+", word)
+    best, best_distance = None, limit + 1
+    for choice in choices:
+        other = str(choice).lower()
+        digits = re.findall(r"\d+", other)
+        if numbers and digits and numbers != digits:
+            continue
+        distance = _edit_distance(word, other, best_distance)
+        if distance < best_distance:
+            best, best_distance = choice, distance
+    return best
+
+
+def _edit_distance(a: str, b: str, stop: int) -> int:
+    """Edits (insert, delete, replace, swap of neighbours) from ``a`` to ``b``; any value
+    >= ``stop`` once the distance is known to reach it."""
+    if abs(len(a) - len(b)) >= stop:
+        return stop
+    before, row = None, list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            current[j] = min(row[j] + 1, current[j - 1] + 1, row[j - 1] + (x != y))
+            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                current[j] = min(current[j], before[j - 2] + 1)
+        if min(current) >= stop:
+            return stop
+        before, row = row, current
+    return row[-1]
+
+
+def taken_elsewhere(key, rule) -> str:
+    """For an unknown hyperparameter or group key: the registered rules that take it (a
+    sentence to end the error with), or "" when none does.
+
+    Args:
+        key: the key the user gave.
+        rule: the rule that refused it.
+
+    Returns:
+        " 'momentum' is a hyperparameter of sgd, nesterov, rmsprop and lars, not of adamw."
+        and the like; for the rule's own group keys (GaLore's ``rank`` given as a keyword),
+        where it goes instead.
+    """
+    from .algorithms import registered_rules
+
+    if key in rule.group_keys:
+        return (f" {key!r} is a key of {rule.name}'s param groups: give it in the group of "
+                f"the params it applies to, not as a keyword.")
+    hyperparameter = [r.name for r in registered_rules() if key in r.defaults]
+    group_key = [r.name for r in registered_rules()
+                 if key in r.group_keys and r.name not in hyperparameter]
+    said = [f"a hyperparameter of {_listed_names(hyperparameter)}" if hyperparameter else "",
+            f"a param-group key of {_listed_names(group_key)}" if group_key else ""]
+    said = " and ".join(filter(None, said))
+    return f" {key!r} is {said}, not of {rule.name}." if said else ""
+
+
+def _listed_names(names: list[str]) -> str:
+    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
 
 
 def page_dir_problem(page_dir: str | None) -> str | None:

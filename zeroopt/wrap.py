@@ -1,31 +1,78 @@
-"""``zeroopt.wrap(torch_optimizer)``: the ZeroOptimizer equivalent of an existing optimizer.
+"""``zeroopt.wrap(optimizer)``: the ZeroOptimizer equivalent of an existing optimizer.
 
 Which rule an optimizer is, and how its options translate, are the rules' own facts
-(``UpdateRule.wraps`` and ``from_torch_options``)."""
+(``UpdateRule.wraps`` and ``from_torch_options``; most rules list their classes as
+``zeroopt.algorithms.sources.Source``s in their own file)."""
 
 from __future__ import annotations
 
 import torch
 
 from .algorithms import UpdateRule, registered_rules
-from .optimizer import ZeroOptimizer
+from .algorithms.sources import class_path
 from .checkpoint.torch_interop import IMPLEMENTATION_KEYS
+from .optimizer import ZeroOptimizer
+from .states.kinds import STATE_DEFAULTS
+from .validation import TORCH_GROUP_KEYS
 
 
 def wrap(optimizer: torch.optim.Optimizer, *, stage: int = 1, process_group=None,
          **options) -> ZeroOptimizer:
     """Build the ZeroOptimizer with the same params, param groups and hyperparameters as
-    ``optimizer`` (torch.optim.AdamW, Adam or SGD, or lion_pytorch.Lion).
+    ``optimizer``: the rule that computes the same update, with the same states.
 
-    ``optimizer`` must not have stepped yet; to carry existing state over, pass its
-    ``state_dict()`` to the new optimizer's ``load_state_dict``."""
+    What it maps (the message of the TypeError below lists it from the rules):
+
+    - torch.optim: ``AdamW``; ``Adam`` (``"adamw"`` with ``decoupled_weight_decay=True``);
+      ``SGD`` (``"sgd"``, Nesterov included: a hyperparameter of the rule); ``RMSprop``;
+      ``Adagrad``.
+    - ``transformers.optimization.Adafactor`` (``"adafactor"``), ``lion_pytorch.Lion``.
+    - bitsandbytes: ``AdamW`` and ``Adam`` (both ``"adamw"``: bitsandbytes' Adam decays the
+      weights as AdamW does), ``Lion``, ``RMSprop``, ``Adagrad``, ``SGD``, ``AdEMAMix``, each
+      in its ``8bit``, ``32bit`` and ``Paged`` forms (``state_precision="8bit"`` with its
+      ``min_8bit_size``, ``paged=True``; 8-bit states round to the nearest code, as close to
+      32-bit as bitsandbytes' or closer). Refused with the reason: ``max_unorm`` (update-norm
+      clipping), ``skip_zeros``, ``percentile_clipping``, ``block_wise=False``,
+      GlobalOptimManager overrides; RMSprop's ``momentum`` and SGD's ``dampening``, which
+      bitsandbytes' kernels ignore (zeroopt's rules would apply them; SGD's ``nesterov`` is
+      ignored there too and not even recorded, so wrap maps the plain momentum bitsandbytes
+      computes). Not mapped: bitsandbytes' ``LAMB`` and ``LARS``, which are AdamW and
+      momentum SGD with the update's norm clipped to ``max_unorm * ||param||`` (and their
+      8-bit forms clip only the params under ``min_8bit_size``), not the trust ratios of
+      zeroopt's ``"lamb"`` and ``"lars"``.
+    - pytorch-optimizer: ``Lion`` (with ``cautious``), ``AdEMAMix`` (``t_alpha_beta3`` is
+      both warm-ups; its beta3 warm-up leaves out the 1e-8 apple's adds in log(beta), a
+      relative difference of ~1e-5 during the warm-up), ``Grams`` (``"adamw"``,
+      ``grams=True``); with decoupled weight decay (``weight_decouple=True``) and without
+      ``fixed_decay``, as zeroopt decays. Not mapped, as their updates differ:
+      ``ADOPT`` (clips at step^0.25 one step later than the authors' ADOPT, which
+      ``adopt=True`` follows, and decays on the step that only initialises v), ``Lamb``
+      (never bias-corrects v), ``LARS`` (its trust ratio divides by ||g|| + wd ||w||).
+    - Not mapped: torch.optim.Adafactor (torch's own variant, not Transformers'), and every
+      other class.
+
+    Args:
+        optimizer: an optimizer that has not stepped yet; to carry existing state over, pass
+            its ``state_dict()`` to the new optimizer's ``load_state_dict``.
+        stage, process_group, **options: ZeroOptimizer's other arguments (``bucket_numel``,
+            ``reduce_dtype``, ``page_dir``...); a hyperparameter or state option here
+            overrides what was read from ``optimizer`` where its groups do not set it.
+
+    Returns:
+        The ZeroOptimizer.
+
+    Raises:
+        TypeError: a class wrap does not map (the message lists those it maps).
+        ValueError: an optimizer that has stepped; an option the rule does not follow (the
+            message says why).
+    """
     rule = next((r for r in registered_rules() if r.wraps and r.wraps(optimizer)), None)
     if rule is None:
         raise TypeError(
             f"zeroopt.wrap cannot map {type(optimizer).__module__}.{type(optimizer).__name__}: "
             f"it maps {_wrapped_classes()}. Build zeroopt.ZeroOptimizer(params, "
             "optimizer=NAME, ...) directly with a name from zeroopt.available_optimizers().")
-    if optimizer.state:
+    if _has_stepped(optimizer):
         raise ValueError("zeroopt.wrap takes an optimizer that has not stepped yet; to carry "
                          "its state, call load_state_dict(old.state_dict()) on the result")
     groups = [{k: v for k, v in group.items() if k not in IMPLEMENTATION_KEYS}
@@ -33,14 +80,50 @@ def wrap(optimizer: torch.optim.Optimizer, *, stage: int = 1, process_group=None
     defaults = {k: v for k, v in optimizer.defaults.items() if k not in IMPLEMENTATION_KEYS}
     if rule.from_torch_options:
         rule.from_torch_options(optimizer, defaults, groups)
+    _refuse_unknown(optimizer, rule, defaults, groups)
     return ZeroOptimizer(groups, rule.name, stage=stage, process_group=process_group,
-                         **defaults, **options)
+                         **{**defaults, **options})
+
+
+def _has_stepped(optimizer) -> bool:
+    """Whether ``optimizer`` has state from a step: any state of a param, but the step-0 state
+    torch.optim.Adagrad makes in its constructor."""
+    for state in optimizer.state.values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if (step is None and state) or (step is not None and float(step) != 0):
+            return True
+    return any(group.get("step") for group in optimizer.param_groups)  # pytorch-optimizer's
+
+
+def _refuse_unknown(optimizer, rule: UpdateRule, defaults: dict, groups: list[dict]) -> None:
+    """An option left that the rule does not take: dropped when off (None or False), else
+    refused, naming the class and the rule."""
+    known = {*rule.defaults, *STATE_DEFAULTS, *rule.group_keys, *TORCH_GROUP_KEYS}
+    for options in (defaults, *groups):
+        for key in [k for k in options if k not in known]:
+            if options[key] is None or options[key] is False:
+                del options[key]
+            else:
+                raise ValueError(
+                    f"zeroopt.wrap cannot map {class_path(optimizer)}({key}={options[key]!r}): "
+                    f"zeroopt's {rule.name} has no such option. It takes: "
+                    f"{', '.join(rule.defaults)}")
 
 
 def _wrapped_classes() -> str:
-    """The classes wrap maps, for its message: "torch.optim.AdamW, ... and lion_pytorch.Lion"."""
-    names = list(dict.fromkeys(_class_name(r) for r in registered_rules() if r.wraps))
-    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+    """The classes wrap maps, by package, for its message: "torch.optim.{Adam, AdamW, ...},
+    bitsandbytes.optim.{...} and lion_pytorch.Lion"."""
+    by_module: dict[str, list[str]] = {}
+    for rule in registered_rules():
+        paths = (rule.wraps.mapped() if hasattr(rule.wraps, "mapped")
+                 else [_class_name(rule)] if rule.wraps else [])
+        for path in paths:
+            module, _, name = path.rpartition(".")
+            by_module.setdefault(module, []).append(name)
+    by_module = {module: list(dict.fromkeys(names)) for module, names in by_module.items()}
+    listed = [f"{module}.{names[0]}" if len(names) == 1 else f"{module}.{{{', '.join(names)}}}"
+              for module, names in by_module.items()]
+    return " and ".join(filter(None, [", ".join(listed[:-1]), listed[-1]]))
 
 
 def _class_name(rule: UpdateRule) -> str:

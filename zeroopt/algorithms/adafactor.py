@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from . import sources
 from .base import UpdateRule, check_number
 from .projection import (GALORE_PROJECTION, GROUP_KEYS, galore_project, galore_project_back,
                          is_projected, validate_projected)
@@ -116,6 +117,17 @@ def _whole_only(group, shard, step, stats=None) -> None:
     raise AssertionError("adafactor steps every param whole (tensor_step); no flat shard")
 
 
+# zeroopt.wrap: Transformers' Adafactor, which this rule follows, options and all. torch's own
+# torch.optim.Adafactor is another variant of the algorithm (its step size, epsilons and
+# weight decay are not these).
+_SOURCES = sources.Sources(
+    sources.Source("transformers.optimization.Adafactor"),
+    sources.Source("torch.optim.Adafactor", refuse=(
+        "torch's own Adafactor is another variant of the algorithm than "
+        "transformers.optimization.Adafactor, which zeroopt's adafactor follows: its step "
+        "size, epsilons and weight decay differ")),
+)
+
 ADAFACTOR = UpdateRule(
     name="adafactor",
     nonnegative_states=("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"),
@@ -131,4 +143,6 @@ ADAFACTOR = UpdateRule(
     tensor_states_8bit=("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"),
     group_keys=GROUP_KEYS,  # galore_adafactor
     transformers_projection=GALORE_PROJECTION,  # as "galore_adafactor"
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import sources
 from .base import ShardTensors, UpdateRule, check_nonnegative
 
 
@@ -28,6 +29,14 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
     param.addcdiv_(grad, state["sum"].sqrt().add_(group["eps"]), value=-lr)
 
 
+# zeroopt.wrap: torch.optim.Adagrad, and bitsandbytes' Adagrad (betas unused; it refuses lr_decay
+# and initial_accumulator_value other than 0 itself).
+_SOURCES = sources.Sources(
+    sources.Source(torch.optim.Adagrad),
+    *sources.bitsandbytes("Adagrad", "Adagrad8bit", "Adagrad32bit",
+                          options=lambda optimizer, group: sources.drop(group, "betas")),
+)
+
 ADAGRAD = UpdateRule(
     name="adagrad",
     nonnegative_states=("sum",),
@@ -39,4 +48,6 @@ ADAGRAD = UpdateRule(
     validate=_validate,
     initial_values=lambda group: {"sum": group["initial_accumulator_value"]},
     torch_class=torch.optim.Adagrad,
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
 )

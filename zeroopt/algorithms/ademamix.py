@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from . import sources
 from .base import (ShardTensors, UpdateRule, adam_denominator, check_betas, check_nonnegative,
                    update_moments_)
 
@@ -99,6 +100,32 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
     param.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
 
 
+def _bitsandbytes_options(optimizer, group: dict) -> None:
+    """bitsandbytes' AdEMAMix: t_alpha and t_beta3 are the warm-ups (0 is none, as there)."""
+    group["alpha_warmup"] = group.pop("t_alpha", None) or None
+    group["beta3_warmup"] = group.pop("t_beta3", None) or None
+
+
+def _pytorch_optimizer_options(optimizer, group: dict) -> None:
+    """pytorch-optimizer's AdEMAMix: one warm-up, t_alpha_beta3, for both."""
+    sources.decoupled_decay("ademamix")(optimizer, group)
+    warmup = group.pop("t_alpha_beta3", None)
+    if warmup is not None and float(warmup) != int(warmup):
+        raise sources.cannot(sources.class_path(optimizer), "t_alpha_beta3", warmup,
+                             "zeroopt's warm-ups are whole numbers of steps")
+    group["alpha_warmup"] = group["beta3_warmup"] = None if warmup is None else int(warmup)
+
+
+# zeroopt.wrap: bitsandbytes' AdEMAMix and pytorch-optimizer's (weight_decouple on: it
+# defaults to L2 decay). Both warm beta3 up without the 1e-8 apple's adds in log(beta): a
+# relative difference of ~1e-5 in 1 - beta3_t during the warm-up.
+_SOURCES = sources.Sources(
+    *sources.bitsandbytes(*(f"{paged}AdEMAMix{bits}" for paged in ("", "Paged")
+                            for bits in ("", "8bit", "32bit")), options=_bitsandbytes_options),
+    sources.Source("pytorch_optimizer.AdEMAMix", options=_pytorch_optimizer_options,
+                   preset=sources.no_maximize),
+)
+
 ADEMAMIX = UpdateRule(
     name="ademamix",
     nonnegative_states=("exp_avg_sq",),
@@ -108,6 +135,8 @@ ADEMAMIX = UpdateRule(
     fused_step=_fused,
     reference_step=_reference,
     validate=_validate,
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
     # bitsandbytes' AdEMAMix as the Trainer sets it up, and its optim_args names
     transformers_arguments=lambda args: dict(betas=(args.adam_beta1, args.adam_beta2, 0.9999),
                                              alpha=5.0, eps=args.adam_epsilon),

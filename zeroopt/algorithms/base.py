@@ -394,16 +394,16 @@ def adam_denominator(v: list[torch.Tensor], beta2: float, t: int,
 
 def resolve_defaults(rule: UpdateRule, hyperparameters: dict) -> dict:
     """The rule's defaults (and every rule's state-storage options) overridden by
-    ``hyperparameters``; an unknown name is an error that suggests the closest known one."""
-    import difflib
-
+    ``hyperparameters``; an unknown name is an error that lists the names the rule takes, with
+    the one it is a typo of, or the rules that take it (``zeroopt.validation``)."""
     from ..states.kinds import STATE_DEFAULTS
+    from ..validation import closest_name, taken_elsewhere
 
     known = {**STATE_DEFAULTS, **rule.defaults}  # a rule may default to 8-bit states
     for name in hyperparameters:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            close = closest_name(name, known)
+            hint = f" Did you mean {close!r}?" if close else ""
             raise TypeError(f"{rule.name} got an unexpected hyperparameter {name!r}.{hint} "
-                            f"It takes: {', '.join(known)}")
+                            f"It takes: {', '.join(known)}.{taken_elsewhere(name, rule)}")
     return {**known, **hyperparameters}

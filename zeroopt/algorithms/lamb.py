@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import trust_ratio
+from . import sources, trust_ratio
 from .base import (ShardTensors, UpdateRule, adam_arguments, adam_denominator, check_betas,
                    check_nonnegative, update_moments_)
 
@@ -66,6 +66,20 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
     param.add_(u, alpha=-group["lr"] * trust_ratio.reference_ratio(group, state, param, u))
 
 
+# zeroopt.wrap maps no LAMB class: those named so compute other updates.
+_SOURCES = sources.Sources(
+    *sources.bitsandbytes("LAMB", "LAMB8bit", "LAMB32bit", refuse=(
+        "bitsandbytes' LAMB is AdamW (weight decay outside any ratio) whose update is scaled "
+        "down to max_unorm * ||param|| where longer, never up; its 8-bit update has no such "
+        "clipping, so LAMB8bit clips only the params under min_8bit_size. zeroopt's lamb is "
+        "apex's trust ratio ||x|| / ||r + wd x||. For bitsandbytes' update with max_unorm=0, "
+        "wrap bitsandbytes.optim.AdamW; for LAMB, build ZeroOptimizer(params, 'lamb', ...)")),
+    sources.Source("pytorch_optimizer.Lamb", refuse=(
+        "pytorch-optimizer's Lamb never bias-corrects the second moment, and by default decays "
+        "the weights outside the trust ratio; zeroopt's lamb is apex's. Build "
+        "ZeroOptimizer(params, 'lamb', ...)")),
+)
+
 LAMB = UpdateRule(
     name="lamb",
     nonnegative_states=("exp_avg_sq",),
@@ -78,5 +92,7 @@ LAMB = UpdateRule(
     validate=_validate,
     per_tensor=lambda group: group["weight_decay"] != 0,
     statistics=_statistics,
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
     transformers_arguments=adam_arguments,
 )

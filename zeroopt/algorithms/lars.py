@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import trust_ratio
+from . import sources, trust_ratio
 from .base import ShardTensors, UpdateRule, check_nonnegative
 
 
@@ -51,6 +51,19 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
     param.sub_(velocity)
 
 
+# zeroopt.wrap maps no LARS class: those named so compute other updates.
+_SOURCES = sources.Sources(
+    *sources.bitsandbytes("LARS", "LARS8bit", "LARS32bit", refuse=(
+        "bitsandbytes' LARS is momentum SGD whose update is scaled down to max_unorm * "
+        "||param|| where longer (its 8-bit update only for params under min_8bit_size), not "
+        "the trust ratio eta ||w|| / ||g + wd w|| of zeroopt's lars. For bitsandbytes' update "
+        "with max_unorm=0, wrap bitsandbytes.optim.SGD; for LARS, build "
+        "ZeroOptimizer(params, 'lars', ...)")),
+    sources.Source("pytorch_optimizer.LARS", refuse=(
+        "pytorch-optimizer's LARS divides by ||g|| + wd ||w|| where LARS has ||g + wd w||, and "
+        "never adapts 1-D params. Build ZeroOptimizer(params, 'lars', ...)")),
+)
+
 LARS = UpdateRule(
     name="lars",
     defaults=dict(lr=1e-3, momentum=0.9, eta=1e-3, weight_decay=1e-4,
@@ -61,4 +74,6 @@ LARS = UpdateRule(
     validate=_validate,
     per_tensor=lambda group: group["weight_decay"] != 0,
     statistics=_statistics,
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
 )

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from . import variants
-from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative, is_exactly
+from . import sources, variants
+from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative
 
 
 def _validate(group: dict) -> None:
@@ -84,14 +84,27 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
 _LION_PYTORCH = "lion_pytorch.Lion"  # lucidrains' lion-pytorch, an optional package
 
 
-def _from_torch_options(optimizer, defaults: dict, groups: list[dict]) -> None:
-    """zeroopt.wrap(lion_pytorch.Lion(...)): its use_triton only picks a kernel."""
+def _lion_pytorch_preset(optimizer) -> dict:
+    """zeroopt.wrap(lion_pytorch.Lion(...)): with decoupled_weight_decay=True it decays by
+    lr * wd / initial_lr, a different rule."""
     if getattr(optimizer, "decoupled_wd", False):
-        # lion_pytorch then decays by lr * wd / initial_lr: a different rule.
         raise ValueError("zeroopt.wrap cannot map lion_pytorch.Lion(decoupled_weight_decay="
                          "True); use decoupled_weight_decay=False and scale weight_decay")
-    for options in (defaults, *groups):
-        options.pop("use_triton", None)
+    return {}
+
+
+# zeroopt.wrap: lion_pytorch's Lion (its use_triton only picks a kernel), pytorch-optimizer's
+# (weight_decouple on and fixed_decay off, as Lion decays; cautious as here) and bitsandbytes'
+# (its eps is unused).
+_SOURCES = sources.Sources(
+    sources.Source(_LION_PYTORCH, options=lambda optimizer, group: sources.drop(
+        group, "use_triton"), preset=_lion_pytorch_preset),
+    sources.Source("pytorch_optimizer.Lion", options=sources.decoupled_decay("lion"),
+                   preset=sources.maximize_attribute),
+    *sources.bitsandbytes(*(f"{paged}Lion{bits}" for paged in ("", "Paged")
+                            for bits in ("", "8bit", "32bit")),
+                          options=lambda optimizer, group: sources.drop(group, "eps")),
+)
 
 
 LION = UpdateRule(
@@ -106,7 +119,7 @@ LION = UpdateRule(
     statistics=_statistics,
     torch_class=_LION_PYTORCH,
     zeroopt_only=dict(maximize=False, cautious=False),
-    wraps=lambda optimizer: is_exactly(optimizer, _LION_PYTORCH),
-    from_torch_options=_from_torch_options,
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
     transformers_arguments=lambda args: dict(betas=(args.adam_beta1, args.adam_beta2)),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import sources
 from .base import ShardTensors, UpdateRule, check_nonnegative
 
 
@@ -63,6 +64,14 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
         param.addcdiv_(grad, avg, value=-group["lr"])
 
 
+# zeroopt.wrap: torch.optim.RMSprop, and bitsandbytes' RMSprop, whose betas are (alpha,
+# momentum): its kernel has one state and ignores momentum (and it refuses centered=True).
+_SOURCES = sources.Sources(
+    sources.Source(torch.optim.RMSprop),
+    *sources.bitsandbytes("RMSprop", "RMSprop8bit", "RMSprop32bit",
+                          options=sources.unpack_betas("rmsprop", "alpha", "momentum", 0)),
+)
+
 RMSPROP = UpdateRule(
     name="rmsprop",
     nonnegative_states=("square_avg",),
@@ -73,5 +82,6 @@ RMSPROP = UpdateRule(
     reference_step=_reference,
     validate=_validate,
     torch_class=torch.optim.RMSprop,
-    transformers_names=("rmsprop_bnb", "rmsprop_bnb_32bit"),  # bitsandbytes' 32-bit RMSprop
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
 )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import ShardTensors, UpdateRule, check_nonnegative, is_exactly
+from . import sources
+from .base import ShardTensors, UpdateRule, check_nonnegative
 
 
 def _validate(group: dict) -> None:
@@ -43,6 +44,20 @@ def _states(group: dict) -> tuple[str, ...]:
     return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
 
+def _bitsandbytes_options(optimizer, group: dict) -> None:
+    """bitsandbytes' SGD keeps (momentum, dampening) as betas, and an eps it does not use."""
+    sources.unpack_betas("sgd", "momentum", "dampening", 0)(optimizer, group)
+    sources.drop(group, "eps")
+
+
+# zeroopt.wrap: torch.optim.SGD (Nesterov too: a hyperparameter here), and bitsandbytes' SGD,
+# which is always momentum SGD: its kernel has no dampening and no Nesterov (its nesterov
+# argument is not even recorded), so that is what wrap maps.
+_SOURCES = sources.Sources(
+    sources.Source(torch.optim.SGD),
+    *sources.bitsandbytes("SGD", "SGD8bit", "SGD32bit", options=_bitsandbytes_options),
+)
+
 SGD = UpdateRule(
     name="sgd",
     defaults=dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
@@ -52,7 +67,8 @@ SGD = UpdateRule(
     reference_step=_reference,
     validate=_validate,
     torch_class=torch.optim.SGD,
-    wraps=lambda optimizer: is_exactly(optimizer, torch.optim.SGD),
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
 )
 
 # "nesterov": SGD with Nesterov momentum on by default.

@@ -33,6 +33,7 @@ import torch
 
 from ..algorithms import get_preset
 from ..states.kinds import STATE_DEFAULTS
+from ..validation import closest_name, taken_elsewhere
 
 SECTION = "zeroopt"
 # ZeroOptimizer's own arguments; every other key must be a hyperparameter of the rule.
@@ -118,11 +119,12 @@ def _optimizer_kwargs(section: dict) -> dict:
     kwargs = {}
     for key, value in section.items():
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-            hint = f' Did you mean "{close[0]}"?' if close else ""
+            close = closest_name(key, known)
+            hint = f' Did you mean "{close}"?' if close else ""
             raise ConfigError(f'unknown key "{key}" in the "{SECTION}" section.{hint} It takes '
                               f"ZeroOptimizer's options ({', '.join(OPTIONS)}) and {name}'s "
-                              f"hyperparameters ({', '.join([*STATE_DEFAULTS, *rule.defaults])})")
+                              f"hyperparameters ({', '.join([*STATE_DEFAULTS, *rule.defaults])})."
+                              f"{taken_elsewhere(key, rule)}")
         if value == "auto":
             raise ConfigError(f'"{SECTION}.{key}" is "auto": zeroopt takes values only (a '
                               f"trainer that fills in \"auto\" must do so before "

@@ -20,14 +20,13 @@ all but biases and norms, which get 0.
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 from torch import nn
 
-from ..algorithms import available_optimizers, get_preset, registered_rules
+from ..algorithms import ELSEWHERE, available_optimizers, get_preset, registered_rules
 from ..optimizer import ZeroOptimizer
 from ..param_groups import galore_param_groups
+from ..validation import closest_name
 
 # ZeroOptimizer's own keyword arguments that optim_args may set (the rest are hyperparameters).
 OPTIMIZER_OPTIONS = ("stage", "shard_size", "bucket_numel", "reduce_dtype", "skip_nonfinite",
@@ -74,10 +73,11 @@ def zeroopt_name(optim) -> str:
                 optim)
     if name in available_optimizers():
         return name
-    close = difflib.get_close_matches(str(optim), available_optimizers(), n=1, cutoff=0.5)
-    hint = f" The closest zeroopt name is {close[0]!r}." if close else ""
+    close = closest_name(optim, available_optimizers())
+    hint = (f" ({ELSEWHERE[str(optim).lower()]})." if str(optim).lower() in ELSEWHERE
+            else f". The closest zeroopt name is {close!r}." if close else ".")
     raise ValueError(
-        f"zeroopt has no update rule for optim={optim!r}.{hint} Pick a name zeroopt runs: "
+        f"zeroopt has no update rule for optim={optim!r}{hint} Pick a name zeroopt runs: "
         f"optim=... where TrainingArguments accepts it, or optim_args='optimizer=NAME' for any "
         f"of: {', '.join(available_optimizers())}")
 
