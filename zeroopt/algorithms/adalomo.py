@@ -14,9 +14,10 @@ and a column mean of g^2 (not a full matrix of them), a vector its own g^2 avera
 
 Every param is stepped whole, on the one rank that owns it (zeroopt/whole_tensors.py: its
 factored states and both RMS values need the whole matrix), as soon as its bucket's averaged
-gradient is harvested into that rank's shard, during backward. ``loss.backward();
-opt.step(); opt.zero_grad()`` trains: step() only publishes the params (the all-gather) and
-does the step's bookkeeping. Stage 1 and stage 2 alike.
+gradient is harvested into that rank's shard (during backward at stage 2, as the reductions
+complete; in step() at stage 1: see lomo.py). ``loss.backward(); opt.step();
+opt.zero_grad()`` trains: step() harvests what is left, publishes the params (the all-gather)
+and does the step's bookkeeping. Stage 1 and stage 2 alike.
 
 Hyperparameters (lomo_optim's names and defaults):
     lr: the relative step size (1e-3), scaled by the param's RMS. lomo_optim takes it in every
@@ -45,11 +46,10 @@ Where zeroopt differs from lomo_optim:
 - lomo_optim supports 1-D and 2-D params only (a 0-d one fails in its constructor, a 3-D one
   at its first step); zeroopt steps a 0-d param as a vector, and factors a param of more
   dimensions over its last two, as Adafactor does;
-- a param is stepped once per backward with its whole (summed) gradient (lomo_optim steps a
-  tied weight once per use), every param of a reduced bucket is stepped (one without a
-  gradient on any rank with zeros), micro-steps inside ``opt.no_sync()`` are stepped once on
-  their sum, and a matrix with a non-finite gradient skips its step (``skip_nonfinite``): see
-  lomo.py, the same holds here.
+- every param of a reduced bucket is stepped (one without a gradient on any rank with zeros),
+  micro-steps inside ``opt.no_sync()`` are stepped once on their sum, and a matrix with a
+  non-finite gradient skips its step (``skip_nonfinite``), and 16-bit params are stepped in
+  fp32 masters: see lomo.py, the same holds here.
 """
 
 from __future__ import annotations

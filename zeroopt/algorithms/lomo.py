@@ -7,11 +7,14 @@ and no gradient beyond one layer's is ever held:
     g <- clamp(g, -clip_grad_value, clip_grad_value)       (when clip_grad_value > 0)
     x <- x (1 - lr wd) - lr g
 
-Here the update happens as each bucket's averaged gradient is harvested into this rank's
-shard, during backward: this rank's elements of the bucket's params are stepped right there
-(zeroopt/whole_tensors.py), element-wise, so params that straddle ranks are stepped piece by
-piece. ``loss.backward(); opt.step(); opt.zero_grad()`` trains: step() only publishes the
-params (the all-gather) and does the step's bookkeeping. Stage 1 and stage 2 alike.
+Here a bucket's params are updated as its averaged gradient is harvested into this rank's
+shard: this rank's elements of them are stepped right there (zeroopt/whole_tensors.py),
+element-wise, so params that straddle ranks are stepped piece by piece. Stage 2 harvests a
+bucket during backward once its reduction has completed (or its staging buffer is needed);
+stage 1, which keeps every staging buffer, harvests in step(), and what is left at stage 2
+too. ``loss.backward(); opt.step(); opt.zero_grad()`` trains: step() harvests what is left,
+publishes the params (the all-gather) and does the step's bookkeeping. With
+``average_grads=False`` (a model DDP wraps: no bucket is reduced here) LOMO steps in step().
 
 Hyperparameters (lomo_optim's names and defaults):
     lr: the step size (1e-3). lomo_optim takes it in every ``fused_backward(loss, lr)``;
@@ -33,17 +36,24 @@ Hyperparameters (lomo_optim's names and defaults):
 Where zeroopt differs from lomo_optim:
 - the gradient is the average over ranks (lomo_optim's non-ZeRO path runs one process, or
   relies on DeepSpeed ZeRO-3 to all-reduce); each rank steps only its own elements;
-- a param is stepped once per backward with its whole (summed) gradient. lomo_optim steps a
-  param as each contribution to its gradient arrives, so a param used twice (tied weights)
-  gets two partial steps there;
 - every param of a reduced bucket is stepped, one that no rank gave a gradient with a zero
   gradient (its weight decay applies), as zeroopt's other layerwise names; lomo_optim skips a
   param whose ``grad`` is None;
+- the params move on each rank's own elements first; the other ranks' elements arrive with
+  step()'s all-gather (lomo_optim's whole model moves during backward);
 - gradient accumulation: micro-steps inside ``opt.no_sync()`` are reduced and stepped once, on
   their sum; lomo_optim under the Trainer steps on every micro-batch;
 - a non-finite gradient skips this rank's piece of the bucket (``skip_nonfinite``, each rank
   deciding for its own elements: no global check exists yet during backward); lomo_optim
-  without a loss scaler applies it.
+  without a loss scaler applies it;
+- 16-bit params are stepped in fp32 masters (rounded into the params by step()), as for every
+  rule; lomo_optim steps an fp32 copy and rounds it back into the param, keeping no master;
+- memory: no optimizer state, as in lomo_optim, but the gradient shard is held as for every
+  rule (1/W of the gradients at stage 2): zeroopt saves by sharding, not by LOMO's freeing of
+  each gradient as it goes;
+- under Transformers' Trainer, lomo_optim gets only ``lr`` (TrainingArguments'
+  ``weight_decay`` is not passed to it); zeroopt.transformers gives the decayed group the
+  Trainer's ``weight_decay``, as for every rule (the same at its default, 0).
 """
 
 from __future__ import annotations
