@@ -99,7 +99,8 @@ def test_checkpoint_saved_at_3_resumes_at_2(checkpoints, name):
     uninterrupted = suite_results(3, checkpoints)[0]["checkpoint_finals"][name]
     for rank, r in enumerate(suite_results(2, checkpoints)):
         resumed = r["checkpoint_resumed"][name]
-        differ = [i for i, (a, b) in enumerate(zip(uninterrupted, resumed)) if not torch.equal(a, b)]
+        differ = [i for i, (a, b) in enumerate(zip(uninterrupted, resumed))
+                  if not torch.equal(a, b)]
         assert not differ, f"{name}: W=3 -> 2, rank {rank}: params {differ} differ"
 
 
