@@ -44,7 +44,7 @@ FAMILIES = {  # bitsandbytes family -> (rule, hyperparameters, tolerance of the 
     "Adam": ("adamw", dict(lr=1e-2, betas=(0.85, 0.99), weight_decay=0.1), 2e-6),
     "Lion": ("lion", dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1), 0.0),
     "AdEMAMix": ("ademamix", dict(lr=1e-2, betas=(0.85, 0.99, 0.999), alpha=4.0, t_alpha=4,
-                                  t_beta3=4, weight_decay=0.1), 1e-5),
+                                  t_beta3=3, weight_decay=0.1), 1e-5),
     "RMSprop": ("rmsprop", dict(lr=1e-3, alpha=0.9, eps=1e-6, weight_decay=0.1), 2e-6),
     "Adagrad": ("adagrad", dict(lr=1e-2, eps=1e-8, weight_decay=0.1), 2e-6),
     "SGD": ("sgd", dict(lr=1e-2, momentum=0.8, weight_decay=0.1), 0.0),

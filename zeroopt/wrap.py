@@ -28,18 +28,20 @@ def wrap(optimizer: torch.optim.Optimizer, *, stage: int = 1, process_group=None
       ``Adagrad``.
     - ``transformers.optimization.Adafactor`` (``"adafactor"``), ``lion_pytorch.Lion``.
     - bitsandbytes: ``AdamW`` and ``Adam`` (both ``"adamw"``: bitsandbytes' Adam decays the
-      weights as AdamW does), ``Lion``, ``RMSprop``, ``Adagrad``, ``SGD``, ``AdEMAMix``, each
-      in its ``8bit``, ``32bit`` and ``Paged`` forms (``state_precision="8bit"`` with its
-      ``min_8bit_size``, ``paged=True``; 8-bit states round to the nearest code, as close to
-      32-bit as bitsandbytes' or closer). Refused with the reason: ``max_unorm`` (update-norm
-      clipping), ``skip_zeros``, ``percentile_clipping``, ``block_wise=False``,
+      weights as AdamW does), ``Lion``, ``RMSprop``, ``Adagrad``, ``SGD``, ``AdEMAMix``, each in
+      its ``8bit`` and ``32bit`` forms, and ``Paged`` ones for AdamW, Adam, Lion and AdEMAMix:
+      8-bit (by name or ``optim_bits=8``) is ``state_precision="8bit"`` with its
+      ``min_8bit_size``, paged is ``paged=True``. zeroopt's 8-bit states round to the nearest
+      code, so they stay as close to 32-bit as bitsandbytes' do or closer. Its AdEMAMix warms
+      beta3 up as pytorch-optimizer's does (below). Refused with the reason: ``max_unorm``
+      (update-norm clipping), ``skip_zeros``, ``percentile_clipping``, ``block_wise=False``,
       GlobalOptimManager overrides; RMSprop's ``momentum`` and SGD's ``dampening``, which
       bitsandbytes' kernels ignore (zeroopt's rules would apply them; SGD's ``nesterov`` is
       ignored there too and not even recorded, so wrap maps the plain momentum bitsandbytes
-      computes). Not mapped: bitsandbytes' ``LAMB`` and ``LARS``, which are AdamW and
-      momentum SGD with the update's norm clipped to ``max_unorm * ||param||`` (and their
-      8-bit forms clip only the params under ``min_8bit_size``), not the trust ratios of
-      zeroopt's ``"lamb"`` and ``"lars"``.
+      computes). Not mapped: bitsandbytes' ``LAMB`` and ``LARS``, which are AdamW and momentum
+      SGD with the update's norm clipped to ``max_unorm * ||param||`` (and their 8-bit forms
+      clip only the params under ``min_8bit_size``), not the trust ratios of zeroopt's
+      ``"lamb"`` and ``"lars"``.
     - pytorch-optimizer: ``Lion`` (with ``cautious``), ``AdEMAMix`` (``t_alpha_beta3`` is
       both warm-ups; its beta3 warm-up leaves out the 1e-8 apple's adds in log(beta), a
       relative difference of ~1e-5 during the warm-up), ``Grams`` (``"adamw"``,
