@@ -39,15 +39,17 @@ Where zeroopt differs from torchdistx, and why:
 
 - 16-bit params. zeroopt steps fp32 masters of 16-bit params (the model holds them rounded),
   so a bf16 param is never updated in bf16. torchdistx without Kahan summation adds each
-  update to the bf16 param directly, losing any part below half a bf16 ulp (2^-9 |x|); with it,
-  it keeps that lost part in the compensation buffer. Here ``use_kahan_summation`` maps onto
-  the masters: accepted, and no buffer is kept. Per step, the master's error is one fp32
-  rounding, 2^-24 (|x| + |u|) for an update u; torchdistx's compensated pair (bf16 param x,
-  buffer c in bf16 or fp16) rounds c + u and c + (x_old - x_new) in the buffer's dtype:
-  2^-9 |u| + 2^-9 ulp_bf16(x) ~ 2^-9 |u| + 2^-17 |x| for a bf16 buffer (2^-11 for fp16). So
-  the master is at least as accurate; ``tests/test_anyprecision.py`` measures both against
-  fp64. A 32-bit compensation buffer would be more exact than an fp32 master (its error is
-  2^-24 |u|), so ``use_kahan_summation=True`` with a float32 (or float64) buffer is refused.
+  update to the bf16 param directly, rounding the sum to bf16 (unit roundoff 2^-8: an update
+  below 2^-8 |x| may be lost whole); with it, it keeps what was lost in the compensation
+  buffer. Here ``use_kahan_summation`` maps onto the masters: accepted, and no buffer is
+  kept. Per step, the master's error is that of fp32 rounding, about 2^-24 (|x| + 2 |u|) for
+  an update u; torchdistx's compensated pair (bf16 param x, buffer c) rounds c + u, and
+  c + (x_old - x_new) (at most half a bf16 ulp of x), in the buffer's dtype: about
+  2^-8 |u| + 2^-16 |x| for a bf16 buffer, 2^-11 |u| + 2^-19 |x| for an fp16 one. So the master
+  is at least as accurate (``tests/test_anyprecision.py`` measures both against fp64: 1000
+  times closer). A 32-bit buffer would make the pair more exact than an fp32 master (its error
+  about 2^-24 |u| + 2^-32 |x|), so ``use_kahan_summation=True`` with a float32 (or float64)
+  buffer is refused.
 - fp32 params with ``use_kahan_summation=True``: torchdistx rounds each update through the
   (bf16) buffer before adding it; zeroopt adds the fp32 update directly (more exact, as above).
 - 0-d params: in torchdistx, sqrt(v) / sqrt(1 - b2^t) divides two 0-d tensors, and torch's
