@@ -12,9 +12,12 @@ torchao's, from Li et al. 2023 ("Memory Efficient Optimizers with 4-bit States")
   zero-point removal: a zero would otherwise reach 1/sqrt(v) as an infinite step). A value
   below scale / 32 is stored as scale / 16.
 
-Quantization divides by the scale and rounds to the nearest code, ties up, with torchao's own
-fp32 operations, so the codes and scales are torchao's bit for bit (tests/test_state_4bit.py).
-A fresh state is torchao's ``zeros``: codes 0 and scale 0, which decode to 0 in either map.
+Quantization divides by the scale as torchao does, and each quotient gets torchao's code: the
+one its search of the map and its fp32 rounding step pick (the nearest code, ties up;
+``_codes_reference``), here looked up in tables built from that very search (``_tables``: the
+same code for every finite value, in a quarter of the passes). So codes, scales and decoded
+values are torchao's bit for bit (tests/test_state_4bit.py). A fresh state is torchao's
+``zeros``: codes 0 and scale 0, which decode to 0 in either map.
 
 ``quantize_exact`` is for loading saved values: where they are the decoded values of some
 4-bit block (a checkpoint's), it finds codes and a scale that decode to them bit for bit, so a
@@ -47,14 +50,6 @@ def code_map(signed: bool) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=F32)
 
 
-@lru_cache(maxsize=None)
-def _half_gaps(signed: bool) -> torch.Tensor:
-    """(next code - code) * 0.5 for each code (0 for the last, which stays): torchao's rounding
-    threshold."""
-    code = code_map(signed)
-    return torch.cat([(code[1:] - code[:-1]) * 0.5, code.new_zeros(1)])
-
-
 def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor if tensor.device == device else tensor.to(device)
 
@@ -65,14 +60,75 @@ def check_block(numel: int, block: int) -> None:
                          f"the length: {numel} elements in blocks of {block}")
 
 
+def _codes_reference(normalized: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The code of each value in [-1, 1] (int64), as torchao's quantize_4bit_with_qmap picks
+    it, with its operations: a branchless binary search for the last code at or below the
+    value (code 0 below the first), then one code up where the value is at least half way to
+    the next (``residual >= (up - down) * 0.5`` in fp32: ties go up)."""
+    code = code_map(signed).to(normalized.device)
+    index = torch.zeros(normalized.shape, dtype=torch.int64, device=normalized.device)
+    for step in (8, 4, 2, 1):
+        index += torch.where(normalized >= code[index + step], step, 0)
+    up = (index + 1).clamp_(max=15)
+    down_value, up_value = code[index], code[up]
+    return torch.where(normalized - down_value >= (up_value - down_value) * 0.5, up, index)
+
+
+def _ordered(bits: torch.Tensor) -> torch.Tensor:
+    """fp32 bit patterns (in int64) -> integers in the order of their floats (negative floats'
+    patterns run backwards, -0.0 just below 0.0)."""
+    return torch.where(bits < 1 << 31, bits, (1 << 31) - 1 - bits)
+
+
+def _patterns(ordered: torch.Tensor) -> torch.Tensor:
+    """``_ordered``'s inverse."""
+    return torch.where(ordered >= 0, ordered, (1 << 31) - 1 - ordered)
+
+
+def _floats(bits: torch.Tensor) -> torch.Tensor:
+    """The fp32 values of bit patterns held in int64."""
+    return torch.where(bits < 1 << 31, bits, bits - (1 << 32)).to(torch.int32).view(F32)
+
+
+@lru_cache(maxsize=None)
+def _tables(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``_codes`` looks codes up in, built from ``_codes_reference``:
+
+    - the code of the lowest value of each range of fp32 values that share their top 16 bits
+      (sign, exponent and 7 fraction bits: 65,536 ranges);
+    - for each code c, the least fp32 value whose code is above c (+inf for 15).
+
+    No finite range holds two of those thresholds (checked here: neighbouring thresholds are
+    much further apart than 2^-7 of their size), so a value's code is its range's code, plus
+    one where the value is at or above that code's threshold."""
+    wanted = torch.arange(1, 16)
+    # each threshold by bisection over the floats from -1 to 1, in their order
+    lo = _ordered(torch.full((15,), 0xBF800000, dtype=torch.int64))  # -1.0
+    hi = _ordered(torch.full((15,), 0x3F800000, dtype=torch.int64))  # 1.0
+    assert bool((_codes_reference(_floats(_patterns(hi)), signed) >= wanted).all())
+    assert not bool((_codes_reference(_floats(_patterns(lo)), signed) >= wanted).any())
+    while bool((hi - lo > 1).any()):  # code(lo) < wanted <= code(hi)
+        mid = (lo + hi) // 2
+        above = _codes_reference(_floats(_patterns(mid)), signed) >= wanted
+        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+    thresholds = torch.cat([_floats(_patterns(hi)), torch.tensor([float("inf")])])
+    prefixes = torch.arange(1 << 16, dtype=torch.int64) << 16
+    negative = prefixes >= 1 << 31
+    lowest = _floats(torch.where(negative, prefixes | 0xFFFF, prefixes))
+    highest = _floats(torch.where(negative, prefixes, prefixes | 0xFFFF))
+    table = _codes_reference(lowest, signed)
+    finite = lowest.isfinite() & highest.isfinite()
+    assert bool((_codes_reference(highest, signed) - table <= 1)[finite].all())
+    return table.to(device), thresholds.to(device)
+
+
 def _codes(normalized: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The code of each value in [-1, 1] (int64, same shape), as torchao's
-    quantize_4bit_with_qmap picks it: the last code at or below the value (0 below the first),
-    then one up where the value is at least half way to the next."""
-    code = _on(code_map(signed), normalized.device)
-    index = torch.searchsorted(code, normalized, right=True).sub_(1).clamp_(0, 15)
-    residual = normalized - code[index]
-    return index.add_(residual >= _on(_half_gaps(signed), normalized.device)[index]).clamp_(max=15)
+    """The code of each value in [-1, 1] (int64, same shape): ``_codes_reference``'s, bit for
+    bit for every finite value, in four passes (``_tables``). ``normalized``: contiguous."""
+    table, thresholds = _tables(signed, normalized.device)
+    prefix = normalized.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF).long()
+    index = table[prefix]
+    return index.add_(normalized >= thresholds[index])
 
 
 def _pack(index: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:

@@ -18,6 +18,8 @@ decoded into an fp32 window before the rule's step and encoded back after it (``
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import blockwise, fourbit, paging
@@ -62,6 +64,7 @@ class RegionStates:
                 sizes[name] = (numel, torch.bfloat16 if kind.precision == "bf16"
                                else torch.float32)
         self._mapped = None
+        self._saved_forms: dict[str, weakref.ref] = {}  # 4-bit: encoded()'s fp32 values
         if not kind.paged:
             self.tensors = {name: torch.zeros(n, dtype=dtype, device=device)
                             for name, (n, dtype) in sizes.items()}
@@ -104,9 +107,12 @@ class RegionStates:
         exact = exact and self.kind.precision == "4bit"
         if not staged and not exact:  # quantize straight into the stored codes and absmax
             self._quantize(name, values, *targets)
-            return
-        for target, part in zip(targets, self._quantize(name, values, exact=exact)):
-            target.copy_(part, non_blocking=staged)
+        else:
+            for target, part in zip(targets, self._quantize(name, values, exact=exact)):
+                target.copy_(part, non_blocking=staged)
+        saved_form = self._saved_form(name)
+        if saved_form is not None:  # still held (FusedOptimizer's state): keep it current
+            self.load(name, lo, saved_form[lo:lo + values.numel()])
 
     def prefetch(self, lo: int, numel: int) -> None:
         """Ask for the pages of region range [lo, lo + numel) ahead of use."""
@@ -126,15 +132,19 @@ class RegionStates:
 
     def encoded(self, name: str) -> dict[str, tuple[torch.Tensor, int]]:
         """The saved form of state ``name``, by saved name, with how many elements each
-        entry covers (1, or the block size for absmax): the stored tensors themselves, but
-        for 4-bit states, whose saved form is their values decoded to fp32 (a new tensor,
-        fp32 in every reader's eyes; see the module notes)."""
+        entry covers (1, or the block size for absmax): the stored tensors themselves, live,
+        but for 4-bit states, whose saved form is their values decoded to fp32 (see the module
+        notes): a new tensor, which ``store`` keeps current for as long as anyone holds it
+        (``FusedOptimizer`` publishes it as its state: an fp32 copy of the 4-bit states)."""
         if self.kind.precision == "4bit":
-            values = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-            for lo in range(0, self.numel, _DECODE_NUMEL):  # paged: page by page
-                window = values[lo:lo + _DECODE_NUMEL]
-                self.load(name, lo, window)
-                self.release(lo, window.numel())
+            values = self._saved_form(name)
+            if values is None:
+                values = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+                for lo in range(0, self.numel, _DECODE_NUMEL):  # paged: page by page
+                    window = values[lo:lo + _DECODE_NUMEL]
+                    self.load(name, lo, window)
+                    self.release(lo, window.numel())
+                self._saved_forms[name] = weakref.ref(values)
             return {name: (values, 1)}
         if self.kind.precision == "8bit":
             return {name: (self.tensors[name], 1),
@@ -168,6 +178,10 @@ class RegionStates:
             return [self.tensors[name][lo:lo + numel],
                     self.tensors[name + "_absmax"][lo // block:(lo + numel) // block]]
         return [self.tensors[name][lo:lo + numel]]
+
+    def _saved_form(self, name: str) -> torch.Tensor | None:
+        ref = self._saved_forms.get(name)
+        return None if ref is None else ref()
 
     def _quantize(self, name: str, values: torch.Tensor, codes: torch.Tensor | None = None,
                   absmax: torch.Tensor | None = None,
