@@ -128,8 +128,8 @@ class UpdateRule:
             torch.optim's signature (any other value is refused, see ``check_fixed``).
             Default empty.
         nonnegative_states: how states may be stored (zeroopt.states): the states never
-            negative, which use the unsigned 8-bit map (it spends the sign bit on precision).
-            Default ().
+            negative, which use the unsigned 8-bit map (it spends the sign bit on precision)
+            and the unsigned 4-bit map (torchao's, without zero). Default ().
         full_precision_states: states that are points in parameter space (schedule-free's z):
             they stay 32-bit whatever ``state_precision`` says. Default ().
         statistics_use_states: whether phase 1 (``statistics``) reads and writes the states
