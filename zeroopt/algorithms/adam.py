@@ -118,7 +118,9 @@ def _variant_step(group: dict, shard: ShardTensors, step: torch.Tensor, stats,
 def _reference(decoupled: bool):
     def step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
         if adamw_options.any_option(group):
-            return variants.reference_with_options(group, param, grad, state, t, decoupled)
+            if adamw_options.own_step(group):
+                return variants.reference_with_options(group, param, grad, state, t, decoupled)
+            group = dict(group, weight_decay=adamw_options.effective_weight_decay(group, t))
         if variants.any_option(group):
             direction, grad = variants.reference_direction(group, param, grad, state, t,
                                                            decoupled)
@@ -151,8 +153,7 @@ def _decoupled(optimizer) -> bool:
 
 def _grams_options(optimizer, group: dict) -> None:
     """pytorch_optimizer.Grams is adamw with grams=True (and decoupled weight decay)."""
-    sources.decoupled_decay("pytorch_optimizer.Grams", "adamw", fixed_decay=False)(
-        optimizer, group)
+    sources.decoupled_decay("adamw", fixed_decay=False)(optimizer, group)
     group["grams"] = True
 
 

@@ -85,6 +85,12 @@ def any_option(group: dict) -> bool:
     return any(group.get(name) for name in OPTIONS)
 
 
+def own_step(group: dict) -> bool:
+    """Whether the group needs this module's step (not only the dynamic decay, which the
+    plain steps take as their ``weight_decay``)."""
+    return _on(group, (*_STATISTICS, "alora"))
+
+
 def _on(group: dict, names) -> bool:
     return any(group.get(name) for name in names)
 
@@ -192,25 +198,25 @@ def check_lora_pairs(group: dict) -> None:
         ValueError: no names, a non-LoRA param, an unpaired matrix, no pair.
     """
     names = group.get("param_names")
+    if not group["params"]:
+        return
     if not names:
         raise ValueError("alora=True finds LoRA pairs by name: pass model.named_parameters() "
                          "(or param groups of (name, param) pairs)")
     params = group["params"]
     trainable = [n for n, p in zip(names, params)
                  if not isinstance(p, torch.Tensor) or p.requires_grad]
-    present = set(trainable)
-    pairs = 0
-    for name in trainable:
-        role = lora_role(name)
+    roles = {name: lora_role(name) for name in trainable}
+    if trainable and not any(roles.values()):
+        raise ValueError(f"alora=True found no lora_A/lora_B pair among the group's params "
+                         f"(PEFT's names: ...lora_A.default.weight); it has {trainable[:3]}...")
+    for name, role in roles.items():
         if role is None:
             raise ValueError(f"alora=True: {name!r} is not a LoRA matrix (lora_A/lora_B); put "
                              f"the LoRA matrices in a param group of their own with alora=True "
                              f"and the other params in one with alora=False")
-        if role[1] not in present:
+        if role[1] not in roles:
             raise ValueError(f"alora=True: {name!r} has no partner {role[1]!r} in its group")
-        pairs += role[0] == "A"
-    if trainable and not pairs:
-        raise ValueError("alora=True found no lora_A/lora_B pair in the group")
 
 
 # --- the flat step: phase 1 (this rank's sums), phase 2 (with the totals) ---------------------

@@ -176,20 +176,21 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def orthogonalized(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """OrthoGrad for one whole param, as pytorch_optimizer.OrthoGrad computes it in fp32."""
-    w, g = param.reshape(-1), grad.reshape(-1)
+    """OrthoGrad for one whole param, pytorch_optimizer.OrthoGrad's formula and guard, taken
+    in float64 (the same wherever the tensors sit in memory, as fp32 BLAS sums are not)."""
+    w, g = param.reshape(-1).double(), grad.reshape(-1).double()
     proj = torch.dot(w, g) / (torch.dot(w, w) + 1e-30)
     perp = g - w * proj
     norm, perp_norm = g.norm(), perp.norm()
     if perp_norm <= 4 * torch.finfo(torch.float32).eps * norm:
         return torch.zeros_like(grad)
-    return (perp * (norm / (perp_norm + 1e-30))).view_as(grad)
+    return (perp * (norm / (perp_norm + 1e-30))).view_as(grad).to(grad.dtype)
 
 
 def agr(grad: torch.Tensor) -> torch.Tensor:
     """AGR for one whole param: g - g |g| / sum|g|, as g (sum|g| - |g|) / sum|g|."""
-    total = grad.abs().sum()
-    return grad * ((total - grad.abs()) / total) if total > 0 else grad.clone()
+    total = grad.abs().sum(dtype=torch.float64)
+    return (grad * ((total - grad.abs()) / total)).to(grad.dtype) if total > 0 else grad.clone()
 
 
 def spd_project(strength: float, param: torch.Tensor, new: torch.Tensor,
