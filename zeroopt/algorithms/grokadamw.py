@@ -12,7 +12,7 @@ For the i-th param of a group among those with a gradient this step (i from 0):
     b1i = b1 (1 - gamma)^i
     m  <- b1i m + (1 - b1i) h                     v <- b2 v + (1 - b2) h^2
     x  <- x (1 - lr wd)
-    x  <- x - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)
+    x  <- x - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)   (t: this param's steps)
 
 That is the package's update, and the name's meaning (Transformers' ``grokadamw`` builds the
 package's class): there is no paper for GrokAdamW itself, only for Grokfast's EMA filter. Where
@@ -25,8 +25,8 @@ Whole-param statistics: the clipping needs each param's gradient norm and i need
 have a gradient, and params straddle ranks. So a group with ``gamma`` != 0 or
 ``gradient_clipping`` > 0 is tensor-wise: each rank sums, per param, the squares of its pieces'
 gradients and counts its pieces (``statistics``); the optimizer all-reduces the sums in its one
-small collective. The norm is then exact (summed in fp64; torch sums in fp32, ~1e-7 apart).
-With ``gamma`` = 0 and no clipping the rule is element-wise.
+small collective. The norm is then the whole param's, summed in fp64 and rounded to fp32 (torch's
+own fp32 sum can be an ulp away). With ``gamma`` = 0 and no clipping the rule is element-wise.
 
 Hyperparameters (the package's names and defaults; Transformers' ``grokadamw`` passes ``lr``,
 ``weight_decay`` and ``alpha_init``, ``lamb``, ``gamma``, ``grokking_signal_decay_rate``,
