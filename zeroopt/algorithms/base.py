@@ -167,16 +167,18 @@ class UpdateRule:
             ``reference_step`` instead. Default empty.
         wraps: ``(optimizer) -> bool``: whether ``zeroopt.wrap`` builds this rule from that
             (not yet stepped) optimizer: its class, and the options that choose between rules
-            (torch.optim.Adam(decoupled_weight_decay=True) is ``"adamw"``). Default None:
-            wrap builds this rule from no optimizer.
+            (torch.optim.Adam(decoupled_weight_decay=True) is ``"adamw"``). The rules set it
+            (and ``from_torch_options``) from a ``sources.Sources`` of their classes. Default
+            None: wrap builds this rule from no optimizer.
         from_torch_options: ``(optimizer, defaults: dict, groups: list[dict]) -> None``: for
             ``zeroopt.wrap``: adjusts, in place, the defaults and param groups read from an
             optimizer ``wraps`` accepted (drops keys that only choose an implementation, such
             as lion_pytorch's ``use_triton``); raises ValueError for options the rule does not
             follow. Default None (taken as they are).
         transformers_names: HuggingFace Transformers ``optim`` strings this rule runs under
-            besides its registered names (``"adamw_torch_xla"``...): ``zeroopt.transformers``
-            runs them as ``name``. Default ().
+            besides its registered names, for a string that should not be a zeroopt name:
+            ``zeroopt.transformers`` runs them as ``name``. (The built-in rules register
+            Transformers' strings as names: ``"adamw_torch_xla"``...) Default ().
         transformers_arguments: ``(training_args) -> dict``: the hyperparameters Transformers'
             handler for this rule reads from ``TrainingArguments`` (``adam_beta1/2`` and
             ``adam_epsilon`` for the Adam family, ...); ``learning_rate`` and
