@@ -119,3 +119,23 @@ def test_one_groups_list_given_to_two_optimizers_keeps_each_names_preset():
     projected = len(list(model.parameters()))  # galore_param_groups puts them last
     codes = [state[i]["exp_avg"].dtype for i in range(projected - 2, projected)]
     assert codes == [torch.uint8, torch.uint8], codes
+
+
+def test_an_optimizer_that_failed_to_build_takes_nothing_over():
+    """A construction that raises (here an invalid lr) leaves the params with the optimizer
+    that held them: it still steps, and a later optimizer takes over from it as usual."""
+    import torch
+
+    import zeroopt
+
+    model = torch.nn.Linear(4, 3)
+    held = zeroopt.ZeroOptimizer(model.parameters(), "adamw", lr=1e-2)
+    with pytest.raises(ValueError, match="lr"):
+        zeroopt.ZeroOptimizer(model.parameters(), "adamw", lr=-1.0)
+    before = model.weight.detach().clone()
+    model(torch.randn(2, 4)).sum().backward()
+    held.step()
+    assert not torch.equal(model.weight, before)
+    zeroopt.ZeroOptimizer(model.parameters(), "adamw", lr=1e-2)
+    with pytest.raises(RuntimeError, match="has taken over"):
+        held.step()

@@ -150,7 +150,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         trainable = unfreezing.params_by_group(self.param_groups, lambda p: p.requires_grad)
         if not any(trainable):
             raise ValueError("ZeroOptimizer got no trainable params (all have requires_grad=False)")
-        ownership.take_over([p for group in trainable for _, p in group], self)
         self._frozen = unfreezing.FrozenAtBuild(self.param_groups)  # laid out once unfrozen
         self.device = next(p for group in trainable for _, p in group).device
         self.comm = collectives_for(self.device, process_group, backend, timeout)
@@ -182,6 +181,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._inputs: StepInputs | None = None  # agreed by clip_grad_norm_, reused by step()
         self.skipped_steps = 0
         self.last_step_skipped = False
+        # Only a fully built optimizer takes the params over (one that raised above leaves the
+        # older holder as it was).
+        ownership.take_over([p for group in trainable for _, p in group], self)
         self._constructed = True
 
     def add_param_group(self, param_group: dict) -> None:
