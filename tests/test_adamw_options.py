@@ -115,16 +115,25 @@ def test_checkpoint_reshards_3_to_2(tmp_path):
 # --- single process: the options' definitions, and what is refused -----------------------------
 
 
-def _named_lora():
+def _named_lora(b_scale: float = 0.0):
+    """The LoRA-shaped model; ``b_scale`` > 0 starts lora_B away from zero."""
     model, _ = scenarios.lora_models()
+    if b_scale:
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p) * b_scale)
     return model
 
 
-def test_alora_scales_each_row_of_the_first_update():
+@pytest.mark.parametrize("b_scale", [0.0, 0.5])
+def test_alora_scales_each_row_of_the_first_update(b_scale):
     """Adam's first step moves every element by lr (g / (|g| + eps)); with alora, row i of each
-    LoRA matrix by lr / sqrt(||row_i||^2 + 1/eta^2) times that (ALLoRA)."""
+    LoRA matrix by lr / sqrt(||row_i||^2 + 1/eta^2) times that (ALLoRA). LoRA's start (B = 0):
+    only B moves, by lr * eta; from B != 0 both matrices move, each row by its own scale."""
     eta, lr = 3.0, 1e-2
-    plain, scaled = _named_lora(), _named_lora()
+    plain, scaled = _named_lora(b_scale), _named_lora(b_scale)
     x = torch.randn(8, 37)
     moves = []
     for model, alora in ((plain, False), (scaled, True)):
@@ -135,14 +144,17 @@ def test_alora_scales_each_row_of_the_first_update():
         opt.step()
         moves.append({n: p.detach() - before[n] for n, p in model.named_parameters()
                       if n in before})
-    for name, p in _named_lora().named_parameters():
+    for name, p in _named_lora(b_scale).named_parameters():
         if not p.requires_grad:
             continue
+        assert (moves[0][name] != 0).any() == (b_scale > 0 or "lora_B" in name), name
         rows = p.detach().reshape(p.shape[0], -1)
         expected = (rows.square().sum(1, keepdim=True) + 1 / eta**2).rsqrt()
         got = moves[1][name].reshape(p.shape[0], -1)
         want = moves[0][name].reshape(p.shape[0], -1) * expected
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-9), name
+    if b_scale:
+        return
     # lora_B starts at zero: its rows step lr * eta (Adam's first step is lr * g / (|g| + eps))
     b = moves[1]["inp.lora_B.default.weight"]
     assert torch.allclose(b, moves[0]["inp.lora_B.default.weight"] * eta)
