@@ -7,7 +7,9 @@ All rules run one after another in one set of processes. For each rule:
 
 - *step*: ``opt.step()`` after backward (grad-norm all-reduce, the update, the param all-gather);
 - *update*: the part of it that is the rule's own work: the whole-param statistics phase
-  (LAMB/LARS norms, cautious counts) with its all-reduce, and the fused update;
+  (LAMB/LARS norms, cautious counts) with its all-reduce, and the fused update (for rules that
+  step whole matrices, CAME and AdaLomo, this rank's per-matrix steps; for LOMO, which steps
+  as each bucket's gradient is harvested, that update wherever it runs);
 - *update vs AdamW*: that, divided by AdamW's (torch's fused kernel) from the same run;
 - *stats all-reduce*: the one collective that carries every param's partial sums (2 x 48
   float64 for LAMB and LARS here), timed on its own.
@@ -37,6 +39,9 @@ RULES = [
     ("lion", {}), ("lamb", {}), ("lars", {}), ("adagrad", {}), ("rmsprop", {}),
     ("ademamix", {}), ("adamw", dict(cautious=True)), ("adamw", dict(adopt=True)),
     ("adamw", dict(grams=True)), ("lion", dict(cautious=True)),
+    ("schedule_free_adamw", {}), ("schedule_free_radam", dict(silent_sgd_phase=False)),
+    ("schedule_free_sgd", {}), ("stable_adamw", {}), ("grokadamw", {}),
+    ("adamw_anyprecision", {}), ("lomo", {}), ("adalomo", {}), ("came", {}),
 ]
 
 
@@ -68,13 +73,18 @@ def _bench_rule(name: str, options: dict, args) -> dict:
         return wrapper
 
     opt._whole_param_statistics = timed(opt._whole_param_statistics)
-    opt.rule = type(opt.rule)(**{**opt.rule.__dict__, "fused_step": timed(opt.rule.fused_step)})
+    # The rule's own work: its fused step, or its per-matrix step for rules that step whole
+    # matrices (CAME, AdaLomo).
+    rule = opt.rule.__dict__
+    opt.rule = opt.shard.rule = opt.shard.whole.rule = type(opt.rule)(**{
+        **rule, "fused_step": timed(rule["fused_step"]),
+        "tensor_step": rule["tensor_step"] and timed(rule["tensor_step"])})
     step_times, update_times = [], []
     for i in range(args.warmup + args.iters):
+        update_time[0] = 0.0  # rules that step during backward (LOMO) count that update too
         F.mse_loss(model(x), y).backward()
         opt.grads.finish()  # time the step, not the tail of backward's reduction
         dist.barrier()
-        update_time[0] = 0.0
         start = time.perf_counter()
         opt.step()
         if i >= args.warmup:
@@ -150,8 +160,10 @@ def main() -> None:
         "",
         "*step* is `opt.step()` after backward's reduction has finished (grad-norm all-reduce, "
         "update, param all-gather); *update* is the rule's own part of it (the statistics phase "
-        "with its all-reduce, and the fused update). AdamW and Adam use torch's fused kernel; "
-        "the others are multi-tensor (`torch._foreach_*`) code.",
+        "with its all-reduce, and the fused update; CAME and AdaLomo: this rank's per-matrix "
+        "steps, each matrix on the rank that owns it; LOMO: its update as each bucket is "
+        "harvested). AdamW and Adam use torch's fused kernel; the others are multi-tensor "
+        "(`torch._foreach_*`) code.",
     ]
     print("\n".join(lines))
     if args.out:
