@@ -230,15 +230,15 @@ def test_4bit_states_load_into_32bit_as_their_values(runs):
 
 
 def test_4bit_states_load_into_8bit(runs):
-    """Within 8-bit's own rounding: half a step of the dynamic map, under 1/80 of each block's
-    absmax for values that large; 2% of each state's largest value bounds it (observed
-    ~3e-3)."""
+    """Within 8-bit's own rounding: half the dynamic map's widest step (0.9 / 64 near 1), so
+    at most 0.0070 of the block's absmax, itself at most the state's largest value; tolerance
+    0.0075 of that (observed 0.0070: some value landed mid-step)."""
     saved = runs[3][0]["saved"]["state"]
     for r in runs[2]:
         assert r["resumed"]["kinds_8"] == ["32bit", "8bit"] and r["resumed"]["8bit_stepped"]
         for index, entry in saved.items():
             for name in ("exp_avg", "exp_avg_sq"):
-                assert rel(r["resumed"]["state_8"][index][name], entry[name]) <= 0.02
+                assert rel(r["resumed"]["state_8"][index][name], entry[name]) <= 0.0075
 
 
 # --- FusedOptimizer (DeepSpeed's partitions): unsharded, its states published live ------------

@@ -9,7 +9,8 @@ AdamW with 32-bit states, which shows how far 4-bit states move training at all.
 
 torchao steps each param through ``torch.compile(single_param_adam)``; compiling it costs ~35 s
 per param shape on these 2 cores, so it runs eagerly here (``torch.compile`` made the identity
-while it steps). Eager and compiled differ by fp32 ulps (measured: at most 1 ulp after 8 steps).
+while it steps). Eager and compiled differ by a few fp32 ulps (measured on a small MLP: at most
+3.7e-8 on params of order 0.1 after 8 steps, no code flipped).
 
 The model (``FourBitModel``, 45,471 params) has two weights of whole 128- and 256-element
 blocks and over 4096 elements (28,416 and 12,288: 4-bit in both), one over 4096 that is not
