@@ -40,6 +40,7 @@ from .shard import Shard
 from .states import kinds
 from .step_inputs import StepInputs, settle
 from .validation import check_group_keys, check_options, check_params, page_dir_problem
+from .whole_tensors import without_layerwise
 
 log = logging.getLogger("zeroopt")
 
@@ -295,10 +296,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """
         self._check_can_step("clip_grad_norm_()")
         if self.shard.whole.any_layerwise:
-            raise RuntimeError("clip_grad_norm_ with a layerwise optimizer: it steps each matrix "
+            raise RuntimeError("clip_grad_norm_ with a layerwise optimizer: it steps each param "
                                "during backward, before any global gradient norm exists (as "
-                               "Transformers' layerwise optimizers). Use the name without "
-                               "'_layerwise' to clip")
+                               "Transformers' layerwise optimizers). To clip, "
+                               f"{without_layerwise(self.rule)}")
         self._inputs = self._settle(float(norm_type))
         norm = self._inputs.norm
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)

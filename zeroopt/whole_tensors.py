@@ -37,6 +37,15 @@ def layerwise_by_construction(rule) -> bool:
     return rule.fixed.get("layerwise") is True
 
 
+def without_layerwise(rule) -> str:
+    """The way out for a user who needs what only a step after backward gives (a global
+    gradient norm to clip by, several reductions per step): the name without ``_layerwise``,
+    or, for a rule that always steps during backward, a plain statement that it has none."""
+    if layerwise_by_construction(rule):
+        return f"{rule.name} always steps during backward: it has no variant that does"
+    return "use the name without '_layerwise'"
+
+
 @dataclass(eq=False)
 class OwnedTensor:
     """A whole param this rank owns and steps, as views into the shard.
@@ -171,7 +180,7 @@ class WholeTensors:
             alternative = ""
             what = f"{self.rule.name} steps each param"
         else:
-            alternative = ", or use the name without '_layerwise'"
+            alternative = f", or {without_layerwise(self.rule)}"
             what = "it steps each matrix"
         return RuntimeError(
             f"a layerwise optimizer got a second reduced gradient before step(): {what} as "

@@ -29,6 +29,7 @@ import os
 import torch
 
 from ..optimizer import ZeroOptimizer
+from ..whole_tensors import without_layerwise
 from . import config as config_module
 from .config import ConfigError
 from .engine import attach
@@ -135,5 +136,5 @@ def _check_usable_in_deepspeed(opt: ZeroOptimizer, plan) -> None:
     if _clipping(plan) > 0 and opt.shard.whole.any_layerwise:
         raise ConfigError("gradient_clipping with a layerwise optimizer: it steps each matrix "
                           "during backward, before any global gradient norm exists. Set "
-                          '"gradient_clipping": 0 (DeepSpeed\'s default is 1.0), or use the name '
-                          "without '_layerwise'")
+                          '"gradient_clipping": 0 (DeepSpeed\'s default is 1.0); to clip, '
+                          f"{without_layerwise(opt.rule)}")

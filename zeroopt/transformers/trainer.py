@@ -47,7 +47,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..ddp_gradients import LocalGradients
 from ..optimizer import ZeroOptimizer
 from ..step_inputs import finish_norm, local_norm_part
-from ..whole_tensors import layerwise_by_construction
+from ..whole_tensors import layerwise_by_construction, without_layerwise
 from .arguments import create_optimizer
 
 log = logging.getLogger("zeroopt")
@@ -121,8 +121,8 @@ class ZeroTrainer(Trainer):
             raise ValueError(
                 f"{zero.rule.name} with layerwise=True steps each matrix during backward, before "
                 f"a global gradient norm exists, so it cannot clip: set max_grad_norm=0 in "
-                f"TrainingArguments (got {self.args.max_grad_norm}), or use the name without "
-                f"'_layerwise' to clip")
+                f"TrainingArguments (got {self.args.max_grad_norm}); to clip, "
+                f"{without_layerwise(zero.rule)}")
         check_params_are_views(zero)
         return self.optimizer
 
