@@ -33,7 +33,7 @@ def test_unknown_hyperparameter_suggests_the_closest_name():
                                         - set(zeroopt.available_optimizers())))
 def test_an_optimizer_zeroopt_has_no_rule_for_says_where_it_lives(name):
     """Not "Did you mean" a registered name spelt alike ("adan" -> "adam", "muon" -> "lion",
-    "adamw_torch_4bit" -> "adamw_torch_8bit" are other optimizers)."""
+    "radam" -> "adam" are other optimizers)."""
     with pytest.raises(ValueError) as caught:
         zeroopt.ZeroOptimizer(model().parameters(), name)
     message = str(caught.value)

@@ -94,7 +94,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             before ``zeroopt.comm.CollectiveTimeout``. Default None (the process group's own).
         **hyperparameters: the rule's, with torch.optim's names and defaults (``lr``,
             ``betas``, ``weight_decay``...), and every rule's ``state_precision`` ("32bit",
-            "bf16", "8bit"), ``min_8bit_size`` (4096) and ``paged`` (False). Per group too.
+            "bf16", "8bit", "4bit"), ``min_8bit_size`` (4096), ``block_size`` (None: 256 for
+            8-bit, 128 for 4-bit) and ``paged`` (False). Per group too.
 
     Raises:
         ValueError: an unknown optimizer name, an invalid hyperparameter or option, no

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 # Hyperparameters that decided the layout when the optimizer was built; a loaded state is
 # converted to them (8-bit <-> 32-bit), never the other way.
-_LAYOUT_OPTIONS = ("state_precision", "min_8bit_size", "paged")
+_LAYOUT_OPTIONS = ("state_precision", "min_8bit_size", "paged", "block_size")
 
 
 def _gather_full(opt: ZeroOptimizer, tensor: torch.Tensor, buffer, per: int = 1) -> torch.Tensor:
@@ -99,10 +99,10 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
     """Load a state dict into ``opt`` (what ``ZeroOptimizer.load_state_dict()`` does).
 
     It takes what ``gather_state_dict`` returned, at any world size, bucket size or state
-    precision (each state is converted into the form this optimizer keeps:
-    ``states/encoding.py``), or a torch.optim optimizer's state dict (converted by
-    ``torch_interop.from_torch``). The saved groups' hyperparameters are taken, except the
-    layout's options (``state_precision``, ``min_8bit_size``, ``paged``), which stay as
+    precision (each state is converted into the form this optimizer keeps: ``encoding.py``),
+    or a torch.optim optimizer's state dict (converted by ``torch_interop.from_torch``). The
+    saved groups' hyperparameters are taken, except the layout's options
+    (``state_precision``, ``min_8bit_size``, ``paged``, ``block_size``), which stay as
     constructed. As in torch.optim, a param the dict has no state for starts afresh (zero
     states, step 0). Each rank reads the pieces it owns from the dict, so every rank is
     given the whole dict.

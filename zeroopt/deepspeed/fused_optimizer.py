@@ -64,7 +64,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         page_dir: the directory of the memory-mapped files of paged CPU states (default
             None: the system's temporary directory).
         **hyperparameters: the rule's hyperparameters (overriding its defaults and the
-            name's preset), and ``state_precision``, ``min_8bit_size``, ``paged``.
+            name's preset), and ``state_precision`` ("32bit", "bf16", "8bit", "4bit"),
+            ``min_8bit_size``, ``block_size``, ``paged``.
 
     Raises:
         ValueError: an unknown name, a bad ``window_numel``, an invalid hyperparameter, or a
