@@ -247,3 +247,28 @@ def test_spd_and_tam_change_the_update():
                                     weight_decay=0.5)):
         other = run(**{"weight_decay": 0.0, **hp})
         assert (other - plain).abs().max() > 1e-4, hp
+
+
+def test_adamw_8bit_and_bf16_params():
+    """adamw_8bit (state_precision="8bit") with an option steps whole, moments 8-bit; a bf16
+    model steps its fp32 masters on the flat path."""
+    from training import batch, loss_of
+
+    model, _ = models()
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw_8bit", tam=True, min_8bit_size=0)
+    assert opt.rule.whole_tensors(opt.param_groups[0])
+    loss_of(model, *batch(0, 0)).backward()
+    opt.step()
+    state = opt.state_dict()["state"][1]
+    assert state["exp_avg"].dtype == torch.uint8 and state["tam_s"].dtype == torch.float32
+    model, _ = models(torch.bfloat16)
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw", spd=True, cautious=True,
+                                weight_decay=0.5)
+    assert opt.rule.per_tensor(opt.param_groups[0])
+    for t in range(3):
+        loss_of(model, *batch(t, 0)).backward()
+        opt.step()
+        opt.zero_grad()
+    state = opt.state_dict()["state"][1]
+    assert state["initial_param"].dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())

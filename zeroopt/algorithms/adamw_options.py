@@ -15,20 +15,23 @@ stepped whole) is ``variants.reference_with_options``.
 - ``orthograd=True``: the gradient made orthogonal to the weight, per whole param (Prieto et
   al. 2025, "Grokking at the Edge of Numerical Stability", their orthograd.py):
   g <- g - (<x, g> / (<x, x> + 1e-30)) x, then rescaled to the gradient's norm,
-  ||g|| / (||g_perp|| + 1e-30), as the authors' orthograd.py and pytorch_optimizer.OrthoGrad do
-  (the paper's formula is the projection; its experiments ran that code). A gradient parallel
-  to the weight (||g_perp|| <= 4 eps_fp32 ||g||) becomes zero, as pytorch_optimizer's guard.
+  ||g|| / (||g_perp|| + 1e-30): the paper writes the projection, and the authors' orthograd.py
+  and pytorch_optimizer.OrthoGrad also rescale, so zeroopt does. A gradient parallel to the
+  weight (||g_perp|| <= 4 eps_fp32 ||g||: a 0-d param's always is) becomes zero, as in
+  pytorch_optimizer's guard (the authors' code would rescale its rounding noise).
 - ``agr=True``: Adaptive Gradient Regularization (Jiang et al. 2024, arXiv 2407.16944; the
   authors' AGR.py, AdamW_AGR.py): alpha = |g| / sum|g| over the whole param, g <- g - alpha g,
-  computed as g (sum|g| - |g|) / sum|g| (exactly 0 for a lone nonzero element, where the
-  authors' g - g |g| / sum|g| leaves rounding noise that Adam would scale up to full steps; a
-  zero gradient stays zero).
+  computed as g (sum|g| - |g|) / sum|g|: a lone nonzero element (a 0-d param) gets exactly 0,
+  as AGR.py's g - g (|g| / sum|g|) gives it (the form g - (g |g|) / sum|g| leaves rounding
+  noise that Adam scales up to full steps); a zero gradient stays zero.
 - ``tam=True``: Torque-Aware Momentum (Malviya et al. 2024, arXiv 2412.18790): s <- gamma s +
-  (1 - gamma) cos(m, g) with cos the cosine of the whole previous momentum and gradient (0 where
-  one is zero, as F.normalize), gamma = ``tam_decay_rate``; the gradient's weight in the first
-  moment is damped by d = (1 + s) / 2 + eps: m <- b1 m + (1 - b1) d g (Adam's EMA and bias
-  correction kept; v is undamped). s (state ``tam_s``) is one number per param, stored in every
-  element. pytorch_optimizer's TAM/AdaTAM differ: their s is element-wise (F.normalize along
+  (1 - gamma) cos(m, g) with cos the cosine of the whole previous momentum and the gradient the
+  moments see (after agr and orthograd, with adam's L2 term; 0 where one is zero, as
+  F.normalize), gamma = ``tam_decay_rate`` (0.9, pytorch_optimizer's decay_rate); the
+  gradient's weight in the first moment is damped by d = (1 + s) / 2 + eps:
+  m <- b1 m + (1 - b1) d g (Adam's EMA and bias correction kept; v is undamped; the paper's
+  TAM is m <- b m + (d + eps) g on SGD). s (state ``tam_s``) is one number per param, stored in
+  every element (as pytorch_optimizer's s, a full tensor). pytorch_optimizer's TAM/AdaTAM differ: their s is element-wise (F.normalize along
   dim 0, multiplied element by element, never summed into a cosine), and AdaTAM drops Adam's
   (1 - b1) and bias corrections; zeroopt follows the paper's per-tensor cosine.
 - ``alora=True``: ALLoRA's adaptive learning rate (Huang & Balestriero 2024, "ALLoRA: Adaptive
@@ -40,8 +43,11 @@ stepped whole) is ``variants.reference_with_options``.
   ``...lora_A.<adapter>.weight``, ``...lora_embedding_A.<adapter>``: pass
   ``model.named_parameters()``), each with its partner: the name with ``lora_A`` swapped for
   ``lora_B`` (or back) in the same group. No pair, a nameless or a non-LoRA trainable param:
-  ValueError. (Automagic_AdamS, which cites ALLoRA, takes the unsquared row norm once at the
-  first step; zeroopt takes the current rows' norm, "inversely proportional to the l2 norm".)
+  ValueError. Each LoRA matrix is stepped whole, on one rank (a flat piece does not know its
+  rows). The row form and ``alora_eta=2.0`` are those of Automagic_AdamS (an sd-scripts
+  optimizer citing ALLoRA), which takes 1 / sqrt(||x_i|| + 1/eta^2) once, at the first step;
+  zeroopt squares the norm and takes the current rows, so the coefficient is inversely
+  proportional to the rows' l2 norm, as ALLoRA's abstract states.
 - ``dynamic_weight_decay=True``: the decay in effect (AdamW's, Adam's L2, SPD's lambda) times 1
   up to ``wd_transition_steps`` steps of the param, then max(``wd_min_ratio``,
   ``wd_decay_factor`` ** ((t - T) / T)). No paper: the schedule of HinaAdamW's option of the
