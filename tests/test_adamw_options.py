@@ -206,6 +206,7 @@ def test_dynamic_weight_decay_schedule():
 
 @pytest.mark.parametrize("hp,match", [
     (dict(tam=True, paged=True), "paged=True"),
+    (dict(tam=True, state_precision="4bit"), "state_precision='4bit' with these options"),
     (dict(tam="yes"), "tam must be True or False"),
     (dict(tam_decay_rate=1.0), "tam_decay_rate"),
     (dict(alora_eta=0.0), "alora_eta"),

@@ -155,8 +155,8 @@ def validate(group: dict) -> None:
     stepped whole (whole_tensors.py reads it).
 
     Raises:
-        ValueError: a bad value, paged states with a statistics option, alora without LoRA
-            pairs.
+        ValueError: a bad value, paged states with a statistics option, 4-bit states with
+            params stepped whole, alora without LoRA pairs.
     """
     for name in OPTIONS:
         if not isinstance(group[name], bool):
@@ -180,6 +180,10 @@ def validate(group: dict) -> None:
     if group["alora"]:
         check_lora_pairs(group)
     if whole(group):
+        if group.get("state_precision") not in (None, "32bit", "bf16", "8bit"):
+            raise ValueError(f"state_precision={group['state_precision']!r} with these "
+                             f"options: their params are stepped whole, with per-tensor states "
+                             f"kept in '32bit', 'bf16' or '8bit'")
         if group.setdefault("layerwise", False) is not False:
             raise ValueError("adam/adamw have no layerwise mode: use layerwise=False")
 
