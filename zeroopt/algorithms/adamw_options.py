@@ -322,7 +322,7 @@ def _projection_sums(group: dict, shard: ShardTensors, t: int, decoupled: bool) 
 def fused_step(group: dict, shard: ShardTensors, step: torch.Tensor, stats: torch.Tensor,
                decoupled: bool) -> None:
     """Phase 2 for groups with whole-param statistics and an option of this module on."""
-    t = int(step.item())
+    t, stats = int(step.item()), stats.cpu()  # per-param scalars: worked out on the host
     if _on(group, TRANSFORMS):
         return _transform_step(group, shard, t, stats, decoupled)
     return _projection_step(group, shard, t, stats)
