@@ -42,6 +42,8 @@ RULES = [
     ("schedule_free_adamw", {}), ("schedule_free_radam", dict(silent_sgd_phase=False)),
     ("schedule_free_sgd", {}), ("stable_adamw", {}), ("grokadamw", {}),
     ("adamw_anyprecision", {}), ("lomo", {}), ("adalomo", {}), ("came", {}),
+    ("adamw", dict(agr=True, orthograd=True, tam=True)), ("adamw", dict(spd=True)),
+    ("adamw", dict(dynamic_weight_decay=True)),
 ]
 
 
