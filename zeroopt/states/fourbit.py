@@ -55,6 +55,12 @@ def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def check_block(numel: int, block: int) -> None:
+    """Check that ``numel`` elements cut into whole blocks of ``block`` (an even number: two
+    4-bit codes per byte).
+
+    Raises:
+        ValueError: ``block`` is odd or below 2, or does not divide ``numel``.
+    """
     if block < 2 or block % 2 or numel % block:
         raise ValueError(f"4-bit blockwise quantization needs an even block size that divides "
                          f"the length: {numel} elements in blocks of {block}")
