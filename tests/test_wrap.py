@@ -53,6 +53,9 @@ FAMILIES = {  # bitsandbytes family -> (rule, hyperparameters, tolerance of the 
 # the kernel reads two): their counterpart is AdEMAMix(optim_bits=32), paged or not.
 STEPS_AS = {"AdEMAMix32bit": ("AdEMAMix", {}), "PagedAdEMAMix32bit": ("PagedAdEMAMix", {})}
 
+# Hyperparameters exact in fp32, as tests/ranks/state_4bit.py's DYADIC_HP.
+TORCHAO_HP = dict(lr=2.0**-7, weight_decay=0.125, betas=(0.5, 0.75))
+
 # Not bitsandbytes: (class, hyperparameters, rule, tolerance). torch.optim's fused and
 # foreach kernels round differently from zeroopt's: observed <= 4.1e-7.
 OTHERS = [
@@ -87,7 +90,56 @@ OTHERS = [
     ("pytorch_optimizer.AdEMAMix", dict(lr=1e-2, alpha=4.0, t_alpha_beta3=4), "ademamix",
      1e-5),
     ("pytorch_optimizer.Grams", dict(lr=1e-2, weight_decay=0.1), "adamw", 1e-6),  # 4.5e-7
+    # optimi's rms is an fp32 mean, zeroopt's fp64 (its docstring): observed 2.2e-7
+    ("optimi.StableAdamW", dict(lr=1e-2, betas=(0.85, 0.95), weight_decay=0.1, eps=1e-7),
+     "stable_adamw", 1e-6),
+    ("optimi.StableAdamW", dict(lr=1e-2, weight_decay=1e-3, decouple_lr=True, foreach=False),
+     "stable_adamw", 1e-6),
+    # its eps (1e-8, not zeroopt's 1e-6) lets g^2 / v grow where v is tiny, and its fp32 rms
+    # mean then rounds further from zeroopt's fp64 one: observed 1.3e-6 (optimi's at eps 1e-8:
+    # 9.3e-7; the two packages 3.6e-7 apart)
+    ("pytorch_optimizer.StableAdamW", dict(lr=1e-2, betas=(0.85, 0.95), weight_decay=0.1),
+     "stable_adamw", 2e-6),
+    # clip_threshold and eps1/eps2 live on the instance there; the rule's step is the
+    # package's, bit for bit (as grokadamw's and schedulefree's below)
+    ("pytorch_optimizer.CAME", dict(lr=1e-2, weight_decay=0.1, clip_threshold=0.5,
+                                    eps1=1e-20), "came", 0.0),
+    ("pytorch_optimizer.CAME", dict(lr=1e-2, betas=(0.8, 0.9, 0.99), ams_bound=True,
+                                    maximize=True, weight_decay=0.1, fixed_decay=True),
+     "came", 0.0),
+    # per-position beta1 and per-param clipping (4 params)
+    ("grokadamw.GrokAdamW", dict(lr=1e-2, weight_decay=0.1, gamma=0.2, gradient_clipping=0.5,
+                                 lamb=1.5, alpha_init=0.9), "grokadamw", 0.0),
+    ("grokadamw.GrokAdamW", {}, "grokadamw", 0.0),
+    # schedulefree's classes start in eval mode: train() first (SETUP)
+    ("schedulefree.AdamWScheduleFree", dict(lr=1e-2, betas=(0.85, 0.99), weight_decay=0.1,
+                                            warmup_steps=2, r=1.0), "schedule_free_adamw", 0.0),
+    # beta2 0.8: 4 steps of SGD (rho_t <= 4), then a rectified one
+    ("schedulefree.RAdamScheduleFree", dict(lr=1e-2, betas=(0.9, 0.8), weight_decay=0.1,
+                                            silent_sgd_phase=False), "schedule_free_radam", 0.0),
+    ("schedulefree.RAdamScheduleFree", dict(lr=1e-2, betas=(0.9, 0.8)), "schedule_free_radam",
+     0.0),
+    ("schedulefree.SGDScheduleFree", dict(lr=0.1, momentum=0.8, weight_decay=0.1,
+                                          warmup_steps=2, r=1.0), "schedule_free_sgd", 0.0),
+    # torchao's AdamW4bit, both weights (6,144 and 7,680 elements) 4-bit in blocks of 128 or
+    # 64, with hyperparameters exact in fp32 (torchao computes lr * wd and 1 - beta^t in fp32):
+    # test_state_4bit.py's tolerance, 1e-6 (observed 1.9e-7); 4-bit states move these params by
+    # more than 1e-2 of them (test_torchao_4bit_states_are_4bit)
+    ("torchao.optim.AdamW4bit", dict(TORCHAO_HP), "adamw", 1e-6),
+    ("torchao.optim.AdamW4bit", dict(TORCHAO_HP, block_size=64), "adamw", 1e-6),
 ]
+
+
+# What a class needs after construction before it steps: schedulefree's start in eval mode.
+SETUP = {f"schedulefree.{name}": lambda opt: opt.train()
+         for name in ("AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree")}
+
+
+def eager_torch_compile(monkeypatch, path: str) -> None:
+    """torchao steps each param through torch.compile, ~35 s a shape on these cores
+    (tests/ranks/state_4bit.py): run it eagerly (a few fp32 ulps from compiled)."""
+    if path.startswith("torchao."):
+        monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
 
 
 def _variants(family: str) -> list[str]:
@@ -133,15 +185,19 @@ def max_err(a, b) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
-def side_by_side(cls, hp: dict, steps=STEPS, reference=None):
-    """(wrapped optimizer, its model, the class's model) after ``steps`` steps each."""
+def side_by_side(cls, hp: dict, steps=STEPS, reference=None, setup=None):
+    """(wrapped optimizer, its model, the class's model) after ``steps`` steps each;
+    ``setup(optimizer)`` readies the class's optimizer to step."""
     ours, theirs = mlp(), mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes: paged falls back to unpaged on CPU
         wrapped = zeroopt.wrap(cls(ours.parameters(), **hp))
         ref_cls, ref_hp = reference or (cls, hp)
         train(ours, wrapped, steps)
-        train(theirs, ref_cls(theirs.parameters(), **ref_hp), steps)
+        its = ref_cls(theirs.parameters(), **ref_hp)
+        if setup is not None:
+            setup(its)
+        train(theirs, its, steps)
     return wrapped, ours, theirs
 
 
@@ -152,10 +208,26 @@ def state_options(group: dict) -> tuple:
 @pytest.mark.parametrize("path, hp, rule, tol", OTHERS,
                          ids=[f"{p.split('.')[0]}.{p.rpartition('.')[2]}-{i}"
                               for i, (p, *_) in enumerate(OTHERS)])
-def test_wrap_trains_as_the_class(path, hp, rule, tol):
-    wrapped, ours, theirs = side_by_side(_class(path), hp)
+def test_wrap_trains_as_the_class(path, hp, rule, tol, monkeypatch):
+    eager_torch_compile(monkeypatch, path)
+    wrapped, ours, theirs = side_by_side(_class(path), hp, setup=SETUP.get(path))
     assert wrapped.rule.name == rule
     assert rel_err(ours, theirs) <= tol
+
+
+@pytest.mark.parametrize("block", (128, 64))
+def test_torchao_4bit_states_are_4bit(block, monkeypatch):
+    """The wrap of AdamW4bit keeps 4-bit states in its blocks (whole-block params of 4096
+    elements or more), and 4-bit states move these params far more than the tolerance above
+    (else its case compares nothing 4-bit)."""
+    eager_torch_compile(monkeypatch, "torchao.")
+    hp = dict(TORCHAO_HP, block_size=block)
+    wrapped, ours, _ = side_by_side(_class("torchao.optim.AdamW4bit"), hp)
+    assert all((g["state_precision"], g["block_size"], g["min_8bit_size"]) == ("4bit", block, 4096)
+               for g in wrapped.param_groups)
+    full = mlp()
+    train(full, torch.optim.AdamW(full.parameters(), **TORCHAO_HP))
+    assert rel_err(ours, full) > 1e-2
 
 
 @pytest.mark.parametrize("name, hp, family", bnb_cases(),
@@ -249,6 +321,24 @@ REFUSED = [  # (class, hyperparameters, error, what the message says)
     ("torch.optim.Adafactor", {}, TypeError, r"torch's own Adafactor is another variant"),
     ("lion_pytorch.Lion", dict(decoupled_weight_decay=True), ValueError,
      r"decoupled_weight_decay"),
+    # optimi stores its groups in each param's state at construction for gradient release:
+    # not a step, and refused for what it is
+    ("optimi.StableAdamW", dict(lr=1e-3, gradient_release=True), ValueError,
+     r"StableAdamW\(gradient_release=True\): optimi steps each param inside backward"),
+    ("pytorch_optimizer.StableAdamW", dict(weight_decay=0.1, weight_decouple=False), ValueError,
+     r"StableAdamW\(weight_decouple=False\)"),
+    ("pytorch_optimizer.StableAdamW", dict(maximize=True), ValueError,
+     r"StableAdamW\(maximize=True\): this rule has no maximize"),
+    ("grokadamw.GrokAdamW", dict(grokking_signal_fns=[lambda: 0.5]), ValueError,
+     r"GrokAdamW\(grokking_signal_fns=.*\): each rank would call its own functions"),
+    ("torchao.optim.AdamW4bit", dict(amsgrad=True), ValueError,
+     r"AdamW4bit\(amsgrad=True\): torchao stores amsgrad's running maximum"),
+    ("torchao.optim.AdamW4bit", dict(bf16_stochastic_round=True), ValueError,
+     r"AdamW4bit\(bf16_stochastic_round=True\)"),
+    ("torchao.optim.AdamW4bit", dict(block_size=96), ValueError,
+     r"AdamW4bit\(block_size=96\): zeroopt's 4-bit blocks are even and divide 256"),
+    ("torchao.optim.AdamW8bit", {}, TypeError,
+     r"does not map torchao.optim.AdamW8bit: torchao's 8-bit states are not zeroopt's"),
 ]
 
 
@@ -258,6 +348,36 @@ REFUSED = [  # (class, hyperparameters, error, what the message says)
 def test_what_wrap_does_not_follow_is_refused_with_the_reason(path, hp, error, message):
     with pytest.raises(error, match=message):
         zeroopt.wrap(_class(path)(mlp().parameters(), **hp))
+
+
+def test_optimi_optimizer_accumulation_is_refused():
+    opt = _class("optimi.StableAdamW")(mlp().parameters(), lr=1e-3, gradient_release=True)
+    opt.optimizer_accumulation = True
+    opt.param_groups[0]["gradient_release"] = False  # the accumulation alone
+    with pytest.raises(ValueError, match=r"StableAdamW\(optimizer_accumulation=True\)"):
+        zeroopt.wrap(opt)
+
+
+def test_came_group_eps_the_package_ignores_is_refused():
+    model = mlp()
+    opt = _class("pytorch_optimizer.CAME")([
+        {"params": model[0].parameters()},
+        {"params": model[2].parameters(), "eps1": 1e-20}])
+    with pytest.raises(ValueError, match=r"CAME\(eps1=1e-20\): pytorch_optimizer's CAME "
+                                         r"steps every group with the constructor's eps1"):
+        zeroopt.wrap(opt)
+
+
+def test_a_stepped_optimizer_is_refused_where_it_keeps_its_states_elsewhere():
+    """grokadamw keeps its states in the param groups; optimi's gradient release stores its
+    groups in each param's state before any step (not a step: refused for what it is,
+    above); both once stepped are refused as stepped."""
+    for path, hp in (("grokadamw.GrokAdamW", {}), ("optimi.StableAdamW", dict(lr=1e-3))):
+        model = mlp()
+        opt = _class(path)(model.parameters(), **hp)
+        train(model, opt, steps=1)
+        with pytest.raises(ValueError, match="has not stepped yet"):
+            zeroopt.wrap(opt)
 
 
 def test_bitsandbytes_settings_zeroopt_cannot_honour_are_refused():
@@ -289,8 +409,10 @@ def test_the_message_for_a_class_it_does_not_map_lists_what_it_maps():
     message = str(caught.value)
     assert "cannot map torch.optim.nadam.NAdam: it maps torch.optim.{" in message
     for listed in ("RMSprop", "Adagrad", "bitsandbytes.optim.{", "PagedAdEMAMix8bit",
-                   "pytorch_optimizer.{Grams, Lion, AdEMAMix}", "lion_pytorch.Lion",
-                   "transformers.optimization.Adafactor"):
+                   "pytorch_optimizer.{Grams, Lion, AdEMAMix, StableAdamW, CAME}",
+                   "lion_pytorch.Lion", "transformers.optimization.Adafactor",
+                   "optimi.StableAdamW", "grokadamw.GrokAdamW", "torchao.optim.AdamW4bit",
+                   "schedulefree.{AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree}"):
         assert listed in message, listed
-    for refused in ("LAMB", "LARS", "ADOPT", "Lamb"):
+    for refused in ("LAMB", "LARS", "ADOPT", "Lamb", "AdamW8bit, torchao", "torchao.optim.{"):
         assert refused not in message.split("Build")[0], refused

@@ -50,6 +50,27 @@ def wrap(optimizer: torch.optim.Optimizer, *, stage: int = 1, process_group=None
       ``ADOPT`` (clips at step^0.25 one step later than the authors' ADOPT, which
       ``adopt=True`` follows, and decays on the step that only initialises v), ``Lamb``
       (never bias-corrects v), ``LARS`` (its trust ratio divides by ||g|| + wd ||w||).
+      Also ``StableAdamW`` (``"stable_adamw"``; no ``maximize`` there) and ``CAME``
+      (``"came"``: ``clip_threshold``, ``eps1``, ``eps2`` and ``maximize`` read from the
+      instance, where the package keeps them; a param group's own eps1/eps2, which it ignores,
+      refused).
+    - ``optimi.StableAdamW`` (``"stable_adamw"``; its ``beta1``/``beta2`` as ``betas``;
+      ``kahan_sum`` moot under fp32 masters). Refused: ``gradient_release=True`` (steps inside
+      backward; its per-param group entries are not taken for a step) and
+      ``optimizer_accumulation``.
+    - ``grokadamw.GrokAdamW`` (``"grokadamw"``; ``grokking_signal_fns`` refused: the groups'
+      ``train_loss``/``eval_loss`` give its default signal).
+    - schedulefree's ``AdamWScheduleFree``, ``RAdamScheduleFree``, ``SGDScheduleFree``
+      (``"schedule_free_adamw"``, ``"schedule_free_radam"``, ``"schedule_free_sgd"``): they start
+      in eval mode, the wrap in train mode (the same params before a step); call ``eval()`` and
+      ``train()`` on it as on them. Not mapped: their ``Closure``, ``Reference`` and ``Paper``
+      forms, and ``ScheduleFreeWrapper``.
+    - torchao: ``AdamW4bit`` (``"adamw"``, ``state_precision="4bit"`` with its ``block_size``
+      and torchao's 4096-element minimum; its tensor ``lr`` as a float). Refused:
+      ``bf16_stochastic_round``, ``amsgrad`` (its maximum on another 4-bit map), a
+      ``block_size`` that is odd or does not divide 256. ``AdamW8bit`` is refused: its 8-bit
+      states quantize only whole-block params and round midpoints otherwise than zeroopt's
+      (bitsandbytes') 8-bit format.
     - Not mapped: torch.optim.Adafactor (torch's own variant, not Transformers'), and every
       other class.
 
@@ -88,13 +109,21 @@ def wrap(optimizer: torch.optim.Optimizer, *, stage: int = 1, process_group=None
 
 
 def _has_stepped(optimizer) -> bool:
-    """Whether ``optimizer`` has state from a step: any state of a param, but the step-0 state
-    torch.optim.Adagrad makes in its constructor."""
+    """Whether ``optimizer`` has state from a step: a param's state with a step count other
+    than 0, or without one but holding a tensor. Not a step's: the step-0 state
+    torch.optim.Adagrad makes in its constructor, and optimi's ``{"group": ...}`` entries
+    (gradient release). A group's step count (pytorch-optimizer's) or states (grokadamw's,
+    kept in the group) are a step's too."""
     for state in optimizer.state.values():
-        step = state.get("step") if isinstance(state, dict) else None
-        if (step is None and state) or (step is not None and float(step) != 0):
+        if not isinstance(state, dict):
+            continue
+        step = state.get("step")
+        if step is not None:
+            if float(step) != 0:
+                return True
+        elif any(isinstance(value, torch.Tensor) for value in state.values()):
             return True
-    return any(group.get("step") for group in optimizer.param_groups)  # pytorch-optimizer's
+    return any(group.get("step") or group.get("state") for group in optimizer.param_groups)
 
 
 def _refuse_unknown(optimizer, rule: UpdateRule, defaults: dict, groups: list[dict]) -> None:

@@ -171,6 +171,9 @@ _ADAMW_SOURCES = sources.Sources(
         "step after its increment (the authors' ADOPT, which zeroopt's adopt=True follows, "
         "counts it before) and decays the weights on the first step, which only initialises "
         "v. Build ZeroOptimizer(params, 'adamw', adopt=True) for the authors' ADOPT")),
+    sources.Source("torchao.optim.AdamW4bit", options=sources.torchao_4bit_options,
+                   preset=sources.torchao_4bit_preset),
+    sources.Source("torchao.optim.AdamW8bit", refuse=sources.TORCHAO_8BIT_REFUSED),
 )
 _ADAM_SOURCES = sources.Sources(
     sources.Source(torch.optim.Adam, when=lambda optimizer: not _decoupled(optimizer)))

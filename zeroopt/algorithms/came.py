@@ -50,6 +50,7 @@ import math
 
 import torch
 
+from . import sources
 from .base import UpdateRule, check_betas, check_nonnegative, check_number
 
 _FLAGS = ("weight_decouple", "fixed_decay", "ams_bound", "maximize", "layerwise")
@@ -148,6 +149,30 @@ def _numel(shape: torch.Size) -> int:
 _MOMENTS = ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row",
             "exp_avg_res_col", "exp_avg_sq_hat")
 
+
+def _package_options(optimizer, group: dict) -> None:
+    """pytorch_optimizer.CAME reads eps1 and eps2 from the instance (its constructor's), not
+    from the param groups that also carry them: a group's own would be ignored there and
+    applied here, so it is refused."""
+    for name in ("eps1", "eps2"):
+        if name in group and group[name] != getattr(optimizer, name):
+            raise sources.cannot(
+                sources.class_path(optimizer), name, group[name],
+                f"pytorch_optimizer's CAME steps every group with the constructor's {name} "
+                f"({getattr(optimizer, name)!r}) and ignores a param group's; zeroopt's came "
+                f"would apply it. Leave it out of the param groups")
+    sources.drop(group, "foreach")
+
+
+def _package_preset(optimizer) -> dict:
+    """clip_threshold, eps1, eps2 and maximize: kept on the instance by the package."""
+    return dict(clip_threshold=optimizer.clip_threshold, eps1=optimizer.eps1,
+                eps2=optimizer.eps2, **sources.maximize_attribute(optimizer))
+
+
+_SOURCES = sources.Sources(sources.Source("pytorch_optimizer.CAME", options=_package_options,
+                                          preset=_package_preset))
+
 CAME = UpdateRule(
     name="came",
     defaults=dict(lr=2e-4, betas=(0.9, 0.999, 0.9999), weight_decay=0.0, weight_decouple=True,
@@ -163,4 +188,6 @@ CAME = UpdateRule(
     nonnegative_states=_MOMENTS,
     placement_cost=_numel,
     torch_class="pytorch_optimizer.CAME",
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
 )

@@ -67,6 +67,7 @@ import math
 
 import torch
 
+from . import sources
 from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative, check_number
 
 _SIGNAL_KEYS = ("train_loss", "eval_loss")
@@ -177,6 +178,19 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
     param.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
 
 
+def _package_options(optimizer, group: dict) -> None:
+    """The package's groups are the rule's hyperparameters; signal functions are refused."""
+    if group.get("grokking_signal_fns") is not None:
+        raise sources.cannot(
+            sources.class_path(optimizer), "grokking_signal_fns", group["grokking_signal_fns"],
+            "each rank would call its own functions, and rank-local values give the ranks "
+            "different updates of the same params (nor can a state dict hold them). Pass "
+            "grokking_signal_fns=None and set the groups' 'train_loss' and 'eval_loss' (the "
+            "same on every rank) for GrokAdamW's default signal")
+
+
+_SOURCES = sources.Sources(sources.Source("grokadamw.GrokAdamW", options=_package_options))
+
 GROKADAMW = UpdateRule(
     name="grokadamw",
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, alpha_init=0.98,
@@ -192,4 +206,6 @@ GROKADAMW = UpdateRule(
     fixed={"grokking_signal_fns": None},
     group_keys=_SIGNAL_KEYS,
     torch_class="grokadamw.GrokAdamW",
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
 )

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from . import sources
 from .base import ShardTensors, UpdateRule, adam_arguments, check_betas, check_nonnegative
 
 # The group's bookkeeping (as the package keeps it there): the step count, the largest lr so
@@ -162,6 +163,8 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
 
 
 _TO_EVAL, _TO_TRAIN = mode_switches(lambda group: group["betas"][0])
+# zeroopt.wrap: the package's class (it starts in eval mode, this rule in train mode)
+_SOURCES = sources.Sources(sources.schedulefree("AdamWScheduleFree"))
 
 SCHEDULE_FREE_ADAMW = UpdateRule(
     name="schedule_free_adamw",
@@ -180,4 +183,6 @@ SCHEDULE_FREE_ADAMW = UpdateRule(
     transformers_arguments=lambda args: dict(
         adam_arguments(args), warmup_steps=warmup_steps_argument(args, "schedule_free_adamw")),
     transformers_optim_args=TRANSFORMERS_OPTIM_ARGS,
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
 )

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from . import sources
 from .base import ShardTensors, UpdateRule, adam_arguments, check_betas, check_nonnegative
 from .schedule_free import (BOOKKEEPING, TRANSFORMERS_OPTIM_ARGS, adam_normalise_, advance,
                             check_foreach, check_schedule, mode_switches, reference_y_and_z,
@@ -92,6 +93,8 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
 
 
 _TO_EVAL, _TO_TRAIN = mode_switches(lambda group: group["betas"][0])
+# zeroopt.wrap: the package's class (it starts in eval mode, this rule in train mode)
+_SOURCES = sources.Sources(sources.schedulefree("RAdamScheduleFree"))
 
 SCHEDULE_FREE_RADAM = UpdateRule(
     name="schedule_free_radam",
@@ -109,4 +112,6 @@ SCHEDULE_FREE_RADAM = UpdateRule(
     to_train=_TO_TRAIN,
     transformers_arguments=adam_arguments,  # no warmup_steps, as Transformers' handler
     transformers_optim_args=TRANSFORMERS_OPTIM_ARGS,
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
 )

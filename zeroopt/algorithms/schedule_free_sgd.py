@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from . import sources
 from .base import ShardTensors, UpdateRule, check_nonnegative, check_number
 from .schedule_free import (BOOKKEEPING, TRANSFORMERS_OPTIM_ARGS, advance, check_foreach,
                             check_schedule, mode_switches, reference_y_and_z, step_y_and_z,
@@ -50,6 +51,8 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
 
 
 _TO_EVAL, _TO_TRAIN = mode_switches(lambda group: group["momentum"])
+# zeroopt.wrap: the package's class (it starts in eval mode, this rule in train mode)
+_SOURCES = sources.Sources(sources.schedulefree("SGDScheduleFree"))
 
 SCHEDULE_FREE_SGD = UpdateRule(
     name="schedule_free_sgd",
@@ -69,4 +72,6 @@ SCHEDULE_FREE_SGD = UpdateRule(
     transformers_arguments=lambda args: dict(
         warmup_steps=warmup_steps_argument(args, "schedule_free_sgd")),
     transformers_optim_args=TRANSFORMERS_OPTIM_ARGS,
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
 )

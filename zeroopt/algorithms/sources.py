@@ -260,3 +260,87 @@ def unpack_betas(rule: str, first: str, second: str, second_off) -> Callable[[An
         group[first] = value
 
     return options
+
+
+# --- torch-optimi ------------------------------------------------------------------------------
+
+
+def optimi_options(optimizer, group: dict) -> None:
+    """torch-optimi's options: ``beta1``/``beta2`` (kept apart in its groups) packed into
+    ``betas``; ``foreach``, ``triton`` and its ``setup`` flag only pick an implementation;
+    ``gradient_release`` (each param stepped inside backward, by hooks) refused."""
+    if group.get("gradient_release"):
+        raise cannot(class_path(optimizer), "gradient_release", True,
+                     "optimi steps each param inside backward, through register_gradient_"
+                     "release's hooks; zeroopt steps its shards in step(), after the gradients "
+                     "are reduced: pass gradient_release=False")
+    if "beta1" in group or "beta2" in group:
+        group["betas"] = (group.pop("beta1"), group.pop("beta2"))
+    drop(group, "gradient_release", "foreach", "triton", "setup")
+
+
+def optimi_preset(optimizer) -> dict:
+    """Refuses optimi's ``optimizer_accumulation`` (gradients accumulated into the states
+    during gradient release instead of a step)."""
+    if getattr(optimizer, "optimizer_accumulation", False):
+        raise cannot(class_path(optimizer), "optimizer_accumulation", True,
+                     "it accumulates gradients into the states during gradient release; "
+                     "zeroopt has no gradient release: accumulate in the gradients (no_sync)")
+    return {}
+
+
+# --- schedulefree ------------------------------------------------------------------------------
+
+
+def schedulefree(name: str) -> Source:
+    """facebookresearch/schedule_free's ``schedulefree.<name>``: its groups as they are but
+    ``train_mode``. Its classes start in eval mode and zeroopt's in train mode; an optimizer
+    that has not stepped has no z yet, so its params are both y and x and the mode moves
+    nothing: the wrapped one starts in train mode (call ``eval()`` on it as on the package's)."""
+    def options(optimizer, group: dict) -> None:
+        if "train_mode" in group:
+            group["train_mode"] = True
+
+    return Source(f"schedulefree.{name}", options=options)
+
+
+# --- torchao -----------------------------------------------------------------------------------
+
+
+def torchao_4bit_options(optimizer, group: dict) -> None:
+    """torchao's ``AdamW4bit``: its groups' ``lr`` is an fp32 tensor (as a float, the value it
+    steps with); ``amsgrad`` refused (torchao keeps its running maximum on the unsigned 4-bit
+    map, zeroopt on the signed one)."""
+    if isinstance(group.get("lr"), torch.Tensor):
+        group["lr"] = group["lr"].item()
+    if group.get("amsgrad"):
+        raise cannot(class_path(optimizer), "amsgrad", True,
+                     "torchao stores amsgrad's running maximum on its unsigned 4-bit map, "
+                     "zeroopt on the signed one, so the two runs differ; build "
+                     "ZeroOptimizer(params, 'adamw', amsgrad=True, state_precision='4bit') for "
+                     "zeroopt's")
+
+
+def torchao_4bit_preset(optimizer) -> dict:
+    """4-bit states in the instance's ``block_size``, for params of at least 4096 elements (as
+    torchao picks them: only whole blocks, as zeroopt too); ``bf16_stochastic_round``
+    refused."""
+    cls = class_path(optimizer)
+    if optimizer.bf16_stochastic_round:
+        raise cannot(cls, "bf16_stochastic_round", True,
+                     "zeroopt rounds bf16 params to nearest from their fp32 masters")
+    block = optimizer.block_size
+    if not isinstance(block, int) or block < 2 or block % 2 or 256 % block:
+        raise cannot(cls, "block_size", block,
+                     "zeroopt's 4-bit blocks are even and divide 256 (so no block straddles "
+                     "two ranks): 2, 4, ..., 128 (torchao's default) or 256")
+    return dict(state_precision="4bit", block_size=block, min_8bit_size=4096)
+
+
+TORCHAO_8BIT_REFUSED = (
+    "torchao's 8-bit states are not zeroopt's: it quantizes only params whose size is a whole "
+    "number of its blocks (zeroopt's 8-bit, bitsandbytes' format, every param of at least "
+    "min_8bit_size elements), and it picks the code above a midpoint by an fp32 comparison "
+    "(zeroopt the lower at a tie), so the states take other codes and the runs part. Build "
+    "ZeroOptimizer(params, 'adamw', state_precision='8bit') for bitsandbytes' 8-bit format, "
+    "or wrap torchao.optim.AdamW4bit")

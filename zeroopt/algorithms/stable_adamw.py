@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import torch
 
+from . import sources
 from .base import (ShardTensors, UpdateRule, adam_arguments, check_betas, check_nonnegative,
                    check_number)
 
@@ -158,6 +159,16 @@ def _reference(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict
     param.addcdiv_(m, v.sqrt().add_(eps), value=-lr)
 
 
+# zeroopt.wrap: optimi's (betas kept as beta1/beta2; gradient_release refused) and
+# pytorch_optimizer's (decoupled decay only; no maximize here).
+_SOURCES = sources.Sources(
+    sources.Source("optimi.StableAdamW", options=sources.optimi_options,
+                   preset=sources.optimi_preset),
+    sources.Source("pytorch_optimizer.StableAdamW",
+                   options=sources.decoupled_decay("stable_adamw", fixed_decay=False),
+                   preset=sources.no_maximize),
+)
+
 STABLE_ADAMW = UpdateRule(
     name="stable_adamw",
     defaults=dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, decouple_lr=False,
@@ -173,5 +184,7 @@ STABLE_ADAMW = UpdateRule(
     nonnegative_states=("exp_avg_sq",),
     torch_class="optimi.StableAdamW",
     torch_defaults=dict(lr=1e-3),  # optimi has no default lr
+    wraps=_SOURCES,
+    from_torch_options=_SOURCES.from_torch_options,
     transformers_arguments=adam_arguments,
 )
