@@ -139,7 +139,7 @@ def test_nonfinite_gradient_skips_the_step_on_every_rank(results, stage):
                        "moved_after": True, "finite": True}
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_model_wrapped_in_ddp_is_not_averaged_twice(world_size):
     assert worst(suite_results(world_size, "gloo"), "ddp") < TOL
 

@@ -365,10 +365,19 @@ RULES = {
     "lion_cautious": dict(lr=1e-3, weight_decay=0.1, cautious=True),
     "schedule_free_adamw": dict(lr=1e-2, weight_decay=0.05, warmup_steps=3),
 }
+# Rules held to their reference packages, sharded at W = 1..3 with a resharded checkpoint, by a
+# suite of their own (the tests/ file named here): not run again below.
+OWN_SUITES = {
+    "schedule_free_radam": "test_schedule_free_rules.py",
+    "schedule_free_sgd": "test_schedule_free_rules.py",
+    "stable_adamw": "test_stable_grok.py", "grokadamw": "test_stable_grok.py",
+    "adamw_anyprecision": "test_anyprecision.py", "lomo": "test_lomo.py",
+}
 # Every other registered rule runs too, at its defaults (docs/ADDING_A_RULE.md); the rules that
-# step params whole (tensor_step) are held to their reference packages in ranks/whole_tensors.py.
+# step params whole (tensor_step) are held to their reference packages in ranks/whole_tensors.py
+# or their own suites.
 for _rule in zeroopt.algorithms.registered_rules():
-    if _rule.tensor_step is None:
+    if _rule.tensor_step is None and _rule.name not in OWN_SUITES:
         RULES.setdefault(_rule.name, {})
 
 
