@@ -21,6 +21,7 @@ from .lamb import LAMB
 from .lars import LARS
 from .lion import LION
 from .lomo import LOMO
+from .muon import MUON
 from .reference import ReferenceOptimizer
 from .rmsprop import RMSPROP
 from .schedule_free import SCHEDULE_FREE_ADAMW
@@ -101,6 +102,7 @@ _FIXED_LR = dict(scale_parameter=False, relative_step=False)
 register(ADAFACTOR, **_FIXED_LR)
 register_alias("galore_adafactor", ADAFACTOR, **_FIXED_LR)
 register(CAME)  # not a Transformers name: optim_args="optimizer=came"
+register(MUON)  # torch.optim.Muon: 2-D params only (biases, norms: another optimizer)
 for _name, _rule, _preset in (("galore_adamw", GALORE_ADAMW, {}),
                               ("galore_adamw_8bit", GALORE_ADAMW_8BIT, {}),
                               ("galore_adafactor", ADAFACTOR, _FIXED_LR),
@@ -164,7 +166,6 @@ def get_preset(name: str) -> tuple[UpdateRule, dict]:
 # name gets a plain "no rule" message, not a registered name that is merely spelt alike ("adan"
 # is not a misspelt "adam", nor "radam"). A name registered later wins over its entry here.
 ELSEWHERE = {
-    "muon": "Muon, in torch.optim and pytorch-optimizer",
     "soap": "SOAP, in pytorch-optimizer",
     "shampoo": "Shampoo, in pytorch-optimizer and Meta's distributed_shampoo",
     "adan": "Adan, in pytorch-optimizer",

@@ -1,0 +1,151 @@
+"""Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"), as
+torch.optim.Muon computes it (torch/optim/_muon.py, torch 2.13).
+
+Each 2-D weight's momentum is orthogonalized by a Newton-Schulz iteration before it is applied:
+
+    B <- lerp(B, g, 1 - mu)                        (B = mu B + (1 - mu) g: torch's code, an EMA)
+    U = lerp(g, B, mu)  with nesterov, else  U = B
+    O = NS(U)                                      (ns_steps quintic Newton-Schulz iterations)
+    x <- x (1 - lr wd)                             (decoupled weight decay, by the unadjusted lr)
+    x <- x - lr' O,   lr' = lr sqrt(max(1, A / B))        ("original", also adjust_lr_fn=None)
+                      lr' = lr 0.2 sqrt(max(A, B))        ("match_rms_adamw", Moonshot's)
+
+for a param of shape A x B. NS(U): X = U (transposed if A > B, so X is wide), in bfloat16;
+X <- X / max(||X||_F, eps); then ns_steps times, with (a, b, c) = ns_coefficients,
+G = X X^T, X <- a X + (b G + c G G) X; transposed back. The result is bfloat16 and is added to
+the fp32 param (type promotion), as torch does.
+
+The Newton-Schulz iteration needs the whole matrix, so every param of a muon group is stepped
+whole, on the one rank that owns it (``whole_tensors``), as GaLore and Adafactor are: each
+matrix is orthogonalized exactly once per step in the whole job, by its owner, and the updated
+params reach the other ranks with the usual all-gather. A step's work is the iteration's
+matrix products, ~ m n min(m, n) for an m x n matrix: that is its ``placement_cost``.
+
+Hyperparameters (names and defaults are torch.optim.Muon's):
+
+- ``lr`` (1e-3); ``weight_decay`` (0.1): decoupled, x <- x (1 - lr wd);
+- ``momentum`` (0.95): mu above; ``nesterov`` (True);
+- ``ns_coefficients`` ((3.4445, -4.7750, 2.0315)): a, b, c of the quintic iteration;
+  ``eps`` (1e-7): the floor of the Frobenius norm U is divided by; ``ns_steps`` (5, < 100);
+- ``adjust_lr_fn`` (None, which is "original"; or "match_rms_adamw"): lr' above;
+- ``layerwise`` (False): zeroopt's own (as Adafactor's and CAME's): step each matrix as soon as
+  its averaged gradient is reduced, during backward.
+
+State: ``momentum_buffer`` per param, fp32 in the param's shape (torch's name), kept by
+``tensor_step``'s state dict, so state dicts and checkpoints carry it.
+
+Dtype: torch.optim.Muon iterates in bfloat16 on every device, CPU included (``grad.bfloat16()``),
+and zeroopt does the same on CPU and GPU, so it computes what torch computes, bit for bit on the
+same gradient. The momentum buffer and the params stay fp32.
+
+Only 2-D params: torch.optim.Muon refuses others, and so does a muon param group, at
+construction. Embeddings, norms and biases belong in an AdamW optimizer or group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import UpdateRule, check_nonnegative, check_number
+
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+def _validate(group: dict) -> None:
+    check_nonnegative(group, "lr", "weight_decay", "momentum", "eps")
+    if not isinstance(group["nesterov"], bool):
+        raise ValueError(f"muon: nesterov must be True or False, got {group['nesterov']!r}")
+    coefficients = group["ns_coefficients"]
+    if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
+        raise ValueError(f"muon: ns_coefficients must be three numbers (a, b, c), got "
+                         f"{coefficients!r}")
+    for value in coefficients:
+        check_number(value, "ns_coefficients")
+    steps = group["ns_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 100:
+        raise ValueError(f"muon: ns_steps must be an int in [0, 100), got {steps!r}")
+    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(f"muon: adjust_lr_fn must be None, 'original' or 'match_rms_adamw', "
+                         f"got {group['adjust_lr_fn']!r}")
+    if not isinstance(group["layerwise"], bool):
+        raise ValueError(f"layerwise must be True or False, got {group['layerwise']!r}")
+    for param in group.get("params", ()):
+        if param.dim() != 2:
+            raise ValueError(
+                f"muon steps 2-D params (matrices) only, as torch.optim.Muon does; this group "
+                f"has a param of shape {tuple(param.shape)}. Put embeddings, norms and biases "
+                f"in an AdamW optimizer or param group of their own, and give muon only the "
+                f"hidden layers' 2-D weights")
+
+
+def zeropower_via_newtonschulz(update: torch.Tensor, ns_coefficients, ns_steps: int,
+                               eps: float) -> torch.Tensor:
+    """The orthogonalized ``update`` (a matrix): torch.optim.Muon's Newton-Schulz iteration, in
+    bfloat16, with torch's operations in its order. Returns a bfloat16 matrix of its shape."""
+    a, b, c = ns_coefficients
+    x = update.bfloat16()
+    tall = update.size(0) > update.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        gram_update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, gram_update, x, beta=a)
+    return x.T if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """The lr the orthogonalized update is applied with (torch.optim.Muon's ``_adjust_lr``)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    return lr * 0.2 * math.sqrt(max(rows, cols))  # "match_rms_adamw"
+
+
+def _step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
+    """One whole matrix's step (also the reference: torch.optim.Muon's per-tensor operations,
+    in its order)."""
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(grad)
+    momentum = group["momentum"]
+    buf = state["momentum_buffer"]
+    buf.lerp_(grad, 1 - momentum)
+    update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+    # looked up at call time: the tests count the orthogonalizations through this name
+    update = zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"],
+                                        group["eps"])
+    lr = group["lr"]
+    param.mul_(1 - lr * group["weight_decay"])
+    param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
+
+
+def _whole_only(group, shard, step, stats=None) -> None:
+    raise AssertionError("muon steps every param whole (tensor_step); no flat shard")
+
+
+def newton_schulz_cost(shape: torch.Size) -> int:
+    """A step's work on an m x n matrix: the iteration's products, ~ m n min(m, n)."""
+    if len(shape) != 2:  # refused at construction; a numel keeps the layout total sane
+        return int(torch.Size(shape).numel())
+    m, n = shape
+    return m * n * min(m, n)
+
+
+MUON = UpdateRule(
+    name="muon",
+    defaults=dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                  ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5,
+                  adjust_lr_fn=None, layerwise=False),
+    states=lambda group: (),
+    fused_step=_whole_only,
+    reference_step=_step,
+    validate=_validate,
+    whole_tensors=lambda group: True,
+    tensor_step=_step,
+    tensor_states_8bit=("momentum_buffer",),
+    placement_cost=newton_schulz_cost,
+    torch_class=torch.optim.Muon,
+)
