@@ -93,10 +93,12 @@ class _ThenAcrossReplicas:
         self.within, self.mine, self.replicas = within, mine, replicas
         self.done = False
 
-    def is_completed(self) -> bool:  # the node's part: wait() does the rest
+    def is_completed(self) -> bool:
+        """Whether the node's part is done (``wait()`` does the rest); see ``Handle``."""
         return self.done or self.within.is_completed()
 
     def wait(self) -> None:
+        """Wait for the node's part, then the rest across nodes; see ``Handle``."""
         if not self.done:
             self.within.wait()
             self.replicas.all_reduce(self.mine)

@@ -78,9 +78,11 @@ class _Request:
         self.timeout, self.what = timeout, what
 
     def is_completed(self) -> bool:
+        """Whether the MPI request has completed (``MPI.Request.Test``); see ``Handle``."""
         return bool(self.request.Test())
 
     def wait(self) -> None:
+        """Wait for the MPI request, within the timeout when one is set; see ``Handle``."""
         if self.timeout is None:
             self.request.Wait()
         else:

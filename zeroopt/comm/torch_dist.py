@@ -224,9 +224,11 @@ class _Timed:
         self.comm, self.work, self.what, self.testable = comm, work, what, testable
 
     def is_completed(self) -> bool:
+        """Whether the collective has completed (``Work.is_completed``); see ``Handle``."""
         return self.work.is_completed()
 
     def wait(self) -> None:
+        """Wait for the collective, within the optimizer's timeout; see ``Handle``."""
         self.comm._wait(self.work, self.what, testable=self.testable)
 
 
