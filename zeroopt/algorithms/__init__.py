@@ -102,11 +102,13 @@ _FIXED_LR = dict(scale_parameter=False, relative_step=False)
 register(ADAFACTOR, **_FIXED_LR)
 register_alias("galore_adafactor", ADAFACTOR, **_FIXED_LR)
 register(CAME)  # not a Transformers name: optim_args="optimizer=came"
-register(MUON)  # torch.optim.Muon: 2-D params only (biases, norms: another optimizer)
+register(MUON)  # torch.optim.Muon; groups with use_muon=False run torch.optim.AdamW
+register_alias("muon_8bit", MUON, state_precision="8bit")  # the momentum 8-bit blockwise
 for _name, _rule, _preset in (("galore_adamw", GALORE_ADAMW, {}),
                               ("galore_adamw_8bit", GALORE_ADAMW_8BIT, {}),
                               ("galore_adafactor", ADAFACTOR, _FIXED_LR),
-                              ("apollo_adamw", APOLLO_ADAMW, {})):
+                              ("apollo_adamw", APOLLO_ADAMW, {}),
+                              ("muon", MUON, {})):
     register_alias(f"{_name}_layerwise", _rule, layerwise=True, **_preset)
 # LOMO and AdaLomo (lomo-optim), as Transformers names them: layerwise by construction.
 register(LOMO)
