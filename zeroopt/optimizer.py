@@ -199,6 +199,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise RuntimeError("ZeroOptimizer cannot add a param group after construction: the "
                                "flat buffers are laid out once. Build a new ZeroOptimizer with "
                                "every group instead.")
+        if self.rule.group_defaults is not None:  # before torch.optim fills in its defaults
+            self.rule.group_defaults(param_group, self.defaults)
         super().add_param_group(param_group)
 
     # -- the training-loop API ------------------------------------------------------------

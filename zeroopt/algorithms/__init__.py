@@ -22,6 +22,7 @@ from .lars import LARS
 from .lion import LION
 from .lomo import LOMO
 from .muon import MUON
+from .normuon import NORMUON
 from .reference import ReferenceOptimizer
 from .rmsprop import RMSPROP
 from .schedule_free import SCHEDULE_FREE_ADAMW
@@ -104,6 +105,7 @@ register_alias("galore_adafactor", ADAFACTOR, **_FIXED_LR)
 register(CAME)  # not a Transformers name: optim_args="optimizer=came"
 register(MUON)  # torch.optim.Muon; groups with use_muon=False run torch.optim.AdamW
 register_alias("muon_8bit", MUON, state_precision="8bit")  # the momentum 8-bit blockwise
+register(NORMUON)  # pytorch_optimizer.NorMuon; use_muon=False groups run its AdamW
 for _name, _rule, _preset in (("galore_adamw", GALORE_ADAMW, {}),
                               ("galore_adamw_8bit", GALORE_ADAMW_8BIT, {}),
                               ("galore_adafactor", ADAFACTOR, _FIXED_LR),

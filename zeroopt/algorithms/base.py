@@ -147,6 +147,11 @@ class UpdateRule:
         group_keys: keys a param group may carry besides ``defaults`` (GaLore's ``rank``,
             ...): a group with any other key is refused at construction (validation.py), as a
             misspelt one would be. Default ().
+        group_defaults: ``(group, defaults: dict) -> None``: fills in, in place, values a
+            param group as the user gave it takes from elsewhere than the optimizer's
+            ``defaults`` (pytorch-optimizer's NorMuon: a group with ``use_muon=False`` takes
+            ``adamw_lr`` as its lr unless it sets one), before torch.optim fills the rest from
+            ``defaults``. Called once per group at construction. Default None.
         placement_cost: ``(shape: torch.Size) -> int``: the work of one step of a param of
             that shape stepped whole (``whole_tensors``), up to a constant: layout.py places
             such params so that the ranks' totals stay even. Default ``thin_svd_cost``.
@@ -234,6 +239,8 @@ class UpdateRule:
     # Keys a param group may carry besides ``defaults`` (GaLore's ``rank``, ...): a group with
     # any other key is refused at construction (validation.py), as a misspelt one would be.
     group_keys: tuple[str, ...] = ()
+    # (group as given, the optimizer's defaults) -> None: values it takes from elsewhere.
+    group_defaults: Callable[[dict, dict], None] | None = None
     # (shape) -> the work of stepping such a param whole, which layout.py spreads over ranks.
     placement_cost: Callable[[torch.Size], int] = thin_svd_cost
     # The class the rule mirrors (a torch.optim class, or a dotted path to another package's),

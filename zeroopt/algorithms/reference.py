@@ -23,6 +23,12 @@ class ReferenceOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self.rule.validate(group)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's, after the rule's ``group_defaults`` (``UpdateRule``)."""
+        if self.rule.group_defaults is not None:
+            self.rule.group_defaults(param_group, self.defaults)
+        super().add_param_group(param_group)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every param with a gradient, by the rule's ``reference_step``.
