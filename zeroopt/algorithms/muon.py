@@ -30,6 +30,8 @@ Hyperparameters (names and defaults are torch.optim.Muon's):
 - ``adjust_lr_fn`` (None, which is "original"; or "match_rms_adamw"): lr' above;
 - ``layerwise`` (False): zeroopt's own (as Adafactor's and CAME's): step each matrix as soon as
   its averaged gradient is reduced, during backward.
+- ``use_muon`` (True): a group's flag, False for AdamW's step (below); ``betas``
+  ((0.9, 0.999)): those AdamW groups' betas.
 
 State: ``momentum_buffer`` per param, fp32 in the param's shape (torch's name), kept by
 ``tensor_step``'s state dict, so state dicts and checkpoints carry it.
@@ -38,8 +40,19 @@ Dtype: torch.optim.Muon iterates in bfloat16 on every device, CPU included (``gr
 and zeroopt does the same on CPU and GPU, so it computes what torch computes, bit for bit on the
 same gradient. The momentum buffer and the params stay fp32.
 
-Only 2-D params: torch.optim.Muon refuses others, and so does a muon param group, at
-construction. Embeddings, norms and biases belong in an AdamW optimizer or group.
+Hybrid groups, as Muon is run in practice (Keller Jordan's ``MuonWithAuxAdam``, Moonlight): a
+group with ``use_muon=False`` runs torch.optim.AdamW's step on its params instead, element-wise
+over the flat shard, with the group's ``lr``, ``betas`` ((0.9, 0.999)), ``eps`` and
+``weight_decay``; states ``exp_avg`` and ``exp_avg_sq`` (torch.optim.AdamW's names). Such a
+group inherits the optimizer's values it does not set, as every torch param group does (so its
+eps is muon's 1e-7 unless set); ``zeroopt.muon_param_groups`` sets torch.optim.AdamW's eps.
+Embeddings, the output head, norms and biases go there.
+
+Params of a muon group (``use_muon=True``, the default) have two dimensions or more:
+torch.optim.Muon takes 2-D ones only; a convolution's weight (out, in, kh, kw) is stepped as its
+(out, in kh kw) matrix, as Keller Jordan's Muon flattens it, with lr' from that matrix's shape:
+exactly torch.optim.Muon's step on the flattened weight. A 1-D param there is refused at
+construction with the fix (``use_muon=False`` or ``zeroopt.muon_param_groups``).
 """
 
 from __future__ import annotations
@@ -48,13 +61,26 @@ import math
 
 import torch
 
-from .base import UpdateRule, check_nonnegative, check_number
+from . import adam
+from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative, check_number
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
 
+_ADAMW_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def uses_muon(group: dict) -> bool:
+    """Whether a group's params get Muon's step (else torch.optim.AdamW's)."""
+    return group["use_muon"]
+
+
 def _validate(group: dict) -> None:
+    if not isinstance(group["use_muon"], bool):
+        raise ValueError(f"muon: use_muon must be True (Muon's step) or False (AdamW's), got "
+                         f"{group['use_muon']!r}")
     check_nonnegative(group, "lr", "weight_decay", "momentum", "eps")
+    check_betas(group)
     if not isinstance(group["nesterov"], bool):
         raise ValueError(f"muon: nesterov must be True or False, got {group['nesterov']!r}")
     coefficients = group["ns_coefficients"]
@@ -71,13 +97,16 @@ def _validate(group: dict) -> None:
                          f"got {group['adjust_lr_fn']!r}")
     if not isinstance(group["layerwise"], bool):
         raise ValueError(f"layerwise must be True or False, got {group['layerwise']!r}")
+    if not uses_muon(group):
+        return
     for param in group.get("params", ()):
-        if param.dim() != 2:
+        if param.dim() < 2:
             raise ValueError(
-                f"muon steps 2-D params (matrices) only, as torch.optim.Muon does; this group "
-                f"has a param of shape {tuple(param.shape)}. Put embeddings, norms and biases "
-                f"in an AdamW optimizer or param group of their own, and give muon only the "
-                f"hidden layers' 2-D weights")
+                f"muon orthogonalizes matrices: a group with use_muon=True (the default) takes "
+                f"params of 2 or more dimensions, and this one has a param of shape "
+                f"{tuple(param.shape)}. Put biases, norms and embeddings in a group with "
+                f"use_muon=False (torch.optim.AdamW's step): zeroopt.muon_param_groups(model) "
+                f"builds both groups")
 
 
 def zeropower_via_newtonschulz(update: torch.Tensor, ns_coefficients, ns_steps: int,
@@ -97,17 +126,24 @@ def zeropower_via_newtonschulz(update: torch.Tensor, ns_coefficients, ns_steps: 
     return x.T if tall else x
 
 
+def matrix_shape(shape: torch.Size) -> tuple[int, int]:
+    """The matrix a param of ``shape`` is orthogonalized as: (shape[0], the rest flattened)."""
+    rows = shape[0]
+    return rows, (math.prod(shape) // rows if rows else 0)
+
+
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    """The lr the orthogonalized update is applied with (torch.optim.Muon's ``_adjust_lr``)."""
-    rows, cols = shape[:2]
+    """The lr the orthogonalized update is applied with (torch.optim.Muon's ``_adjust_lr``,
+    for the matrix ``matrix_shape(shape)``)."""
+    rows, cols = matrix_shape(shape)
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return lr * math.sqrt(max(1, rows / cols))
     return lr * 0.2 * math.sqrt(max(rows, cols))  # "match_rms_adamw"
 
 
-def _step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
-    """One whole matrix's step (also the reference: torch.optim.Muon's per-tensor operations,
-    in its order)."""
+def _muon_step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+    """One whole matrix's step: torch.optim.Muon's per-tensor operations, in its order (on the
+    flattened matrix for a param of more than two dimensions; the momentum keeps its shape)."""
     if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(grad)
     momentum = group["momentum"]
@@ -115,22 +151,35 @@ def _step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: 
     buf.lerp_(grad, 1 - momentum)
     update = grad.lerp(buf, momentum) if group["nesterov"] else buf
     # looked up at call time: the tests count the orthogonalizations through this name
-    update = zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"],
+    update = zeropower_via_newtonschulz(update.reshape(matrix_shape(param.shape)),
+                                        group["ns_coefficients"], group["ns_steps"],
                                         group["eps"])
     lr = group["lr"]
     param.mul_(1 - lr * group["weight_decay"])
-    param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
+    param.add_(update.reshape(param.shape),
+               alpha=-adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
 
 
-def _whole_only(group, shard, step, stats=None) -> None:
-    raise AssertionError("muon steps every param whole (tensor_step); no flat shard")
+def _step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
+    """One param's step, whole (also the reference): Muon's, or in a use_muon=False group
+    torch.optim.AdamW's."""
+    if uses_muon(group):
+        _muon_step(group, param, grad, state)
+    else:
+        adam.ADAMW.reference_step({**adam.ADAMW.defaults, **group}, param, grad, state, t)
+
+
+def _adamw_fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats=None) -> None:
+    """torch.optim.AdamW's step over the flat shard of a use_muon=False group."""
+    adam.ADAMW.fused_step({**adam.ADAMW.defaults, **group}, shard, step, stats)
 
 
 def newton_schulz_cost(shape: torch.Size) -> int:
-    """A step's work on an m x n matrix: the iteration's products, ~ m n min(m, n)."""
-    if len(shape) != 2:  # refused at construction; a numel keeps the layout total sane
+    """A step's work on a param: ~ m n min(m, n) for the m x n matrix it is orthogonalized as
+    (``matrix_shape``), the iteration's products; its element count for a 1-D (AdamW) one."""
+    if len(shape) < 2:
         return int(torch.Size(shape).numel())
-    m, n = shape
+    m, n = matrix_shape(shape)
     return m * n * min(m, n)
 
 
@@ -138,12 +187,13 @@ MUON = UpdateRule(
     name="muon",
     defaults=dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                   ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5,
-                  adjust_lr_fn=None, layerwise=False),
-    states=lambda group: (),
-    fused_step=_whole_only,
+                  adjust_lr_fn=None, layerwise=False, use_muon=True, betas=(0.9, 0.999)),
+    nonnegative_states=("exp_avg_sq",),
+    states=lambda group: () if uses_muon(group) else _ADAMW_STATES,
+    fused_step=_adamw_fused,
     reference_step=_step,
     validate=_validate,
-    whole_tensors=lambda group: True,
+    whole_tensors=uses_muon,
     tensor_step=_step,
     tensor_states_8bit=("momentum_buffer",),
     placement_cost=newton_schulz_cost,
