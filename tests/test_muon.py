@@ -69,6 +69,11 @@ def test_params_that_are_not_matrices_are_refused_with_the_fix():
     zeroopt.ZeroOptimizer(weights, "muon")  # matrices alone are fine
     zeroopt.ZeroOptimizer([torch.nn.Parameter(torch.zeros(2, 3, 4))], "muon")  # a conv's too
     zeroopt.ZeroOptimizer(zeroopt.muon_param_groups(model), "muon")
+    norms = [p for p in model.parameters() if p.dim() == 1]
+    opt = zeroopt.ZeroOptimizer([{"params": weights}, {"params": norms, "use_muon": False}],
+                                "muon", eps=1e-5, weight_decay=0.2)
+    assert opt.param_groups[0]["eps"] == 1e-5  # Newton-Schulz's floor, as given
+    assert opt.param_groups[1]["eps"] == 1e-8 and opt.param_groups[1]["weight_decay"] == 0.2
     with pytest.raises(ValueError, match="use_muon must be True"):
         zeroopt.ZeroOptimizer([{"params": weights, "use_muon": "yes"}], "muon")
 

@@ -47,15 +47,7 @@ def settings_for(name: str) -> dict:
     return settings
 
 
-# Muon takes 2-D matrices only, and the Trainer's groups hold the norms too: the hybrid groups
-# (Muon for hidden matrices, AdamW for the rest) that make it train here are issue 17's next part.
-# Strict: the test fails once it passes, so the mark cannot outlive the fix.
-NOT_YET = {"muon": pytest.mark.xfail(raises=ValueError, strict=True,
-                                     reason="muon needs hybrid groups in the Trainer")}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=NOT_YET[n]) if n in NOT_YET else n
-                                  for n in zeroopt.available_optimizers()])
+@pytest.mark.parametrize("name", zeroopt.available_optimizers())
 def test_every_registry_name_trains_in_the_trainer(name, tmp_path):
     run = train(str(tmp_path), dataset_size=24, **settings_for(name))
     assert run["changed"] > 1e-6, f"{name}: the params did not move"

@@ -86,6 +86,29 @@ def test_names_transformers_does_not_have_go_through_optim_args(tmp_path):
                for g in opt.param_groups)
 
 
+@pytest.mark.parametrize("target_modules", [None, ["mlp"]], ids=["hidden", "mlp"])
+def test_muon_gets_the_matrices_and_adamw_the_rest(target_modules, tmp_path):
+    """Transformers has no "muon" optim: optim_args names it; optim_target_modules (or, unset,
+    every hidden matrix) chooses the Muon matrices; the rest run AdamW with the Trainer's
+    adam_beta1/2 and adam_epsilon; weight decay as the Trainer groups it."""
+    args = arguments(str(tmp_path), optim_args="optimizer=muon,adjust_lr_fn=match_rms_adamw",
+                     optim_target_modules=target_modules, weight_decay=0.1, adam_beta2=0.95,
+                     adam_epsilon=1e-6)
+    model = tiny_llama()
+    opt = create_optimizer(args, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = [names[id(p)] for g in opt.param_groups if g["use_muon"] for p in g["params"]]
+    adamw = [g for g in opt.param_groups if not g["use_muon"]]
+    wanted = ["mlp"] if target_modules else ["self_attn", "mlp"]
+    assert muon and all(any(w in n for w in wanted) and n.endswith("weight") for n in muon)
+    assert len(muon) == (6 if target_modules else 14)  # 2 layers x (3 mlp [+ 4 attn])
+    assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-6 for g in adamw)
+    assert {g["weight_decay"] for g in adamw} == {0.0, 0.1}  # embeddings/head decay, norms not
+    assert all(g["weight_decay"] == 0.1 and g["eps"] == 1e-7 and
+               g["adjust_lr_fn"] == "match_rms_adamw" for g in opt.param_groups if g["use_muon"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
 def test_overrides_win_over_the_arguments(tmp_path):
     args = arguments(str(tmp_path), optim="adamw_torch", optim_args="stage=2")
     opt = create_optimizer(args, tiny_llama(), optimizer="lion", stage=1, lr=3e-4)

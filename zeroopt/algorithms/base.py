@@ -196,6 +196,11 @@ class UpdateRule:
             rules that project (GaLore, APOLLO; Adafactor as ``"galore_adafactor"``):
             ``zeroopt.transformers`` uses them for the names Transformers projects under
             (those that start with ``galore_`` or ``apollo_``). Default empty.
+        transformers_hybrid: ``(training_args) -> dict``: for rules that step matrices apart
+            (Muon): the keys of the groups of the other params (``use_muon=False`` and AdamW's
+            betas and eps from ``adam_beta1/2`` and ``adam_epsilon``); ``zeroopt.transformers``
+            then splits the Trainer's groups with ``zeroopt.muon_param_groups`` (the matrices of
+            ``optim_target_modules``, or every hidden matrix). Default None: no such groups.
     """
 
     name: str
@@ -260,6 +265,9 @@ class UpdateRule:
     transformers_arguments: Callable[[Any], dict] = lambda args: {}
     transformers_optim_args: dict = field(default_factory=dict)
     transformers_projection: dict = field(default_factory=dict)
+    # (training_args) -> the keys of the groups that are not matrices (Muon's use_muon=False
+    # groups, with AdamW's betas and eps from the arguments); None: the rule has no such groups.
+    transformers_hybrid: Callable[[Any], dict] | None = None
 
     def mirrored_class(self) -> type | None:
         """``torch_class`` as a class, a dotted path imported.

@@ -44,9 +44,10 @@ Hybrid groups, as Muon is run in practice (Keller Jordan's ``MuonWithAuxAdam``, 
 group with ``use_muon=False`` runs torch.optim.AdamW's step on its params instead, element-wise
 over the flat shard, with the group's ``lr``, ``betas`` ((0.9, 0.999)), ``eps`` and
 ``weight_decay``; states ``exp_avg`` and ``exp_avg_sq`` (torch.optim.AdamW's names). Such a
-group inherits the optimizer's values it does not set, as every torch param group does (so its
-eps is muon's 1e-7 unless set); ``zeroopt.muon_param_groups`` sets torch.optim.AdamW's eps.
-Embeddings, the output head, norms and biases go there.
+group inherits the optimizer's lr and weight_decay when it does not set them, as every torch
+param group does (Moonlight runs both with one lr); its ``eps``, when not set, is
+torch.optim.AdamW's 1e-8, not the optimizer's (Muon's eps is another quantity: the floor of
+the Newton-Schulz normalisation). Embeddings, the output head, norms and biases go there.
 
 Params of a muon group (``use_muon=True``, the default) have two dimensions or more:
 torch.optim.Muon takes 2-D ones only; a convolution's weight (out, in, kh, kw) is stepped as its
@@ -68,11 +69,18 @@ ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
 
 _ADAMW_STATES = ("exp_avg", "exp_avg_sq")
+ADAMW_EPS = adam.ADAMW.defaults["eps"]  # torch.optim.AdamW's 1e-8
 
 
 def uses_muon(group: dict) -> bool:
     """Whether a group's params get Muon's step (else torch.optim.AdamW's)."""
     return group["use_muon"]
+
+
+def _group_defaults(group: dict, defaults: dict) -> None:
+    """An AdamW group's eps is AdamW's own (1e-8) unless it sets one."""
+    if group.get("use_muon", defaults["use_muon"]) is False:
+        group.setdefault("eps", ADAMW_EPS)
 
 
 def _validate(group: dict) -> None:
@@ -193,9 +201,12 @@ MUON = UpdateRule(
     fused_step=_adamw_fused,
     reference_step=_step,
     validate=_validate,
+    group_defaults=_group_defaults,
     whole_tensors=uses_muon,
     tensor_step=_step,
     tensor_states_8bit=("momentum_buffer",),
     placement_cost=newton_schulz_cost,
     torch_class=torch.optim.Muon,
+    transformers_hybrid=lambda args: dict(use_muon=False, betas=(args.adam_beta1, args.adam_beta2),
+                                          eps=args.adam_epsilon),
 )

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..algorithms import ELSEWHERE, available_optimizers, get_preset, registered_rules
 from ..optimizer import ZeroOptimizer
-from ..param_groups import galore_param_groups
+from ..param_groups import galore_param_groups, muon_param_groups
 from ..validation import closest_name
 
 # ZeroOptimizer's own keyword arguments that optim_args may set (the rest are hyperparameters).
@@ -63,6 +63,9 @@ def optimizer_arguments(args, model: nn.Module, decay_parameter_names: list[str]
         decay_parameter_names = default_decay_parameter_names(model)
     groups = param_groups(model, set(decay_parameter_names), weight_decay, projection,
                           args.optim_target_modules, name)
+    if rule.transformers_hybrid is not None:
+        groups = hybrid_groups(model, groups, rule.transformers_hybrid(args),
+                               args.optim_target_modules)
     return name, groups, {**options, **hyperparameters}
 
 
@@ -129,6 +132,20 @@ def param_groups(model: nn.Module, decay: set[str], weight_decay: float,
         groups.append({"params": [p for _, p in trainable if id(p) in projected],
                        "weight_decay": weight_decay, **projection})
     return [group for group in groups if group["params"]]
+
+
+def hybrid_groups(model: nn.Module, groups: list[dict], others: dict,
+                  target_modules) -> list[dict]:
+    """Each of the Trainer's groups split in two for Muon-like rules: its matrices (those
+    ``zeroopt.muon_param_groups(model, target_modules)`` gives Muon), and the rest with the
+    keys ``others`` (``use_muon=False``, AdamW's betas and eps). Empty groups are left out."""
+    matrices = {id(p) for p in muon_param_groups(model, target_modules)[0]["params"]}
+    split = []
+    for group in groups:
+        params = group["params"]
+        split.append({**group, "params": [p for p in params if id(p) in matrices]})
+        split.append({**group, **others, "params": [p for p in params if id(p) not in matrices]})
+    return [group for group in split if group["params"]]
 
 
 def _renamed_keys(rule, args, settings: dict) -> dict:
