@@ -97,6 +97,14 @@ def test_bf16_section_casts_the_model_and_zeroopt_keeps_fp32_masters(engine_runs
         assert out["deepspeed_sees_bf16"] is False  # DeepSpeed is given no bf16 section
 
 
+def test_muon_section_gives_the_matrices_muon_and_honours_deepspeeds_tags(engine_runs):
+    for run in engine_runs:
+        out = run["muon"]
+        assert out["muon_shapes"] == [[(48, 16), (8, 48)]]  # the biases run AdamW
+        assert out["tagged_muon_shapes"] == [[(48, 16)]]  # p.use_muon = False on the last
+        assert out["moved"] > 0.01 and out["identical"]
+
+
 def test_nonfinite_gradient_skips_the_step_as_deepspeed_counts_overflows(engine_runs):
     for run in engine_runs:
         out = run["skip"]

@@ -7,6 +7,8 @@ import re
 
 from torch import nn
 
+from .algorithms import get_rule
+
 
 def galore_param_groups(model: nn.Module, target_modules: str | list[str], rank: int = 128,
                         **projection) -> list[dict]:
@@ -66,11 +68,12 @@ def muon_param_groups(model: nn.Module, target_modules: str | list[str] | None =
 
     Args:
         model: the model; every param lands in exactly one group.
-        target_modules: which modules' weights get Muon. None (default): every param of two or
-            more dimensions except embeddings' (``nn.Embedding``) and the output head's (the
-            module ``model.get_output_embeddings()`` returns, as Transformers models have,
-            modules whose last name is one of ``HEAD_NAMES``, and any param tied to an
-            embedding). Otherwise module names as Transformers' ``optim_target_modules``: a
+        target_modules: which modules' weights get Muon. None (default): a param's own
+            ``use_muon`` attribute where it has one (DeepSpeed's tag: ``p.use_muon = True``),
+            else every param of two or more dimensions except embeddings' (``nn.Embedding``)
+            and the output head's (the module ``model.get_output_embeddings()`` returns, as
+            Transformers models have, modules whose last name is one of ``HEAD_NAMES``, and any
+            param tied to an embedding). Otherwise module names as Transformers' ``optim_target_modules``: a
             list (a module matches if it equals one, contains one or fully matches one as a
             regex), one regex string (full match), or ``"all-linear"``; their params of two
             or more dimensions get Muon (convolutions' as their (out, rest) matrix).
@@ -125,4 +128,14 @@ def _muon_matrices(model: nn.Module, target_modules) -> set[int]:
     for name, module in model.named_modules():
         if module is head or name.rsplit(".", 1)[-1] in HEAD_NAMES:
             excluded.update(id(p) for p in module.parameters(recurse=False))
-    return {id(p) for p in model.parameters() if p.dim() >= 2 and id(p) not in excluded}
+    return {id(p) for p in model.parameters()
+            if getattr(p, "use_muon", p.dim() >= 2 and id(p) not in excluded)}
+
+
+def model_param_groups(model: nn.Module, optimizer: str) -> list:
+    """What ``ZeroOptimizer(..., optimizer)`` optimizes for the whole ``model`` when no param
+    groups are given (the DeepSpeed section): ``muon_param_groups(model)`` for rules with
+    Muon's hybrid groups (a ``use_muon`` hyperparameter), else ``list(model.parameters())``."""
+    if "use_muon" in get_rule(optimizer).defaults:
+        return muon_param_groups(model)
+    return list(model.parameters())

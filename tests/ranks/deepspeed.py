@@ -102,6 +102,7 @@ def engine_suite() -> dict:
         out["vs_deepspeed", stage] = against_deepspeed(stage)
         out["accumulation", stage] = accumulation_against_twice_the_batch(stage)
     out["bf16"] = bf16_against_zero_optimizer()
+    out["muon"] = muon_against_zero_optimizer()
     out["skip"] = skipped_step()
     with tempfile.TemporaryDirectory() as scratch:
         import torch.distributed as dist
@@ -192,6 +193,33 @@ def bf16_against_zero_optimizer() -> dict:
             "master_dtypes": {str(m.dtype) for m in opt.shard.masters.values()},
             "optimizer": type(engine.optimizer).__name__,
             "deepspeed_sees_bf16": engine.bfloat16_enabled()}
+
+
+def muon_against_zero_optimizer() -> dict:
+    """"optimizer": "muon" in the section: the Linear weights get Muon and the biases AdamW
+    (zeroopt.muon_param_groups), bit-identical to a plain loop with ZeroOptimizer over those
+    groups; a param tagged ``use_muon = False`` (DeepSpeed's tag) goes to AdamW."""
+    rank = join_deepspeed()
+    section = {"optimizer": "muon", "adjust_lr_fn": "match_rms_adamw"}
+    tagged = mlp()
+    tagged[2].weight.use_muon = False
+    engine, opt, _, _ = zeroopt.deepspeed.initialize(model=mlp(), config=config(2, section))
+    _, tagged_opt, _, _ = zeroopt.deepspeed.initialize(model=tagged, config=config(2, section))
+    model = mlp()
+    plain = zeroopt.ZeroOptimizer(zeroopt.muon_param_groups(model), "muon", stage=2, lr=0.01,
+                                  weight_decay=0.1, bucket_numel=200,
+                                  adjust_lr_fn="match_rms_adamw")
+    for step in range(4):
+        batch = batch_for(rank, step)
+        micro_step(engine, batch)
+        loss_of(model, batch).backward()
+        plain.step()
+        plain.zero_grad()
+    return {"identical": identical(engine.module, model), "moved": rel_err(model, mlp()),
+            "muon_shapes": [[tuple(p.shape) for p in g["params"]] for g in opt.param_groups
+                            if g["use_muon"]],
+            "tagged_muon_shapes": [[tuple(p.shape) for p in g["params"]]
+                                   for g in tagged_opt.param_groups if g["use_muon"]]}
 
 
 def skipped_step() -> dict:

@@ -29,6 +29,7 @@ import os
 import torch
 
 from ..optimizer import ZeroOptimizer
+from ..param_groups import model_param_groups
 from ..whole_tensors import without_layerwise
 from . import config as config_module
 from .config import ConfigError
@@ -43,7 +44,8 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None,
                collate_fn=None, config=None, mesh_param=None, config_params=None):
     """deepspeed.initialize's arguments, except that the optimizer comes from the config's
     "zeroopt" section: ``optimizer`` must be None. ``model_parameters`` (params or param-group
-    dicts, default the model's) are what ZeroOptimizer optimizes; ``lr_scheduler``, if given, is
+    dicts; default the model's, for "muon" ``zeroopt.muon_param_groups(model)``, which honours
+    DeepSpeed's ``param.use_muon`` tags) are what ZeroOptimizer optimizes; ``lr_scheduler``, if given, is
     a callable that takes the optimizer (DeepSpeed's "scheduler" section works as well)."""
     if model is None:
         raise ValueError("zeroopt.deepspeed.initialize needs a model")
@@ -72,8 +74,10 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None,
     device_rank = getattr(args, "device_rank", int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device(get_accelerator().device_name(device_rank))
     _cast_and_place(model, plan.param_dtype, device)  # before ZeroOptimizer makes params views
-    opt = ZeroOptimizer(model.parameters() if model_parameters is None else model_parameters,
-                        **plan.optimizer_kwargs)
+    if model_parameters is None:  # Muon: its matrices, and AdamW for the rest
+        model_parameters = model_param_groups(model, plan.optimizer_kwargs.get("optimizer",
+                                                                               "adamw"))
+    opt = ZeroOptimizer(model_parameters, **plan.optimizer_kwargs)
     _check_usable_in_deepspeed(opt, plan)
 
     engine, optimizer, loader, scheduler = deepspeed.initialize(
