@@ -48,6 +48,12 @@ requires it in every group). NorMuon's ``foreach`` only picks a kernel; zeroopt 
 ``layerwise`` (False) is zeroopt's own, as muon's: step each Muon matrix as soon as its averaged
 gradient is reduced, during backward (the AdamW groups still step in step()).
 
+In the Transformers Trainer (``optim_args="optimizer=normuon"``; Transformers has no NorMuon):
+each of the Trainer's groups is split, as for muon, into its hidden matrices (those of
+``optim_target_modules``, else all but embeddings and the output head) and the rest, which
+runs NorMuon's AdamW with ``adamw_lr``, ``adamw_betas`` and ``adamw_eps`` (optim_args, else the
+defaults above) and the weight decay the Trainer gives that group.
+
 States (NorMuon's names): ``momentum_buffer`` (the param's shape) and
 ``second_momentum_buffer`` (shape[0] x 1) per Muon param, kept by ``tensor_step``'s state
 dict; ``exp_avg`` and ``exp_avg_sq`` per AdamW param, in the flat shard.
@@ -310,4 +316,8 @@ NORMUON = UpdateRule(
     group_defaults=_group_defaults,
     placement_cost=newton_schulz_cost,
     torch_class="pytorch_optimizer.NorMuon",
+    # The Trainer (optim_args="optimizer=normuon"): the hidden matrices get Muon, the rest
+    # NorMuon's AdamW with adamw_lr, adamw_betas and adamw_eps (from optim_args, else
+    # NorMuon's defaults) and the weight decay the Trainer gives their group.
+    transformers_hybrid=lambda args: dict(use_muon=False),
 )
