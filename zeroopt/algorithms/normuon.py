@@ -56,7 +56,9 @@ defaults above) and the weight decay the Trainer gives that group.
 
 States (NorMuon's names): ``momentum_buffer`` (the param's shape) and
 ``second_momentum_buffer`` (shape[0] x 1) per Muon param, kept by ``tensor_step``'s state
-dict; ``exp_avg`` and ``exp_avg_sq`` per AdamW param, in the flat shard.
+dict; ``exp_avg`` and ``exp_avg_sq`` per AdamW param, in the flat shard. With
+``state_precision="8bit"`` the momentum buffer is kept 8-bit as muon_8bit keeps it (the row
+second moment stays fp32); that runs, but is not held to a reference here.
 
 Where zeroopt differs: a ``use_muon=False`` group's eps (``adamw_eps``) must be > 0 (the flat
 shard's padding, zero gradient and zero moments, would divide 0 by 0); NorMuon, too, writes
