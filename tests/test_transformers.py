@@ -153,6 +153,9 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
     resharded = train(str(tmp_path / "one" / "resumed"), resume=str(
         tmp_path / "two" / "straight" / "checkpoint-2"), **resume_settings(per_device_batch=8))
     assert max_diff(resharded["params"], straight) < ROUNDING
+    # without use_cpu=True: half the steps per epoch (the data split), only rank 0 saves
+    assert [two[rank]["without_use_cpu"]["steps"] for rank in (0, 1)] == [4, 4]
+    assert [two[rank]["without_use_cpu"]["should_save"] for rank in (0, 1)] == [True, False]
 
 
 def _two_rank_runs(root: str) -> dict:

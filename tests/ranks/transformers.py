@@ -90,7 +90,8 @@ def train(output_dir: str, trainer: str = "zero", optimizer=None, resume: str | 
     evaluations = [entry["eval_loss"] for entry in run.state.log_history if "eval_loss" in entry]
     return dict(params=params, logs=logs, loss_before=loss_before, loss_after=loss_after,
                 loss_as_left=loss_as_left, eval_params=eval_params, evaluations=evaluations,
-                changed=changed, wrapper=type(run.model_wrapped).__name__)
+                changed=changed, wrapper=type(run.model_wrapped).__name__,
+                steps=run.state.global_step, should_save=run.args.should_save)
 
 
 def two_rank_runs(root: str) -> dict:
@@ -108,6 +109,11 @@ def two_rank_runs(root: str) -> dict:
     runs["straight"] = train(os.path.join(root, "straight"), **settings)
     runs["resumed"] = train(os.path.join(root, "resumed"),
                             resume=os.path.join(root, "straight", "checkpoint-2"), **settings)
+    # torchrun on CPU without use_cpu=True: Transformers alone would train each rank on all the
+    # 32 samples (8 steps of 4, every rank saving); ZeroTrainer sets it up data-parallel
+    runs["without_use_cpu"] = train(os.path.join(root, "without_use_cpu"), use_cpu=False,
+                                    max_steps=-1, num_train_epochs=1, dataset_size=32,
+                                    per_device_train_batch_size=4)
     return runs
 
 

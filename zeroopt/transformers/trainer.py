@@ -19,6 +19,9 @@ What differs from the Trainer, and why:
   value). ``max_grad_norm`` is not applied, as the Trainer does not apply it to lomo_optim
   (nothing is left to clip): a warning says so, and the norm logged is that of the averaged
   gradient the step applied.
+- torchrun on CPU without ``use_cpu=True``: Transformers alone would run each rank as a
+  separate one-process job (every rank on all the data, every rank writing checkpoints); the
+  arguments are set up as ``use_cpu=True`` sets them, so the data is split (cpu_parallel.py).
 - Gradient accumulation: micro-steps run inside ``opt.no_sync()``, so the sum is reduced once
   (and layerwise names step once, on it).
 - Checkpoints: the optimizer state is saved by every rank in parallel with
@@ -49,6 +52,7 @@ from ..optimizer import ZeroOptimizer
 from ..step_inputs import finish_norm, local_norm_part
 from ..whole_tensors import layerwise_by_construction, without_layerwise
 from .arguments import create_optimizer
+from .cpu_parallel import make_data_parallel
 
 log = logging.getLogger("zeroopt")
 
@@ -76,6 +80,9 @@ class ZeroTrainer(Trainer):
                               f"transformers {transformers.__version__} does not have; it was "
                               f"written for transformers 5.x (tested with 5.23)")
         self.zeroopt_settings = dict(zeroopt or {})
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None:
+            make_data_parallel(training_args)  # torchrun on CPU without use_cpu=True
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("ZeroTrainer shards the optimizer state itself; it does not combine "
