@@ -354,7 +354,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load what ``state_dict()`` returned (at any world size), or a torch.optim
-        optimizer's state dict (AdamW, Adam, SGD, Adagrad, RMSprop)."""
+        optimizer's state dict (AdamW, Adam, SGD, Adagrad, RMSprop, Muon)."""
         state_io.load_state_dict(self, state_dict)
 
     # -- internals ------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def wrap(optimizer: torch.optim.Optimizer, *, stage: int = 1, process_group=None
 
     - torch.optim: ``AdamW``; ``Adam`` (``"adamw"`` with ``decoupled_weight_decay=True``);
       ``SGD`` (``"sgd"``, Nesterov included: a hyperparameter of the rule); ``RMSprop``;
-      ``Adagrad``.
+      ``Adagrad``; ``Muon`` (``"muon"``: its matrices; AdamW's params are another optimizer).
     - ``transformers.optimization.Adafactor`` (``"adafactor"``), ``lion_pytorch.Lion``.
     - bitsandbytes: ``AdamW`` and ``Adam`` (both ``"adamw"``: bitsandbytes' Adam decays the
       weights as AdamW does), ``Lion``, ``RMSprop``, ``Adagrad``, ``SGD``, ``AdEMAMix``, each in

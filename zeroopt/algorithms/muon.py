@@ -62,7 +62,7 @@ import math
 
 import torch
 
-from . import adam
+from . import adam, sources
 from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative, check_number
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
@@ -207,6 +207,7 @@ MUON = UpdateRule(
     tensor_states_8bit=("momentum_buffer",),
     placement_cost=newton_schulz_cost,
     torch_class=torch.optim.Muon,
+    wraps=sources.Sources(sources.Source(torch.optim.Muon)),
     transformers_hybrid=lambda args: dict(use_muon=False, betas=(args.adam_beta1, args.adam_beta2),
                                           eps=args.adam_epsilon),
 )
