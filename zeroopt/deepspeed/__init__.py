@@ -1,7 +1,9 @@
 """DeepSpeed with zeroopt's sharding: ``zeroopt.deepspeed.initialize`` takes what
 ``deepspeed.initialize`` takes and returns what it returns (engine, optimizer, dataloader,
-lr_scheduler), DeepSpeed's own engine, with a ZeroOptimizer, built from the config's "zeroopt"
-section, sharding the optimizer state and averaging the gradients::
+lr_scheduler), DeepSpeed's own engine, with a ZeroOptimizer sharding the optimizer state and
+averaging the gradients. The ZeroOptimizer is built from the config as DeepSpeed reads it (its
+"optimizer" and "zero_optimization" sections: an unchanged DeepSpeed config runs), and from an
+optional "zeroopt" section of ZeroOptimizer's own arguments, which wins::
 
     config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2,
               "gradient_clipping": 1.0, "bf16": {"enabled": True},
@@ -15,7 +17,8 @@ section, sharding the optimizer state and averaging the gradients::
         engine.step()
     engine.save_checkpoint("ckpt")    # the optimizer's shards go to ckpt/<tag>/zeroopt
 
-``config.py`` says what the section holds and what DeepSpeed gets instead; ``engine.py`` what
+``config.py`` (``plan``) and ``config_mapping.py`` say what maps to what and what DeepSpeed
+gets instead; ``engine.py`` what
 changes on the engine. The other direction, zeroopt's 8-bit states inside DeepSpeed's ZeRO, is
 ``zeroopt.FusedOptimizer``. Importing this module does not import deepspeed.
 """
@@ -24,12 +27,12 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 
 import torch
 
 from ..optimizer import ZeroOptimizer
-from ..param_groups import model_param_groups
 from ..whole_tensors import without_layerwise
 from . import config as config_module
 from .config import ConfigError
@@ -37,21 +40,24 @@ from .engine import attach
 
 __all__ = ["ConfigError", "initialize"]
 
+log = logging.getLogger("zeroopt")
+
 
 def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None,
                model_parameters=None, training_data=None, lr_scheduler=None,
                distributed_port: int = 29500, mpu=None, dist_init_required: bool | None = None,
                collate_fn=None, config=None, mesh_param=None, config_params=None):
-    """deepspeed.initialize's arguments, except that the optimizer comes from the config's
-    "zeroopt" section: ``optimizer`` must be None. ``model_parameters`` (params or param-group
+    """deepspeed.initialize's arguments, except that the optimizer comes from the config
+    (``config.plan``: DeepSpeed's "optimizer" section, a "zeroopt" section, or both):
+    ``optimizer`` must be None. ``model_parameters`` (params or param-group
     dicts; default the model's, for "muon" ``zeroopt.muon_param_groups(model)``, which honours
     DeepSpeed's ``param.use_muon`` tags) are what ZeroOptimizer optimizes; ``lr_scheduler``, if given, is
     a callable that takes the optimizer (DeepSpeed's "scheduler" section works as well)."""
     if model is None:
         raise ValueError("zeroopt.deepspeed.initialize needs a model")
     if optimizer is not None:
-        raise ValueError('zeroopt.deepspeed.initialize builds the optimizer from the config\'s '
-                         '"zeroopt" section: pass optimizer=None (to bring your own optimizer, '
+        raise ValueError('zeroopt.deepspeed.initialize builds the optimizer from the config: '
+                         'pass optimizer=None (to bring your own optimizer, '
                          "call deepspeed.initialize)")
     if lr_scheduler is not None and not callable(lr_scheduler):
         raise ValueError("lr_scheduler must be a callable that takes the optimizer, e.g. "
@@ -71,13 +77,12 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None,
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                distributed_port=distributed_port,
                                dist_init_required=dist_init_required)
+    if plan.info() and torch.distributed.get_rank() == 0:
+        log.info(plan.info())
     device_rank = getattr(args, "device_rank", int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device(get_accelerator().device_name(device_rank))
     _cast_and_place(model, plan.param_dtype, device)  # before ZeroOptimizer makes params views
-    if model_parameters is None:  # Muon: its matrices, and AdamW for the rest
-        model_parameters = model_param_groups(model, plan.optimizer_kwargs.get("optimizer",
-                                                                               "adamw"))
-    opt = ZeroOptimizer(model_parameters, **plan.optimizer_kwargs)
+    opt = ZeroOptimizer(plan.param_groups(model, model_parameters), **plan.optimizer_kwargs)
     _check_usable_in_deepspeed(opt, plan)
 
     engine, optimizer, loader, scheduler = deepspeed.initialize(
@@ -104,7 +109,7 @@ def _take_config(args, config):
         args.deepspeed_config = None
     if config is None:
         raise ValueError('zeroopt.deepspeed.initialize needs a DeepSpeed config (config=dict '
-                         'or a JSON path) with a "zeroopt" section')
+                         'or a JSON path)')
     if not isinstance(config, dict):
         with open(config) as f:
             config = json.load(f)

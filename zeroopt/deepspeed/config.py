@@ -1,16 +1,24 @@
-"""The "zeroopt" section of a DeepSpeed config, and the config DeepSpeed itself is given.
+"""A DeepSpeed config, as written for DeepSpeed, split into zeroopt's part and DeepSpeed's.
 
-The section holds ZeroOptimizer's keyword arguments: ``optimizer`` (a name from
-``zeroopt.available_optimizers()``), the rule's hyperparameters and state options
-(``state_precision``, ``min_8bit_size``, ``paged``), and the optimizer's own (``stage``,
-``bucket_numel``, ``reduce_dtype``, ...)::
+``plan(config)`` reads DeepSpeed's own sections (``config_mapping``: "optimizer" with DeepSpeed's
+Adam, AdamW, Lamb, Lion or Muon and their parameter names and defaults; "zero_optimization"
+stage 1/2, reduce_bucket_size, offload_optimizer; communication_data_type;
+bf16.bf16_optimizer_states) and an optional "zeroopt" section of ZeroOptimizer's keyword
+arguments, which wins over what was mapped::
 
-    "zeroopt": {"optimizer": "adamw_8bit", "stage": 2, "lr": 3e-4, "betas": [0.9, 0.95],
-                "weight_decay": 0.1, "bucket_numel": 4194304}
+    "zeroopt": {"state_precision": "8bit", "bucket_numel": 4194304}
+
+The section holds ``optimizer`` (a name from ``zeroopt.available_optimizers()``), the rule's
+hyperparameters and state options (``state_precision``, ``min_8bit_size``, ``paged``), and the
+optimizer's own (``stage``, ``bucket_numel``, ``reduce_dtype``, ...). When it names the
+optimizer it chooses the rule: hyperparameters mapped from "optimizer" that this rule takes
+(``lr``, ``betas``...) carry over where the section does not set them, the others are named
+in the info line as not used.
 
 What DeepSpeed gets instead is the same config less what zeroopt now does itself:
 
-- "zeroopt": built into a ZeroOptimizer, handed to DeepSpeed as a client optimizer;
+- "optimizer", "zero_optimization" (DeepSpeed runs at stage 0), "communication_data_type",
+  "zeroopt": built into a ZeroOptimizer, handed to DeepSpeed as a client optimizer;
 - "bf16": the model's params are cast to bf16 before ZeroOptimizer is built (it keeps the fp32
   masters). Left in, DeepSpeed would wrap the optimizer in its own bf16 optimizer, with masters
   and gradient reduction of its own;
@@ -19,21 +27,24 @@ What DeepSpeed gets instead is the same config less what zeroopt now does itself
   0: its own clip reads param.grad, which zeroopt consumes during backward (on an empty list it
   fails with an IndexError).
 
-Sections the two would fight over are refused with the fix named: an "optimizer" section,
-zero_optimization.stage > 0, fp16, torch_autocast in float16.
+Refused, with the fix named: fp16 and torch_autocast in float16 (no loss scaler), "auto"
+values (resolve them first: the Trainer path fills them from TrainingArguments), and what
+``config_mapping`` refuses (ZeRO-3, offload_param, Lamb unless "zeroopt" names it...).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..algorithms import get_preset
+from ..algorithms import get_preset, get_rule
+from ..param_groups import model_param_groups
 from ..states.kinds import STATE_DEFAULTS
 from ..validation import closest_name, taken_elsewhere
+from .config_mapping import ConfigError, translate
 
 SECTION = "zeroopt"
 # ZeroOptimizer's own arguments; every other key must be a hyperparameter of the rule.
@@ -41,10 +52,11 @@ OPTIONS = ("optimizer", "stage", "bucket_numel", "reduce_dtype", "skip_nonfinite
            "window_numel", "page_dir", "backend", "shard_size")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp64": torch.float64, "float64": torch.float64}
+# Sections zeroopt takes over: DeepSpeed does not see them.
+TAKEN = (SECTION, "optimizer", "zero_optimization", "communication_data_type", "bf16",
+         "bfloat16", "fp16")
 
-
-class ConfigError(ValueError):
-    """A DeepSpeed config that zeroopt cannot run as it is; the message names the fix."""
+__all__ = ["ConfigError", "Plan", "plan"]
 
 
 @dataclass
@@ -52,50 +64,139 @@ class Plan:
     """A DeepSpeed config split by ``plan`` into zeroopt's part and DeepSpeed's.
 
     Attributes:
-        deepspeed_config: what ``deepspeed.initialize`` gets.
-        optimizer_kwargs: ``ZeroOptimizer(params, **optimizer_kwargs)``.
-        param_dtype: bf16 when the config's bf16 section is enabled, else None.
-        gradient_clipping: the config's ``gradient_clipping``; 0: none; None: DeepSpeed's
-            default (1.0 in 0.19).
+        deepspeed_config (dict): what ``deepspeed.initialize`` gets.
+        optimizer_kwargs (dict): ``ZeroOptimizer(groups, **optimizer_kwargs)``.
+        param_dtype (torch.dtype | None): bf16 when the config's bf16 section is enabled.
+        gradient_clipping (float | None): the config's ``gradient_clipping``; 0: none; None:
+            DeepSpeed's default (1.0 in 0.19).
+        adamw_group (dict): DeepSpeed's Muon only: ``lr``, ``betas``, ``eps``,
+            ``weight_decay`` of the ``use_muon=False`` groups (its auxiliary AdamW); see
+            ``param_groups``.
+        ignored (tuple[str, ...]): the config's moot keys (dotted paths), for ``info()``.
     """
 
-    deepspeed_config: dict  # what deepspeed.initialize gets
-    optimizer_kwargs: dict  # ZeroOptimizer(params, **optimizer_kwargs)
-    param_dtype: torch.dtype | None  # bf16 when the config's bf16 section is enabled
-    gradient_clipping: float | None  # 0: none; None: DeepSpeed's default (1.0 in 0.19)
+    deepspeed_config: dict
+    optimizer_kwargs: dict
+    param_dtype: torch.dtype | None
+    gradient_clipping: float | None
+    adamw_group: dict = field(default_factory=dict)
+    ignored: tuple = ()
+
+    def param_groups(self, model: torch.nn.Module, model_parameters=None) -> list:
+        """What the ZeroOptimizer optimizes.
+
+        Args:
+            model: the model (used when ``model_parameters`` is None).
+            model_parameters: params or param-group dicts, as ``deepspeed.initialize`` takes
+                them. Default None: ``model.parameters()``, or for a rule with hybrid groups
+                (muon) ``zeroopt.muon_param_groups(model)``, which honours ``p.use_muon``.
+
+        Returns:
+            A list for ``ZeroOptimizer``: the ``use_muon=False`` groups carry ``adamw_group``
+            (DeepSpeed's Muon: its AdamW half's settings), where a group given in
+            ``model_parameters`` does not set them itself (as DeepSpeed resolves them: the
+            group's own value last).
+        """
+        if model_parameters is None:
+            groups = model_param_groups(model, self.optimizer_kwargs.get("optimizer", "adamw"))
+            own = False  # built here: muon_param_groups' AdamW betas/eps give way
+        else:
+            groups = [dict(p) if isinstance(p, dict) else p for p in model_parameters]
+            own = True
+        if self.adamw_group:
+            for group in groups:
+                if isinstance(group, dict) and group.get("use_muon") is False:
+                    for key, value in self.adamw_group.items():
+                        if not own or key not in group:
+                            group[key] = value
+        return groups
+
+    def info(self) -> str | None:
+        """The one info line naming the config's moot keys (None when there are none)."""
+        if not self.ignored:
+            return None
+        return (f"zeroopt runs this DeepSpeed config's optimizer and ZeRO; these keys tune "
+                f"what zeroopt replaces and are ignored: {', '.join(self.ignored)}")
 
 
 def plan(config: dict) -> Plan:
-    """Split a DeepSpeed config into zeroopt's part and DeepSpeed's; every check runs here,
-    before any process joins a collective."""
+    """Split a DeepSpeed config, unchanged from what DeepSpeed takes, into zeroopt's part and
+    DeepSpeed's; every check runs here, before any process joins a collective.
+
+    Args:
+        config (dict): the DeepSpeed config; "auto" values must be resolved first (the
+            Trainer path fills them from TrainingArguments).
+
+    Returns:
+        A ``Plan``: the ZeroOptimizer's arguments (``optimizer_kwargs``, ``param_groups``),
+        the bf16 cast, the clipping, and the config DeepSpeed gets.
+
+    Raises:
+        ConfigError: an "auto" value; no optimizer (neither "optimizer" nor "zeroopt");
+            fp16; what ``config_mapping.translate`` refuses; an unknown key in "zeroopt"
+            (naming the closest). The message names the fix.
+    """
     if not isinstance(config, dict):
         raise ConfigError(f"a DeepSpeed config is a dict (or a JSON file's path), got "
                           f"{type(config).__name__}")
-    section = config.get(SECTION)
+    _refuse_auto(config)
+    section = config.get(SECTION, {})
     if not isinstance(section, dict):
-        raise ConfigError(f'the DeepSpeed config has no "{SECTION}" section (a dict) to build '
-                          f'the optimizer from; add one, e.g. "{SECTION}": {{"optimizer": '
-                          f'"adamw", "stage": 2, "lr": 3e-4}}, or call deepspeed.initialize '
-                          f"to run without zeroopt")
+        raise ConfigError(f'the "{SECTION}" section must be a dict of ZeroOptimizer\'s '
+                          f"arguments, got {section!r}")
+    if config.get("optimizer") is None and SECTION not in config:
+        raise ConfigError(f'the DeepSpeed config has no "optimizer" section and no '
+                          f'"{SECTION}" section to build the optimizer from; add one, e.g. '
+                          f'"optimizer": {{"type": "AdamW", "params": {{"lr": 3e-4}}}}, or '
+                          f'"{SECTION}": {{"optimizer": "adamw", "stage": 2, "lr": 3e-4}}')
     _refuse_conflicts(config)
-    return Plan(deepspeed_config=_for_deepspeed(config),
-                optimizer_kwargs=_optimizer_kwargs(section),
+    mapped = translate(config)
+    ignored = list(mapped.ignored)
+    kwargs = dict(mapped.optimizer_kwargs)
+    mapped_name = kwargs.get("optimizer", "adamw")
+    chosen = section.get("optimizer", mapped_name)
+    own = _optimizer_kwargs(section, chosen)
+    adamw_group = mapped.adamw_group
+    if "optimizer" in section and config.get("optimizer") is not None:  # the section chooses
+        kwargs, dropped = _carried_over(kwargs, chosen)
+        ignored += [f"optimizer.params.{k} (not a hyperparameter of {chosen})" for k in dropped]
+        if "use_muon" not in get_rule(chosen).defaults:
+            adamw_group = {}
+    elif mapped.differs:
+        raise ConfigError(mapped.differs)
+    kwargs.update(own)
+    if "reduce_dtype" in kwargs:
+        kwargs["reduce_dtype"] = _dtype(kwargs["reduce_dtype"])
+    return Plan(deepspeed_config=_for_deepspeed(config), optimizer_kwargs=kwargs,
                 param_dtype=torch.bfloat16 if _enabled(config, "bf16", "bfloat16") else None,
-                gradient_clipping=_number_or_none(config.get("gradient_clipping")))
+                gradient_clipping=_number_or_none(config.get("gradient_clipping")),
+                adamw_group=dict(adamw_group), ignored=tuple(ignored))
+
+
+def _refuse_auto(node, path: str = "") -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _refuse_auto(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for value in node:
+            _refuse_auto(value, path)
+    elif node == "auto":
+        raise ConfigError(f'"{path}" is "auto": zeroopt takes values only. ZeroTrainer '
+                          f'(--deepspeed) fills "auto" from TrainingArguments; elsewhere write '
+                          f"the value (a trainer that fills in \"auto\" must do so before "
+                          f"zeroopt.deepspeed.initialize)")
+
+
+def _carried_over(mapped: dict, name: str) -> tuple[dict, list]:
+    """The mapped arguments the rule ``name`` takes (ZeroOptimizer's own options always), and
+    the names of the others."""
+    rule, _ = get_preset(name)
+    takes = (*OPTIONS, *STATE_DEFAULTS, *rule.defaults)
+    kept = {k: v for k, v in mapped.items() if k in takes and k != "optimizer"}
+    return kept, [k for k in mapped if k not in takes]
 
 
 def _refuse_conflicts(config: dict) -> None:
-    if "optimizer" in config:
-        raise ConfigError(f'the config has both an "optimizer" section and a "{SECTION}" section, '
-                          f'and both choose the optimizer. Move its type and params into '
-                          f'"{SECTION}" (e.g. "{SECTION}": {{"optimizer": "adamw", "lr": 3e-4, '
-                          f'"weight_decay": 0.1}}) and delete "optimizer"')
-    stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    if stage != 0:
-        raise ConfigError(f'zero_optimization.stage={stage} would make DeepSpeed shard the '
-                          f'optimizer (and reduce the gradients) as well as zeroopt. Put '
-                          f'"stage": {min(max(int(stage), 1), 2)} in the "{SECTION}" section '
-                          f'and remove zero_optimization (or set its stage to 0)')
     if _enabled(config, "fp16"):
         raise ConfigError('fp16 needs a loss scaler, which zeroopt does not have (it skips '
                           'steps whose gradients are not finite instead). Use '
@@ -109,8 +210,9 @@ def _refuse_conflicts(config: dict) -> None:
                           '"bf16": {"enabled": true}')
 
 
-def _optimizer_kwargs(section: dict) -> dict:
-    name = section.get("optimizer", "adamw")
+def _optimizer_kwargs(section: dict, name: str) -> dict:
+    """The "zeroopt" section as ZeroOptimizer's keyword arguments, its keys checked against
+    ZeroOptimizer's options and the rule ``name``'s hyperparameters."""
     try:
         rule, preset = get_preset(name)
     except ValueError as error:
@@ -125,13 +227,7 @@ def _optimizer_kwargs(section: dict) -> dict:
                               f"ZeroOptimizer's options ({', '.join(OPTIONS)}) and {name}'s "
                               f"hyperparameters ({', '.join([*STATE_DEFAULTS, *rule.defaults])})."
                               f"{taken_elsewhere(key, rule)}")
-        if value == "auto":
-            raise ConfigError(f'"{SECTION}.{key}" is "auto": zeroopt takes values only (a '
-                              f"trainer that fills in \"auto\" must do so before "
-                              f"zeroopt.deepspeed.initialize)")
         kwargs[key] = tuple(value) if isinstance(value, list) else value  # JSON has no tuples
-    if "reduce_dtype" in kwargs:
-        kwargs["reduce_dtype"] = _dtype(kwargs["reduce_dtype"])
     return kwargs
 
 
@@ -148,7 +244,7 @@ def _dtype(name) -> torch.dtype:
 
 def _for_deepspeed(config: dict) -> dict:
     out = copy.deepcopy(config)
-    for key in (SECTION, "bf16", "bfloat16", "fp16"):
+    for key in TAKEN:
         out.pop(key, None)
     out["gradient_clipping"] = 0.0
     return out
