@@ -36,6 +36,7 @@ from .checkpoint import state_dict as state_io
 from .checks import check_ranks_agree, describe_params
 from .comm import collectives_for, split
 from .layout import DEFAULT_BUCKET_NUMEL, Layout
+from .memory import StateBytes
 from .shard import Shard
 from .states import kinds
 from .step_inputs import StepInputs, settle
@@ -337,15 +338,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
         next backward outside the context reduces the sum once."""
         return self.grads.no_sync()
 
+    def memory(self) -> StateBytes:
+        """This rank's optimizer memory by part, in bytes (``zeroopt.memory.StateBytes``):
+        ``states`` on the device, ``paged_states``, fp32 ``masters``, and the ``scratch``
+        windows states are decoded into; ``.held`` and ``.on_device`` are the two totals."""
+        return self.shard.memory()
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds, wherever it lives (device, host or a
-        paged file): its states (8-bit codes and absmax included) and fp32 masters."""
-        return self.shard.nbytes()
+        paged file): states (8-bit codes and absmax included), paged states and fp32
+        masters (``memory().held``)."""
+        return self.memory().held
 
     def device_state_bytes(self) -> int:
-        """Bytes of optimizer state kept on the compute device: what ``state_bytes`` counts
-        less the paged states, plus the fp32 windows states are decoded into."""
-        return self.shard.device_bytes()
+        """Bytes kept on the compute device for the optimizer: resident states, fp32 masters
+        and the fp32 windows non-resident states are decoded into (``memory().on_device``;
+        it exceeds ``state_bytes`` by the windows when no state is paged)."""
+        return self.memory().on_device
 
     def state_dict(self) -> dict:
         """The full optimizer state, per param and in its shape, as torch.optim lays it out.

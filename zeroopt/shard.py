@@ -24,6 +24,7 @@ import torch
 from . import shard_windows
 from .algorithms import ShardTensors, UpdateRule
 from .layout import FlatBuffer, Layout
+from .memory import StateBytes, shard_state_bytes
 from .states.storage import RegionStates
 from .whole_tensors import WholeTensors
 
@@ -296,18 +297,10 @@ class Shard:
 
     # -- accounting -----------------------------------------------------------------------
 
-    def nbytes(self) -> int:
-        """Bytes of optimizer state held, wherever they live: states (8-bit codes and
-        absmax included), per-tensor states of whole params, and fp32 masters."""
-        masters = sum(t.numel() * t.element_size() for t in self.masters.values())
-        return masters + sum(region.nbytes() for region in self.regions) + self.whole.nbytes()
-
-    def device_bytes(self) -> int:
-        """Bytes kept on the compute device: ``nbytes`` less the paged states, plus the fp32
+    def memory(self) -> StateBytes:
+        """This shard's memory by part (zeroopt.memory): states, paged states, fp32 masters,
         decode windows."""
-        held = [*self.masters.values(), *self.scratch.values()]
-        return sum(t.numel() * t.element_size() for t in held) + self.whole.nbytes() + \
-            sum(region.device_bytes() for region in self.regions)
+        return shard_state_bytes(self)
 
 
 def initial_fill(starts: dict[str, float | str]):
