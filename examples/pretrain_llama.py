@@ -37,13 +37,32 @@ DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "l
 MODEL_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "rope_theta",
               "norm_eps", "tie_embeddings")
 LOW_RANK_PREFIXES = ("galore_", "apollo_")  # rules that project the groups carrying "rank"
+ADJUST_LR_FNS = ("original", "match_rms_adamw")  # torch.optim.Muon's
+
+
+def is_muon(name: str) -> bool:
+    """Rules with Muon's hybrid groups (muon, muon_8bit, muon_layerwise, normuon...): hidden
+    matrices orthogonalized, the rest stepped by AdamW in groups with use_muon=False."""
+    return "use_muon" in zeroopt.algorithms.get_rule(name).defaults
+
+
+def muon_arguments(parser) -> None:
+    parser.add_argument(
+        "--muon_adjust_lr_fn", default="match_rms_adamw", choices=ADJUST_LR_FNS,
+        help="Muon rules only: how the orthogonalized update's lr is scaled per matrix. "
+             "match_rms_adamw (default; Moonshot's, 0.2 sqrt(max(A, B))) gives the update "
+             "AdamW's RMS, so the config's AdamW lr and weight decay serve both the Muon "
+             "matrices and the AdamW params; original: sqrt(max(1, A/B)), for lrs near 0.02")
 
 
 # ----------------------------------------------------------------------------- config
 
 def parse_config(argv=None) -> dict:
     """Load --config (JSON), then let --<key> VALUE override any key in it."""
-    cfg, _, parser = common.parse_config(argv, DEFAULT_CONFIG, __doc__.split("\n")[0])
+    cfg, args, parser = common.parse_config(argv, DEFAULT_CONFIG, __doc__.split("\n")[0],
+                                            muon_arguments)
+    if is_muon(cfg["optimizer"]):  # recorded in the summary with the config's keys
+        cfg["muon_adjust_lr_fn"] = args.muon_adjust_lr_fn
     if cfg["save_every"] < 0:
         parser.error(f"--save_every must be >= 0 (0: never save), got {cfg['save_every']}")
     if cfg["autocast"] not in ("", "bf16"):
@@ -68,7 +87,17 @@ def build_model(cfg, device) -> Llama:
 
 def optimizer_groups(model, cfg) -> list[dict]:
     """Weight decay on matrices, none on norms. For GaLore/APOLLO, the attention and MLP
-    weights form one more group carrying the projection's keys (as galore-torch takes it)."""
+    weights form one more group carrying the projection's keys (as galore-torch takes it).
+    For Muon rules, zeroopt.muon_param_groups: the attention and MLP matrices get Muon; the
+    embedding (tied to the head) and the norms are two AdamW groups (use_muon=False)."""
+    if is_muon(cfg["optimizer"]):
+        muon, *rest = zeroopt.muon_param_groups(model)
+        others = rest[0]["params"] if rest else []
+        adamw = [{"params": [p for p in others if p.dim() >= 2], "use_muon": False,
+                  "weight_decay": cfg["weight_decay"]},
+                 {"params": [p for p in others if p.dim() < 2], "use_muon": False,
+                  "weight_decay": 0.0}]
+        return [{**muon, "weight_decay": cfg["weight_decay"]}, *(g for g in adamw if g["params"])]
     groups = [{"params": list(model.parameters())}]
     if cfg["optimizer"].startswith(LOW_RANK_PREFIXES):
         groups = zeroopt.galore_param_groups(
@@ -87,6 +116,8 @@ def build_optimizer(model, cfg) -> zeroopt.ZeroOptimizer:
     # SGD and the like keep their own defaults.
     if "betas" in zeroopt.algorithms.get_rule(cfg["optimizer"]).defaults:
         hyper["betas"] = (cfg["beta1"], cfg["beta2"])
+    if is_muon(cfg["optimizer"]):  # betas above go to the AdamW groups
+        hyper["adjust_lr_fn"] = cfg["muon_adjust_lr_fn"]
     if cfg["state_precision"]:  # "" keeps the name's own ("adamw_8bit" -> 8-bit)
         hyper["state_precision"] = cfg["state_precision"]
     return zeroopt.ZeroOptimizer(

@@ -225,6 +225,56 @@ def test_optimizer_gets_the_configs_groups_and_hyperparameters(name):
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("adjust", ["match_rms_adamw", "original"])
+def test_muon_gets_hybrid_groups_and_steps_as_torch_muon_plus_adamw(adjust):
+    """--optimizer muon: the 14 attention/MLP matrices on Muon (with --muon_adjust_lr_fn),
+    the tied embedding and the 5 norms on AdamW (decay on the embedding only, the config's
+    betas). Two steps at world size 1 against torch.optim.Muon + torch.optim.AdamW over the
+    same groups: within 1e-6 of each param's largest magnitude (zeroopt's Muon step is
+    torch's, bit for bit, observed 0.0; its AdamW runs fused over the flat shard, a few fp32
+    ulps from torch's per-tensor AdamW, test_equivalence.py's bound)."""
+    pretrain = load_example("pretrain_llama")
+    cfg = tiny_config(pretrain, "--optimizer", "muon", "--beta2", "0.99",
+                      "--muon_adjust_lr_fn", adjust)
+    torch.manual_seed(0)
+    model = pretrain.build_model(cfg, torch.device("cpu"))
+    reference = pretrain.build_model(cfg, torch.device("cpu"))
+    reference.load_state_dict(model.state_dict())
+    opt = pretrain.build_optimizer(model, cfg)
+    muon, embed, norms = opt.param_groups
+    assert muon["use_muon"] and muon["adjust_lr_fn"] == adjust and len(muon["params"]) == 2 * 7
+    assert all(p.dim() == 2 for p in muon["params"])
+    assert [id(p) for p in embed["params"]] == [id(model.embed_tokens.weight)]
+    assert len(norms["params"]) == 5 and all(p.dim() == 1 for p in norms["params"])
+    assert not embed["use_muon"] and not norms["use_muon"]
+    assert muon["weight_decay"] == embed["weight_decay"] == cfg["weight_decay"] > 0
+    assert norms["weight_decay"] == 0.0 and tuple(embed["betas"]) == (0.9, 0.99)
+
+    by_id = dict(zip(map(id, model.parameters()), reference.parameters()))
+    torch_opts = [torch.optim.Muon([by_id[id(p)] for p in muon["params"]], lr=cfg["lr"],
+                                   weight_decay=cfg["weight_decay"], adjust_lr_fn=adjust)]
+    torch_opts += [torch.optim.AdamW([by_id[id(p)] for p in g["params"]], lr=cfg["lr"],
+                                     betas=(0.9, 0.99), weight_decay=g["weight_decay"])
+                   for g in (embed, norms)]
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        # Each step from the same params (the ulps AdamW's fused step leaves would otherwise
+        # reach the next gradients, and the bf16 Newton-Schulz can round one element the other
+        # way: ~3e-4 of a matrix after two steps); the states run on apart.
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), reference.parameters()):
+                q.copy_(p)
+        x = torch.randint(0, 256, (2, 16), generator=g)
+        for net, opts in ((model, [opt]), (reference, torch_opts)):
+            net(x, x)[1].backward()
+            for o in opts:
+                o.step()
+                o.zero_grad()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            err = (p - q).abs().max() / q.abs().max()
+            assert err <= 1e-6, f"step {step + 1}, {name}: {err:.2e}"
+
+
 def test_low_rank_optimizer_without_a_rank_is_refused(capsys):
     pretrain = load_example("pretrain_llama")
     with pytest.raises(SystemExit):
