@@ -49,10 +49,13 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None,
                collate_fn=None, config=None, mesh_param=None, config_params=None):
     """deepspeed.initialize's arguments, except that the optimizer comes from the config
     (``config.plan``: DeepSpeed's "optimizer" section, a "zeroopt" section, or both):
-    ``optimizer`` must be None. ``model_parameters`` (params or param-group
-    dicts; default the model's, for "muon" ``zeroopt.muon_param_groups(model)``, which honours
-    DeepSpeed's ``param.use_muon`` tags) are what ZeroOptimizer optimizes; ``lr_scheduler``, if given, is
-    a callable that takes the optimizer (DeepSpeed's "scheduler" section works as well)."""
+    ``optimizer`` must be None. ``model_parameters`` (params or param-group dicts; default the
+    model's, for "muon" ``zeroopt.muon_param_groups(model)``, which honours DeepSpeed's
+    ``param.use_muon`` tags; ``Plan.param_groups``) are what ZeroOptimizer optimizes;
+    ``lr_scheduler``, if given, is a callable that takes the optimizer (DeepSpeed's "scheduler"
+    section works as well). The config's moot keys are named in one info line (logger
+    "zeroopt", rank 0). Raises ``ConfigError`` (before any collective) for a config zeroopt
+    cannot run as written, naming the fix."""
     if model is None:
         raise ValueError("zeroopt.deepspeed.initialize needs a model")
     if optimizer is not None:
