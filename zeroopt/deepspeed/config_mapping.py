@@ -277,7 +277,7 @@ def _zero(section, out: Translation) -> None:
                "zero_optimization.zenflow updates only the important gradients' share at each "
                "step, which zeroopt does not compute; remove it")
     if stage:
-        out.optimizer_kwargs["stage"] = stage  # DeepSpeed is then given stage 0
+        out.optimizer_kwargs["stage"] = int(stage)  # DeepSpeed is then given stage 0
     if "reduce_bucket_size" in section:
         out.optimizer_kwargs["bucket_numel"] = _whole(section["reduce_bucket_size"],
                                                       "zero_optimization.reduce_bucket_size")
@@ -300,7 +300,7 @@ def _offload(section: dict, out: Translation) -> None:
     "nvme" keeps their files in nvme_path (page_dir), "cpu" in the temp directory."""
     offload = section.get("offload_optimizer")
     if offload is None and section.get("cpu_offload"):  # DeepSpeed's deprecated form
-        offload, _ = {"device": "cpu"}, out.ignored.append("zero_optimization.cpu_offload")
+        offload = {"device": "cpu"}
     device = _device(offload)
     if offload is not None:
         for key in offload:
