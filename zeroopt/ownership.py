@@ -33,3 +33,19 @@ def take_over(params, optimizer) -> None:
             retired.add(id(old))
             old.retire()
         _holders[id(param)] = (weakref.ref(param), weakref.ref(optimizer))
+
+
+def holder(param):
+    """The optimizer that takes ``param``'s gradients now (the newest built over it), or None
+    (no ZeroOptimizer holds it, or the one that did is gone).
+
+    Args:
+        param: a torch.nn.Parameter.
+
+    Returns:
+        That optimizer, or None.
+    """
+    held = _holders.get(id(param))
+    if held is None or held[0]() is not param:
+        return None
+    return held[1]()

@@ -123,6 +123,10 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict) -> None:
     if is_torch_state_dict(state_dict):  # saved by torch.optim (AdamW, SGD, ...)
         state_dict = from_torch(opt, state_dict)
     _check_compatible(opt, state_dict)
+    # Masters from the params as they are now (a model loaded just before, as Accelerate's
+    # load_state does), so the next step does not take that load for a later write; a saved
+    # master then overrides (as load_checkpoint does).
+    opt.shard.refresh_masters()
     apply_param_groups(opt, state_dict["param_groups"])
     saved_state = state_dict["state"]
     if not saved_state:  # a fresh optimizer's state: nothing to load
