@@ -54,10 +54,10 @@ def test_unchanged_config_trains_as_zero_optimizer_with_the_mapped_settings(runs
         assert run["optimizer"] == "ZeroOptimizer" and run["deepspeed_zero_stage"] == 0
         assert run["settings"] == {"rule": "adamw", "stage": 2, "bucket_numel": 500_000_000,
                                    "betas": (0.8, 0.999), "eps": 1e-8, "weight_decay": 3e-7}
-        assert run["steps"] == (6, 6, 12)  # 12 micro-batches, 2 a step
+        assert run["steps"] == (6, 12)  # 12 micro-batches, 2 a step
         assert run["identical_to_mapped"]
         assert run["moved"] > 1e-3  # WarmupLR's log warm-up to 0.001 over 1000 steps: ~2.6e-4
-    ids = [sum(run["ids"][0], []) for run in runs]
+    ids = [sum(run["ids"], []) for run in runs]
     assert sorted(ids[0] + ids[1]) == list(range(96))  # DeepSpeed's loader split the data
 
 
@@ -66,14 +66,15 @@ def test_the_launchers_args_deepspeed_config_runs_the_same(runs):
         assert run["launcher"] == {"identical": True, "stage": 2, "args_untouched": True}
 
 
-def test_the_same_config_with_deepspeed_alone(runs):
+@pytest.mark.slow  # DeepSpeed compiles its FusedAdam CPU op on a machine's first use: ~2 min
+def test_the_same_config_with_deepspeed_alone():
     """DeepSpeed's own ZeRO-2 with its FusedAdam against zeroopt's stage 2 with torch's AdamW
     update: the same samples, the same LRs, params within 1e-6."""
-    for run in runs:
+    for run in run_ranks(2, ranks.suite, True, timeout=900):
         assert run["their_optimizer"] == ("DeepSpeedZeroOptimizer", "FusedAdam")
-        assert run["their_zero_stage"] == 2
-        assert run["ids"][0] == run["ids"][1]
-        assert run["lr"][0] == run["lr"][1] and run["lr"][0][0] == 0.0 < run["lr"][0][-1]
+        assert run["their_zero_stage"] == 2 and run["their_steps"] == 6
+        assert run["ids"] == run["their_ids"]
+        assert run["lr"] == run["their_lr"] and run["lr"][0] == 0.0 < run["lr"][-1]
         assert run["rel_err_vs_deepspeed"] < TOL, run["rel_err_vs_deepspeed"]
 
 

@@ -38,13 +38,15 @@ class Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def suite() -> dict:
+def suite(deepspeed_alone: bool = False) -> dict:
+    """Every W = 2 case; ``deepspeed_alone`` adds DeepSpeed's own run of the config (its
+    FusedAdam CPU op is compiled on a machine's first use, ~2 minutes: the slow tier)."""
     rank = join_deepspeed()
     config = json.loads(CONFIG.read_text())
     logger, records = logging.getLogger("zeroopt"), Records()
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
-    out = zero2_adamw(config)
+    out = zero2_adamw(config, deepspeed_alone)
     out["info"] = [m for m in records.messages if "ignored" in m]
     logger.removeHandler(records)
     out["launcher"] = launcher_path(rank, out.pop("batches"), out.pop("module"))
@@ -52,31 +54,19 @@ def suite() -> dict:
     return out
 
 
-def zero2_adamw(config: dict) -> dict:
-    """The config with zeroopt, then with DeepSpeed alone (deepspeed.initialize builds its
-    FusedAdam and its ZeRO-2), through each one's data loader; then a plain ZeroOptimizer loop
-    with MAPPED, DeepSpeed's WarmupLR and clip_grad_norm_(1.0) on the batches zeroopt's loader
-    gave (2 micro-batches a step, the loss divided by 2 as engine.backward divides it)."""
-    import deepspeed
+def zero2_adamw(config: dict, deepspeed_alone: bool) -> dict:
+    """The config with zeroopt through its data loader; then a plain ZeroOptimizer loop with
+    MAPPED, DeepSpeed's WarmupLR and clip_grad_norm_(1.0) on the batches zeroopt's loader gave
+    (2 micro-batches a step, the loss divided by 2 as engine.backward divides it); with
+    ``deepspeed_alone``, also the config with DeepSpeed alone (``deepspeed_alone_run``)."""
     from deepspeed.runtime.lr_schedules import WarmupLR
 
     ours, opt, loader, _ = zeroopt.deepspeed.initialize(
         model=mlp(), config=copy.deepcopy(config), training_data=dataset())
-    model = mlp()
-    theirs, their_opt, their_loader, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=copy.deepcopy(config),
-        training_data=dataset())
     # Each loader read to its end: a loader left mid-epoch shuts its workers down by timeout.
-    batches, their_batches = list(loader), list(their_loader)
-    lrs, their_lrs = [], []
-    for batch, their_batch in zip(batches, their_batches, strict=True):
-        steps = ours.global_steps
-        micro_step(ours, batch)
-        micro_step(theirs, their_batch)
-        if ours.global_steps > steps:  # an optimizer step happened
-            lrs.append(ours.get_lr()[0])
-            their_lrs.append(theirs.get_lr()[0])
-
+    batches = list(loader)
+    lrs = stepped_lrs(ours, batches)
+    out = deepspeed_alone_run(ours.module, config) if deepspeed_alone else {}
     plain = mlp()
     plain_opt = zeroopt.ZeroOptimizer(plain.parameters(), "adamw", **MAPPED)
     sched = WarmupLR(plain_opt, **WARMUP)
@@ -88,21 +78,47 @@ def zero2_adamw(config: dict) -> dict:
             plain_opt.zero_grad()
             sched.step()
     group = opt.param_groups[0]
-    return {"identical_to_mapped": identical(ours.module, plain),
-            "rel_err_vs_deepspeed": rel_err(ours.module, theirs.module),
-            "moved": rel_err(plain, mlp()),
-            "steps": (ours.global_steps, theirs.global_steps, len(batches)),
-            "lr": (lrs, their_lrs),
-            "ids": ([b[2].tolist() for b in batches], [b[2].tolist() for b in their_batches]),
+    return {**out, "identical_to_mapped": identical(ours.module, plain),
+            "moved": rel_err(plain, mlp()), "lr": lrs,
+            "steps": (ours.global_steps, len(batches)),
+            "ids": [b[2].tolist() for b in batches],
             "optimizer": type(ours.optimizer).__name__,
             "settings": {"rule": opt.rule.name, "stage": opt.stage,
                          "bucket_numel": opt.layout.bucket_numel,
                          **{k: group[k] for k in ("betas", "eps", "weight_decay")}},
             "deepspeed_zero_stage": ours.zero_optimization_stage(),
+            "batches": batches, "module": ours.module}
+
+
+def stepped_lrs(engine, batches: list) -> list[float]:
+    """Train ``engine`` on ``batches`` (one micro-step each); the LR of each optimizer step."""
+    lrs = []
+    for batch in batches:
+        steps = engine.global_steps
+        micro_step(engine, batch)
+        if engine.global_steps > steps:  # an optimizer step happened
+            lrs.append(engine.get_lr()[0])
+    return lrs
+
+
+def deepspeed_alone_run(module, config: dict) -> dict:
+    """DeepSpeed alone on the same config (deepspeed.initialize builds its FusedAdam and its
+    ZeRO-2), through its own data loader: its samples, LRs, and its params against
+    ``module``'s (zeroopt's run)."""
+    import deepspeed
+
+    model = mlp()
+    theirs, their_opt, their_loader, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=copy.deepcopy(config),
+        training_data=dataset())
+    their_batches = list(their_loader)
+    return {"their_lr": stepped_lrs(theirs, their_batches),
+            "rel_err_vs_deepspeed": rel_err(module, theirs.module),
+            "their_steps": theirs.global_steps,
+            "their_ids": [b[2].tolist() for b in their_batches],
             "their_optimizer": (type(their_opt).__name__,
                                 type(getattr(their_opt, "optimizer", their_opt)).__name__),
-            "their_zero_stage": theirs.zero_optimization_stage(),
-            "batches": batches, "module": ours.module}
+            "their_zero_stage": theirs.zero_optimization_stage()}
 
 
 def launcher_path(rank: int, batches: list, reference) -> dict:
