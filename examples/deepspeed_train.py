@@ -152,6 +152,9 @@ def main(argv=None):
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    adam = args.runs != "zeroopt" and config["optimizer"]["type"].lower() in ("adam", "adamw")
+    common.note_deepspeed_build(common.printer(zeroopt.comm.environment.detect().rank == 0),
+                                ("ShareMemCommBuilder", *(("FusedAdamBuilder",) if adam else ())))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     is_main = torch.distributed.get_rank() == 0
 
