@@ -22,6 +22,9 @@ What differs from the Trainer, and why:
 - torchrun on CPU without ``use_cpu=True``: Transformers alone would run each rank as a
   separate one-process job (every rank on all the data, every rank writing checkpoints); the
   arguments are set up as ``use_cpu=True`` sets them, so the data is split (cpu_parallel.py).
+- ``--deepspeed ds.json`` (TrainingArguments(deepspeed=...)): the config's "auto" values are
+  resolved by Transformers' own code, its optimizer, ZeRO, bf16, clipping and scheduler run on
+  zeroopt, and the Trainer runs without DeepSpeed's engine (deepspeed_config.py).
 - Gradient accumulation: micro-steps run inside ``opt.no_sync()``, so the sum is reduced once
   (and layerwise names step once, on it).
 - Checkpoints: the optimizer state is saved by every rank in parallel with
@@ -53,6 +56,7 @@ from ..step_inputs import finish_norm, local_norm_part
 from ..whole_tensors import layerwise_by_construction, without_layerwise
 from .arguments import create_optimizer
 from .cpu_parallel import make_data_parallel
+from .deepspeed_config import TrainerDeepSpeedConfig, resume_scheduler
 
 log = logging.getLogger("zeroopt")
 
@@ -61,15 +65,22 @@ SCHEDULER_NAME = "scheduler.pt"  # as the Trainer names it
 
 # Trainer methods ZeroTrainer overrides. The private ones may change between Transformers
 # versions: if one is gone, the override would silently never run, so refuse to start.
-_HOOKED = ("create_accelerator_and_postprocess", "create_optimizer", "_move_model_to_device",
-           "training_step", "_clip_grad_norm", "_get_grad_norm",
+_HOOKED = ("create_accelerator_and_postprocess", "create_optimizer", "create_scheduler",
+           "_move_model_to_device", "training_step", "_clip_grad_norm", "_get_grad_norm",
            "_save_optimizer_and_scheduler", "_load_optimizer_and_scheduler")
 
 
 class ZeroTrainer(Trainer):
     """``Trainer`` with a ZeroOptimizer. Takes the Trainer's arguments, plus ``zeroopt``: a
     dict of settings that win over TrainingArguments (the keys ``optim_args`` takes, values
-    typed: ``{"optimizer": "lamb", "stage": 2}``)."""
+    typed: ``{"optimizer": "lamb", "stage": 2}``) and over a ``--deepspeed`` config.
+
+    Raises (at construction):
+        ValueError: ``optimizers=`` with ``--deepspeed``; Accelerate's DeepSpeed plugin or
+            FSDP; ``optimizer_cls_and_kwargs``; a ``--deepspeed`` config value that contradicts
+            the arguments (Transformers' error) or that zeroopt cannot run (``ConfigError``,
+            naming the fix; deepspeed_config.py).
+    """
 
     def __init__(self, *args, zeroopt: dict | None = None, **kwargs):
         missing = [name for name in _HOOKED if not hasattr(Trainer, name)]
@@ -81,13 +92,29 @@ class ZeroTrainer(Trainer):
                               f"written for transformers 5.x (tested with 5.23)")
         self.zeroopt_settings = dict(zeroopt or {})
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        self.deepspeed_config = None  # --deepspeed: the config, run on zeroopt
+        if training_args is not None and training_args.deepspeed:
+            # optimizers: the Trainer's 11th argument after self
+            given = kwargs.get("optimizers", args[10] if len(args) > 10 else None)
+            if any(item is not None for item in given or ()):
+                raise ValueError("ZeroTrainer with --deepspeed builds the optimizer and scheduler "
+                                 "from the DeepSpeed config (as Transformers does): drop "
+                                 "optimizers=, or drop deepspeed= and pass your ZeroOptimizer")
+            self.deepspeed_config = TrainerDeepSpeedConfig.take(training_args)
         if training_args is not None:
             make_data_parallel(training_args)  # torchrun on CPU without use_cpu=True
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("ZeroTrainer shards the optimizer state itself; it does not combine "
-                             "with DeepSpeed or FSDP. Drop the deepspeed/fsdp arguments (or use "
-                             "Trainer with them and no zeroopt)")
+                             "with Accelerate's DeepSpeed plugin (accelerate launch "
+                             "--use_deepspeed, ACCELERATE_USE_DEEPSPEED=true) or FSDP. Launch "
+                             "with torchrun (or accelerate launch without DeepSpeed) and pass "
+                             "the DeepSpeed config as TrainingArguments(deepspeed=...) "
+                             "(--deepspeed ds.json), drop fsdp, or use Trainer with them and no "
+                             "zeroopt")
+        if self.deepspeed_config is not None:  # every config error here, before training
+            self.deepspeed_config.prepare(self.args, self.model,
+                                          is_main=self.args.process_index == 0)
         if self.optimizer_cls_and_kwargs is not None:
             raise ValueError("ZeroTrainer builds a ZeroOptimizer: optimizer_cls_and_kwargs would "
                              "be ignored. Pass optim/optim_args, zeroopt={...}, or optimizers="
@@ -106,14 +133,23 @@ class ZeroTrainer(Trainer):
         Returns:
             ``self.optimizer``.
 
+        With ``--deepspeed``: built from the config (deepspeed_config.py), its params cast
+        to bf16 first when the config's "bf16" is enabled.
+
         Raises:
-            ValueError: a layerwise optimizer with ``max_grad_norm > 0`` (it cannot clip).
+            ValueError: a layerwise optimizer with ``max_grad_norm > 0`` (it cannot clip);
+                with ``--deepspeed``, ``optim_args`` next to a config that names the optimizer.
             TypeError: ``optimizers=`` held another optimizer than a ZeroOptimizer.
             RuntimeError: a param is no longer a view of the optimizer's flat buffer (the
                 model was moved or cast after the optimizer was built).
         """
         model = self.model if model is None else model
-        if self.optimizer is None:
+        if self.optimizer is None and self.deepspeed_config is not None:
+            self.deepspeed_config.cast(model)  # "bf16": bf16 params, fp32 masters
+            name, groups, options = self.deepspeed_config.optimizer_arguments(
+                self.args, model, self.get_decay_parameter_names(model), self.zeroopt_settings)
+            self.optimizer = ZeroOptimizer(groups, name, **options)
+        elif self.optimizer is None:
             self.optimizer = create_optimizer(
                 self.args, model, decay_parameter_names=self.get_decay_parameter_names(model),
                 **self.zeroopt_settings)
@@ -132,6 +168,28 @@ class ZeroTrainer(Trainer):
                 f"{without_layerwise(zero.rule)}")
         check_params_are_views(zero)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The DeepSpeed config's "scheduler" (DeepSpeed's class, "auto" values filled as
+        Transformers fills them) over the ZeroOptimizer; without --deepspeed or without one,
+        the Trainer's ``lr_scheduler_type`` (Trainer's hook).
+
+        Args:
+            num_training_steps (int): the run's optimizer steps.
+            optimizer: what the scheduler drives (default: the ZeroOptimizer).
+
+        Returns:
+            ``self.lr_scheduler``.
+
+        Raises:
+            ValueError: Transformers' mismatch error for the scheduler's values.
+        """
+        ds = self.deepspeed_config
+        if self.lr_scheduler is None and ds is not None and ds.has_scheduler():
+            self.lr_scheduler = ds.scheduler(self.args, self.model,
+                                             optimizer or self.zero_optimizer, num_training_steps)
+            self._created_lr_scheduler = True  # the Trainer builds it again for the next train()
+        return super().create_scheduler(num_training_steps, optimizer)
 
     @property
     def zero_optimizer(self) -> ZeroOptimizer:
@@ -239,6 +297,8 @@ class ZeroTrainer(Trainer):
         scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
         if os.path.isfile(scheduler):
             self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+            if self.deepspeed_config is not None:
+                resume_scheduler(self.lr_scheduler)
 
 
 def check_params_are_views(zero: ZeroOptimizer) -> None:
