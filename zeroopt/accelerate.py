@@ -123,9 +123,12 @@ def check_world(accelerator, opt: ZeroOptimizer) -> None:
             f"zeroopt.accelerate: the ZeroOptimizer averages gradients over "
             f"{opt.comm.data_parallel_size} rank(s), and Accelerate runs "
             f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.name}): "
-            f"each rank would read the whole dataset. On CPU, Accelerate joins a launched job "
-            f"only with Accelerator(cpu=True) (or accelerate launch --cpu); build the "
-            f"Accelerator before the ZeroOptimizer")
+            f"the data would be split over other ranks than the gradients are averaged over. "
+            f"On CPU, Accelerate joins a job that torchrun "
+            f"launched only with Accelerator(cpu=True) or ACCELERATE_USE_CPU=1 (accelerate "
+            f"launch --cpu sets it, and starts several processes only with --mpirun_hostfile). "
+            f"Build the Accelerator before the ZeroOptimizer, and the ZeroOptimizer over the "
+            f"whole job (the default process_group)")
 
 
 def averages_grads(opt: ZeroOptimizer) -> bool:
