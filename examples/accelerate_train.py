@@ -5,7 +5,8 @@ library's bytes. Everything is Accelerate's usual loop; zeroopt changes two line
 optimizer is a ZeroOptimizer, and ``zeroopt.accelerate.prepare`` stands for
 ``accelerator.prepare``::
 
-    accelerate launch --multi_gpu --num_processes 8 examples/accelerate_train.py --mixed_precision bf16
+    accelerate launch --multi_gpu --num_processes 8 examples/accelerate_train.py \\
+        --mixed_precision bf16                                      # 8 GPUs
     accelerate launch --cpu --num_processes 2 --mpirun_hostfile hosts examples/accelerate_train.py
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 examples/accelerate_train.py
     python examples/accelerate_train.py --steps 20                  # one process, e.g. a notebook

@@ -55,7 +55,7 @@ from .ddp_gradients import LocalGradients
 from .optimizer import ZeroOptimizer
 
 try:
-    from accelerate.utils import DistributedType
+    import accelerate  # noqa: F401 - the Accelerator this module adapts
 except ImportError as error:  # pragma: no cover - the extras install it
     raise ImportError("zeroopt.accelerate needs Accelerate: pip install accelerate") from error
 
@@ -92,11 +92,16 @@ def prepare(accelerator, *args, device_placement=None):
             ``mixed_precision="fp16"``; a ZeroOptimizer averages over another number of ranks
             than Accelerate runs; a model is not on ``accelerator.device``; a model has
             trainable params no ZeroOptimizer steps next to ones one does.
+
+    Afterwards ``accelerator.clip_grad_norm_`` raises ValueError for params that are not
+    exactly one ZeroOptimizer's (a subset, two optimizers', or params with gradients it does
+    not step), and RuntimeError on an accumulation micro-step (``sync_gradients`` False).
     """
     refused = _REFUSED.get(accelerator.distributed_type.name)
     if refused is not None:
-        raise ValueError(f"zeroopt.accelerate: Accelerate runs in {accelerator.distributed_type.name} "
-                         f"mode, which does not combine with a ZeroOptimizer ({refused}). Launch "
+        raise ValueError(f"zeroopt.accelerate: Accelerate runs in "
+                         f"{accelerator.distributed_type.name} mode, which does not combine "
+                         f"with a ZeroOptimizer ({refused}). Launch "
                          f"plain data parallelism (accelerate launch without --use_deepspeed/"
                          f"--use_fsdp, or an accelerate config with distributed_type MULTI_GPU/"
                          f"MULTI_CPU), or use that mode without zeroopt")
@@ -286,8 +291,8 @@ def _one_optimizer(params: list) -> ZeroOptimizer | None:
     others = sum(1 for p in params if ownership.holder(p) is None and p.grad is not None)
     if left_out or others:
         raise ValueError(
-            f"zeroopt.accelerate: clip_grad_norm_ clips a ZeroOptimizer's gradients by the "
-            f"global norm over all the params it steps; the params given "
+            "zeroopt.accelerate: clip_grad_norm_ clips a ZeroOptimizer's gradients by the "
+            "global norm over all the params it steps; the params given "
             + (f"leave out {left_out} of them" if left_out else
                f"include {others} with gradients it does not step")
             + ". Pass exactly its model's params (model.parameters()), or call "

@@ -69,7 +69,8 @@ def suite(directory: str) -> dict:
     from accelerate import Accelerator
 
     out = {"plain": plain_loop(rank, world)}
-    out["accelerate"] = accelerate_loop(Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATE))
+    out["accelerate"] = accelerate_loop(Accelerator(cpu=True,
+                                                    gradient_accumulation_steps=ACCUMULATE))
     out["resumed"] = resumed_loop(os.path.join(directory, "state"))
     out["bf16"] = accelerate_loop(Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATE),
                                   dtype=torch.bfloat16)
