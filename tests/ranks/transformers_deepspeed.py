@@ -36,7 +36,8 @@ HF_ZERO2 = {
     "wall_clock_breakdown": False,
 }
 # What the config resolves to, as TrainingArguments: global batch 8 (4 a rank), clipping active
-# (the norms are ~0.8), weight decay on the Trainer's decay group.
+# (the norms are ~0.8), weight decay on every param (decay_all: a config's "optimizer" is
+# DeepSpeed's, which Transformers hands one group of every param).
 SETTINGS = dict(max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3, warmup_steps=2,
                 weight_decay=0.1, max_grad_norm=0.5)
 # The config's optimizer and ZeRO sections, as optim/optim_args (offload_optimizer: paged)
@@ -64,9 +65,11 @@ def warmup_lr(optimizer):
 
 
 def train(output_dir: str, scheduler=None, bf16_model: bool = False, resume: str | None = None,
-          build_only: bool = False, construct_only: bool = False, **overrides) -> dict:
+          build_only: bool = False, construct_only: bool = False, decay_all: bool = False,
+          **overrides) -> dict:
     """A fresh tiny Llama trained by ZeroTrainer with SETTINGS and ``overrides``.
-    ``scheduler``: a function (optimizer) -> scheduler that replaces the Trainer's.
+    ``scheduler``: a function (optimizer) -> scheduler that replaces the Trainer's;
+    ``decay_all``: weight decay on every param (biases and norms too).
     ``build_only``: construct and build the optimizer, no training; ``construct_only``: only
     construct the trainer."""
     from zeroopt.transformers import ZeroTrainer
@@ -76,6 +79,11 @@ def train(output_dir: str, scheduler=None, bf16_model: bool = False, resume: str
             if scheduler is not None and self.lr_scheduler is None:
                 self.lr_scheduler = scheduler(self.zero_optimizer)
             return super().create_scheduler(num_training_steps, optimizer)
+
+        def get_decay_parameter_names(self, model):
+            if decay_all:
+                return [name for name, _ in model.named_parameters()]
+            return super().get_decay_parameter_names(model)
 
     torch.set_num_threads(1)
     model = tiny_llama()
@@ -143,20 +151,21 @@ def runs(root: str) -> dict:
         # same settings as arguments, with the scheduler built by hand
         "deepspeed": train(path("deepspeed"), deepspeed=config(), save_strategy="steps",
                            save_steps=2, use_cpu=False),
-        "arguments": train(path("arguments"), scheduler=warmup_lr, **AS_ARGUMENTS),
+        "arguments": train(path("arguments"), scheduler=warmup_lr, decay_all=True,
+                           **AS_ARGUMENTS),
         # no "scheduler" in the config: the Trainer's lr_scheduler_type
         "no_scheduler": train(path("no_scheduler"), deepspeed=config(scheduler=None),
                               lr_scheduler_type="cosine"),
         "arguments_cosine": train(path("arguments_cosine"), lr_scheduler_type="cosine",
-                                  **AS_ARGUMENTS),
+                                  decay_all=True, **AS_ARGUMENTS),
         # bf16: bf16 params with fp32 masters, as DeepSpeed's bf16; the same by hand
         # (at the constant lr: WarmupLR's first two steps are at lr 0)
         "bf16": train(path("bf16"), deepspeed=config(bf16={"enabled": True}, scheduler=None),
                       bf16=True, max_steps=2),
         "bf16_by_hand": train(path("bf16_by_hand"), bf16_model=True, bf16=True, max_steps=2,
-                              **AS_ARGUMENTS),
+                              decay_all=True, **AS_ARGUMENTS),
         # DeepSpeed's Muon: its AdamW half gets the config's adam_lr and DeepSpeed's betas and
-        # eps (not the arguments'), the Trainer's no-decay group keeps 0 (no offload: muon's
+        # eps (not the arguments'), every param decayed (no offload: muon's
         # whole-matrix states are not paged)
         "muon": train(path("muon"), build_only=True, deepspeed=config(
             zero_optimization={"stage": 2},

@@ -15,11 +15,11 @@ the default ``gradient_clipping``) and ``runtime/lr_schedules.py``.
    with another step count is not a mismatch).
 2. The optimizer: ``zeroopt.deepspeed.config.plan`` maps "optimizer", "zero_optimization",
    "communication_data_type", "bf16" and the "zeroopt" section to ZeroOptimizer's arguments,
-   which win over TrainingArguments (ZeroTrainer's ``zeroopt={...}`` wins over both). The params
-   are grouped as the Trainer groups them: ``weight_decay`` on all but biases and norms
-   (Transformers hands DeepSpeed's own optimizer one group of every param, so DeepSpeed decays
-   those too; override ``get_decay_parameter_names`` to do the same). Without an optimizer in
-   the config the Trainer's ``optim``/``optim_args`` choose it, as Transformers does.
+   which win over TrainingArguments (ZeroTrainer's ``zeroopt={...}`` wins over both). With an
+   "optimizer" section every param is decayed, biases and norms too, as there: Transformers
+   hands DeepSpeed's optimizer one group of every trainable param. Without one, the Trainer's
+   ``optim``/``optim_args`` choose the optimizer and the Trainer's grouping applies (no decay
+   on biases and norms), as Transformers builds it and hands it to DeepSpeed.
 3. "bf16" enabled: the params are cast to bf16 before the ZeroOptimizer is built, which keeps
    fp32 masters (DeepSpeed's bf16); the Trainer's autocast (``bf16=True``, which Transformers
    requires to agree) stays on.
@@ -151,6 +151,8 @@ class TrainerDeepSpeedConfig:
             ValueError: see ``check_optim_args``.
         """
         self.check_optim_args(args)
+        if self.source.config.get("optimizer") is not None:  # DeepSpeed's: one group, decayed
+            decay_parameter_names = [name for name, _ in model.named_parameters()]
         name, groups, options = optimizer_arguments(
             args, model, decay_parameter_names, {**self.plan.optimizer_kwargs, **settings})
         adamw = self.plan.adamw_group  # DeepSpeed's Muon: its AdamW half's settings
