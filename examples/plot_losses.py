@@ -110,7 +110,9 @@ def main(argv=None):
         parser.error(f"--smooth must be at least 1, got {args.smooth}")
     plot(args.runs, labels, args.out, args.smooth, args.title)
     print(markdown_table(args.runs, labels))
-    print(f"wrote {args.out}")
+    parents = sorted({str(d.parent) for d in args.runs})
+    print(f"wrote: the plot {args.out}; the runs' logs (log_rank*.csv, summary_rank*.json) are in "
+          + (f"{parents[0]}/<run>" if len(parents) == 1 else ", ".join(map(str, args.runs))))
 
 
 if __name__ == "__main__":

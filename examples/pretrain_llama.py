@@ -154,6 +154,17 @@ def evaluate(comm, model, batches, n_batches, device, amp):
     return mean_over_ranks(comm, total / n_batches).item()
 
 
+def files_line(cfg, log: RunLog, world: int) -> str:
+    """The last line of a run: where its logs went (TensorBoard's and the checkpoints too,
+    when on), and the command that plots them."""
+    ranks = "0" if world == 1 else f"{{0..{world - 1}}}"
+    extra = f", TensorBoard {log.tensorboard_dir}" if log.tensorboard_dir else ""
+    if cfg["save_every"]:
+        extra += f", checkpoints {run_checkpoints.checkpoint_dir(cfg)}"
+    return (f"wrote: {log.dir}/log_rank{ranks}.csv and summary_rank{ranks}.json{extra}; "
+            f"plot: python examples/plot_losses.py {log.dir} --out {log.dir}/loss.png")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -162,10 +173,8 @@ def main(argv=None):
     # the device is this rank's GPU when there is one, else the CPU.
     comm, device = zeroopt.comm.init_distributed(cfg["backend"] or None)
     rank, world = comm.rank, comm.world_size
-
-    def note(msg):
-        if rank == 0:
-            print(msg, flush=True)
+    note = common.printer(rank == 0)  # rank 0 only; keeps the progress bar intact
+    note(common.job_line("pretrain_llama.py", comm, device))
 
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     tokens = load_tokens(cfg)
@@ -183,11 +192,13 @@ def main(argv=None):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=torch.bfloat16)
 
-    tokens_per_rank_step = bs * T * accum
-    note(f"world={world} device={device} params={model.num_params():,} "
-         f"optimizer={cfg['optimizer']} stage={cfg['stage']} dtype={cfg['dtype']} "
-         f"autocast={cfg['autocast'] or 'off'} tokens/step={tokens_per_rank_step * world:,} "
-         f"logs={cfg['log_dir']}")
+    steps, tokens_per_rank_step = cfg["steps"], bs * T * accum
+    note(f"model: Llama, {model.num_params():,} params ({cfg['dtype']}"
+         f"{', bf16 autocast' if cfg['autocast'] else ''}, {cfg['n_layers']} layers x "
+         f"{cfg['dim']}) | data: {len(train_tokens):,} + {len(val_tokens):,} validation bytes")
+    note(f"optimizer: {cfg['optimizer']}, ZeRO stage {cfg['stage']} | {steps} steps x "
+         f"{tokens_per_rank_step * world:,} tokens ({tokens_per_rank_step:,}/rank: {bs} x {T}"
+         f"{f' x {accum} accumulated' if accum > 1 else ''}) | logs to {cfg['log_dir']}")
     start_step, elapsed_before = 0, 0.0
     if cfg["resume"]:
         start_step, elapsed_before = run_checkpoints.resume(cfg, comm, model, opt, sched,
@@ -200,8 +211,9 @@ def main(argv=None):
     # does not wait for the host every step.
     window, last_loss, saving_s = [], float("nan"), 0.0
     layerwise = cfg["optimizer"].endswith("_layerwise")
+    bar = common.progress_bar(steps, start_step, rank == 0)  # None unless rank 0 has a terminal
     t_start = t_window = time.perf_counter()
-    for step in range(start_step + 1, cfg["steps"] + 1):
+    for step in range(start_step + 1, steps + 1):
         step_loss = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = train_batches.next(device)
@@ -221,43 +233,56 @@ def main(argv=None):
         sched.step()
         opt.zero_grad(set_to_none=True)
         window.append(step_loss)
+        if bar is not None:
+            bar.update(1)
 
-        if step % cfg["log_interval"] == 0 or step == cfg["steps"]:
+        if step % cfg["log_interval"] == 0 or step == steps:
             losses = torch.stack(window)
             own = losses.mean().item()
             last_loss = mean_over_ranks(comm, losses.mean()).item()  # also waits for the step
             now = time.perf_counter()
-            tok_s = len(window) * tokens_per_rank_step / (now - t_window)  # this rank's
+            speed = common.tokens_per_s(len(window) * tokens_per_rank_step, now - t_window,
+                                        world)
             log.write({"rank": rank, "step": step, "loss": round(own, 5),
                        "loss_all_ranks": round(last_loss, 5), "lr": float(f"{lr:.6g}"),
                        "grad_norm": round(float(grad_norm), 5),
-                       "tokens_per_s": round(tok_s, 1),
+                       "tokens_per_s_total": round(speed[0], 1),
+                       "tokens_per_s_per_rank": round(speed[1], 1),
                        "tokens_seen": step * tokens_per_rank_step * world,
                        "elapsed_s": round(elapsed_before + now - t_start, 3),
                        **memory_columns(opt, device)})
-            note(f"step {step:5d} | loss {last_loss:.4f} | lr {lr:.2e} | "
-                 f"grad_norm {float(grad_norm):.3f} | "
-                 f"{tok_s:,.0f} tok/s/rank | "
-                 f"opt state {opt.state_bytes() / 2**20:.2f} MB/rank")
+            if bar is not None:
+                bar.set_postfix(loss=f"{last_loss:.3f}")
+            note(f"step {step:5d}/{steps} | loss {last_loss:.4f} | lr {lr:.2e} | "
+                 f"grad_norm {float(grad_norm):.3f} | {common.speed_text(*speed)} | "
+                 f"opt state {opt.state_bytes() / 2**20:.2f} MB/rank | ETA "
+                 f"{common.eta(step - start_step, steps - step, now - t_start - saving_s)}")
             window, t_window = [], time.perf_counter()
 
-        if cfg["save_every"] and (step % cfg["save_every"] == 0 or step == cfg["steps"]):
+        if cfg["save_every"] and (step % cfg["save_every"] == 0 or step == steps):
             t_save = time.perf_counter()
             path = run_checkpoints.save(cfg, comm, step, elapsed_before + t_save - t_start,
                                         model, opt, sched, train_batches)
             saving_s += time.perf_counter() - t_save
             t_window += time.perf_counter() - t_save  # saving is not training speed
             note(f"saved {path}")
+    if bar is not None:
+        bar.close()
     train_time = time.perf_counter() - t_start - saving_s
     log.close()
 
     val_loss = evaluate(comm, model, val_batches, cfg["eval_batches"], device, amp)
+    tok_s, tok_s_rank = common.tokens_per_s((steps - start_step) * tokens_per_rank_step,
+                                            train_time, world)
+    memory = common.optimizer_memory(opt)
     summary = {
-        "rank": rank, "world_size": world, "device": str(device), "config": cfg,
+        "rank": rank, "world_size": world, "device": str(device), "backend": comm.backend,
+        "launcher": common.launcher(), "config": cfg,
         "num_params": model.num_params(), "final_train_loss": last_loss, "val_loss": val_loss,
         "train_time_s": train_time, "save_time_s": saving_s,
-        "tokens_per_s_per_rank": (cfg["steps"] - start_step) * tokens_per_rank_step / train_time,
-        "state_bytes": opt.state_bytes(), "device_state_bytes": opt.device_state_bytes(),
+        "tokens_per_s_total": tok_s, "tokens_per_s_per_rank": tok_s_rank,
+        "state_bytes": memory["held"], "device_state_bytes": memory["on_device"],
+        "optimizer_memory": memory,
         "peak_rss_bytes": peak_rss_bytes(),
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda" else None,
@@ -265,9 +290,14 @@ def main(argv=None):
     }
     with open(log.dir / f"summary_rank{rank}.json", "w") as f:
         json.dump(summary, f, indent=2)
-    note(f"done: steps={cfg['steps']} world={world} final_train_loss={last_loss:.4f} "
-         f"val_loss={val_loss:.4f} tokens_per_s_per_rank={summary['tokens_per_s_per_rank']:.0f} "
-         f"state_MB_per_rank={summary['state_bytes'] / 2**20:.3f} train_time_s={train_time:.1f}")
+    all_memory = comm.all_gather_object(memory)
+    note(f"done: steps={steps} world={world} final_train_loss={last_loss:.4f} "
+         f"val_loss={val_loss:.4f} tokens_per_s_total={tok_s:.0f} "
+         f"tokens_per_s_per_rank={tok_s_rank:.0f} "
+         f"state_MB_per_rank={max(m['held'] for m in all_memory) / 2**20:.3f} "
+         f"train_time_s={train_time:.1f}")
+    note(common.memory_line(all_memory))
+    note(files_line(cfg, log, world))
 
     comm.barrier()  # no rank tears its connections down while another still uses them
     zeroopt.comm.shutdown()

@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-COLUMNS = ("rank", "step", "loss", "loss_all_ranks", "lr", "grad_norm", "tokens_per_s",
-           "tokens_seen", "elapsed_s", "rss_mb", "peak_rss_mb", "state_mb", "device_state_mb",
-           "cuda_max_allocated_mb")
+COLUMNS = ("rank", "step", "loss", "loss_all_ranks", "lr", "grad_norm", "tokens_per_s_total",
+           "tokens_per_s_per_rank", "tokens_seen", "elapsed_s", "rss_mb", "peak_rss_mb",
+           "state_mb", "device_state_mb", "cuda_max_allocated_mb")
 MB = 2 ** 20
 
 
@@ -68,10 +68,13 @@ class RunLog:
             with open(self.path, newline="") as f:
                 kept = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
         self._file = open(self.path, "w", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        # "ignore": kept rows of an older file may have columns since renamed (write() checks
+        # the new rows' keys itself).
+        self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS, extrasaction="ignore")
         self._csv.writeheader()
         self._csv.writerows(kept)
         self._tb = None
+        self.tensorboard_dir = None  # where the TensorBoard events go, when they do
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -80,7 +83,8 @@ class RunLog:
                      "logging to CSV only. Fix: pip install tensorboard, or set "
                      "--tensorboard false")
             else:
-                self._tb = SummaryWriter(str(self.dir / "tensorboard" / f"rank{rank}"))
+                self.tensorboard_dir = self.dir / "tensorboard"
+                self._tb = SummaryWriter(str(self.tensorboard_dir / f"rank{rank}"))
 
     def write(self, row: dict) -> None:
         unknown = set(row) - set(COLUMNS)

@@ -12,8 +12,11 @@ gradient reduction itself.
                                  # the same training through DeepSpeed's engine (deepspeed_train.py)
 
 Any key of the config file can be overridden on the command line (--steps 20, --dtype bf16,
---grad_accum 2, ...). Rank 0 prints a line every log_interval steps and, at the end, one
-line with final_train_loss= and val_loss= ; --out_json PATH also writes a JSON summary.
+--grad_accum 2, ...). Rank 0 prints a header (ranks, backend, launcher, device, model,
+optimizer, stage), a progress bar with the ETA when its stderr is a terminal, a line every
+log_interval steps (loss, lr, grad norm, tokens/s in all and per rank, ETA) and, at the end,
+the "done:" line (final_train_loss=, val_loss=, tokens_per_s_total=, tokens_per_s_per_rank=),
+the optimizer memory by part, and where the summary went: --out_json PATH writes one.
 
 --dtype bf16 is meant for GPUs: on a CPU without bf16 matmul instructions it runs ~10x slower.
 """
@@ -26,7 +29,6 @@ import time
 from functools import partial
 
 import torch
-from tqdm import tqdm
 
 import zeroopt
 
@@ -113,11 +115,8 @@ def main(argv=None):
     comm, device = zeroopt.comm.init_distributed(cfg["backend"] or None)
     rank, world = comm.rank, comm.world_size
     is_main = rank == 0
-
-    def log(msg):
-        if is_main:
-            tqdm.write(msg)
-            sys.stdout.flush()
+    log = common.printer(is_main)  # rank 0 only; keeps the progress bar intact
+    log(common.job_line("train_gpt.py", comm, device))
 
     # Same seed on every rank, so all ranks build identical initial weights.
     torch.manual_seed(cfg["seed"])
@@ -133,8 +132,11 @@ def main(argv=None):
     model = GPT(GPTConfig(vocab_size=256, block_size=T, n_layer=cfg["n_layer"],
                           n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"]))
     model.to(device=device, dtype=DTYPES[cfg["dtype"]])
+    log(f"model: GPT, {model.num_params():,} params ({cfg['dtype']}, {cfg['n_layer']} layers x "
+        f"{cfg['n_embd']}) | data: {len(train_tokens):,} + {len(val_tokens):,} validation bytes")
 
     if cfg["deepspeed_config"]:  # the same training through DeepSpeed's engine
+        common.note_deepspeed_build(log)  # its first run on a machine compiles an op
         engine, opt, sched = deepspeed_train.initialize(model, optimizer_groups(model, cfg), cfg,
                                                         lr_lambda(cfg))
         train_step = partial(deepspeed_train.train_step, engine, train_batches, device)
@@ -147,55 +149,69 @@ def main(argv=None):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         train_step = partial(zeroopt_train_step, model, opt, sched, train_batches, cfg, device)
 
-    accum = cfg["grad_accum"]
-    tokens_per_step = bs * T * accum * world  # summed over all ranks
-    log(f"world={world} device={device} dtype={cfg['dtype']} params={model.num_params():,} "
-        f"data={len(train_tokens):,}+{len(val_tokens):,} bytes optimizer={cfg['optimizer']} "
-        f"stage={cfg['stage']} tokens/step={tokens_per_step:,}")
+    steps, accum = cfg["steps"], cfg["grad_accum"]
+    tokens_per_rank_step = bs * T * accum
+    tokens_per_step = tokens_per_rank_step * world  # summed over all ranks
+    through = f", through DeepSpeed's engine ({cfg['deepspeed_config']})" \
+        if cfg["deepspeed_config"] else ""
+    log(f"optimizer: {cfg['optimizer']}, ZeRO stage {opt.stage}{through} | {steps} steps x "
+        f"{tokens_per_step:,} tokens ({tokens_per_rank_step:,}/rank: {bs} x {T}"
+        f"{f' x {accum} accumulated' if accum > 1 else ''})")
 
     # Per-step losses stay on the device and are averaged over ranks once per log window,
     # so the loop does not sync with the host every step.
     window, losses = [], []
-    bar = tqdm(total=cfg["steps"], disable=not (is_main and sys.stderr.isatty()),
-               desc="train", dynamic_ncols=True)
+    bar = common.progress_bar(steps, 0, is_main)  # None unless rank 0 has a terminal
     t_start = t_window = time.perf_counter()
-    for step in range(1, cfg["steps"] + 1):
+    for step in range(1, steps + 1):
         step_loss, grad_norm = train_step()
         window.append(step_loss)
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
 
-        if step % cfg["log_interval"] == 0 or step == cfg["steps"]:
+        if step % cfg["log_interval"] == 0 or step == steps:
             window_losses = mean_over_ranks(comm, torch.stack(window)).tolist()  # also syncs
             losses += window_losses
             now = time.perf_counter()
-            tok_s = len(window) * tokens_per_step / (now - t_window)
-            bar.set_postfix(loss=f"{window_losses[-1]:.3f}")
-            log(f"step {step:5d} | loss {window_losses[-1]:.4f} | lr {sched.get_last_lr()[0]:.2e}"
-                f" | grad_norm {float(grad_norm):.3f} | {tok_s:,.0f} tok/s"
-                f" | opt state {opt.state_bytes() / 2**20:.2f} MB/rank")
+            speed = common.tokens_per_s(len(window) * tokens_per_rank_step, now - t_window,
+                                        world)
+            if bar is not None:
+                bar.set_postfix(loss=f"{window_losses[-1]:.3f}")
+            log(f"step {step:5d}/{steps} | loss {window_losses[-1]:.4f} | "
+                f"lr {sched.get_last_lr()[0]:.2e} | grad_norm {float(grad_norm):.3f} | "
+                f"{common.speed_text(*speed)} | opt state {opt.state_bytes() / 2**20:.2f} "
+                f"MB/rank | ETA {common.eta(step, steps - step, now - t_start)}")
             window, t_window = [], time.perf_counter()
-    bar.close()
+    if bar is not None:
+        bar.close()
     train_time = time.perf_counter() - t_start
 
     val_loss = evaluate(comm, model, val_batches, cfg["eval_batches"], device)
-    state_bytes = comm.all_gather_object(opt.state_bytes())
-    tok_s = cfg["steps"] * tokens_per_step / train_time
-    log(f"done: steps={cfg['steps']} world={world} final_train_loss={losses[-1]:.4f} "
-        f"val_loss={val_loss:.4f} tokens_per_s={tok_s:.0f} "
+    memory = comm.all_gather_object(common.optimizer_memory(opt))
+    state_bytes = [m["held"] for m in memory]
+    tok_s, tok_s_rank = common.tokens_per_s(steps * tokens_per_rank_step, train_time, world)
+    log(f"done: steps={steps} world={world} final_train_loss={losses[-1]:.4f} "
+        f"val_loss={val_loss:.4f} tokens_per_s_total={tok_s:.0f} "
+        f"tokens_per_s_per_rank={tok_s_rank:.0f} "
         f"state_MB_per_rank={max(state_bytes) / 2**20:.3f} train_time_s={train_time:.1f}")
+    log(common.memory_line(memory))
 
     if is_main and out_json:
         summary = {
             "config": cfg, "world_size": world, "device": str(device),
+            "backend": comm.backend, "launcher": common.launcher(),
             "num_params": model.num_params(),
             "final_train_loss": losses[-1], "val_loss": val_loss,
-            "tokens_per_s": tok_s, "train_time_s": train_time,
-            "state_bytes_per_rank": state_bytes, "train_losses": losses,
-            "params_sha256": params_digest(model),
+            "tokens_per_s_total": tok_s, "tokens_per_s_per_rank": tok_s_rank,
+            "train_time_s": train_time,
+            "state_bytes_per_rank": state_bytes, "optimizer_memory_per_rank": memory,
+            "train_losses": losses, "params_sha256": params_digest(model),
         }
         pathlib.Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         with open(out_json, "w") as f:
             json.dump(summary, f, indent=2)
+    log(f"wrote: the summary (losses, speed, memory by part) to {out_json}" if out_json else
+        "wrote: no files (--out_json PATH saves a JSON summary: losses, speed, memory by part)")
 
     comm.barrier()  # no rank tears its connections down while another still uses them
     zeroopt.comm.shutdown()

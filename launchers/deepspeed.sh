@@ -33,6 +33,10 @@
 #                 numactl if installed) and set OMP_NUM_THREADS to that share
 #   CONFIG        the example's JSON config (default configs/deepspeed_cpu.json on CPU,
 #                 configs/gpt_tiny.json on GPUs)
+#   SCRIPT        the example (default examples/train_gpt.py; examples/deepspeed_train.py
+#                 trains one DeepSpeed config with DeepSpeed alone and with zeroopt). The
+#                 first run on a machine that goes through DeepSpeed's engine compiles its CPU
+#                 comm op (a few minutes); the example says so first.
 #   PYTHON        the interpreter (default python); the launcher and the ranks use it
 #   DEEPSPEED_ARGS  further launcher flags (word-split), e.g. "--enable_each_rank_log /tmp/l"
 #
@@ -103,5 +107,6 @@ LAUNCH=(--no_local_rank)
 [[ -n "${DEEPSPEED_ARGS:-}" ]] && LAUNCH+=(${DEEPSPEED_ARGS})
 
 # `python -m deepspeed.launcher.runner` is the `deepspeed` command, for this interpreter.
+SCRIPT="${SCRIPT:-examples/train_gpt.py}"
 exec "$PYTHON" -m deepspeed.launcher.runner "${LAUNCH[@]}" \
-  examples/train_gpt.py --config "$CONFIG" "$@"
+  "$SCRIPT" --config "$CONFIG" "$@"

@@ -26,6 +26,31 @@ def test_gpt_example_trains_on_two_ranks(tmp_path):
     assert losses[-1] < losses[0] - 1.0, losses  # bytes start near ln(256) = 5.5
     per_rank = summary["state_bytes_per_rank"]
     assert len(per_rank) == 2 and max(per_rank) - min(per_rank) <= 0.01 * max(per_rank)
+    check_output(run.stdout, summary, steps=25, log_interval=10)
+
+
+def check_output(stdout, summary, steps, log_interval):
+    """What rank 0 prints, in order: the header (ranks, backend, launcher, model, optimizer),
+    a line per log interval (step of steps, tokens/s in all and per rank, ETA), "done:", the
+    optimizer memory by part, where the summary went; and the summary's speed and memory."""
+    lines = stdout.splitlines()
+    assert lines[0] == ("train_gpt.py: 2 ranks over gloo, launched by torchrun, device cpu, "
+                        "1 thread per rank"), lines[:3]
+    assert lines[1].startswith("model: GPT, ") and lines[2].startswith("optimizer: adamw, ZeRO")
+    logged = [line for line in lines if line.startswith("step ")]
+    assert [int(line.split()[1].split("/")[0]) for line in logged] == \
+        [*range(log_interval, steps + 1, log_interval), *([steps] if steps % log_interval else [])]
+    assert all(f"/{steps} | loss " in line and " tok/s (" in line and "/rank) | " in line
+               and "| ETA " in line for line in logged), logged
+    done = lines.index(next(line for line in lines if line.startswith("done: ")))
+    assert "tokens_per_s_total=" in lines[done] and "tokens_per_s_per_rank=" in lines[done]
+    assert lines[done + 1].startswith("optimizer memory (rank ")
+    assert lines[done + 2].startswith("wrote: the summary") and lines[done + 2].endswith(".json")
+    assert summary["tokens_per_s_total"] == 2 * summary["tokens_per_s_per_rank"]
+    assert summary["backend"] == "gloo" and summary["launcher"] == "torchrun"
+    for m, held in zip(summary["optimizer_memory_per_rank"], summary["state_bytes_per_rank"]):
+        assert m["held"] == m["states"] + m["paged_states"] + m["masters"] == held
+        assert m["on_device"] == m["states"] + m["masters"] + m["scratch"]
 
 
 @pytest.mark.slow  # two 200-step runs of the main job: ~105 s

@@ -2,6 +2,7 @@
 script (with stand-ins for SLURM's commands) and the DeepSpeed launcher. The multi-node
 torchrun launcher is run across two network namespaces in tests/test_multinode.py."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -132,3 +133,28 @@ def test_deepspeed_launcher_trains_the_example(tmp_path):
     summary = _trained(out_json, world_size=2, steps=2)
     if summary["device"] == "cpu":
         assert summary["config"]["backend"] == "gloo"  # configs/deepspeed_cpu.json
+
+
+def test_deepspeed_op_build_is_announced_only_when_it_will_happen(tmp_path, monkeypatch):
+    """examples/common.py's note before DeepSpeed compiles its CPU comm op (deepspeed_shm_comm,
+    ~1-3 silent minutes on a machine's first DeepSpeed run): said when torch's extension cache
+    lacks the op's library, not once it is there. (That the real build writes the library
+    where this looks was checked by running it into an empty TORCH_EXTENSIONS_DIR.)"""
+    pytest.importorskip("deepspeed", reason="needs `pip install deepspeed`")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("DeepSpeed picked a non-CPU accelerator earlier in this process")
+    spec = importlib.util.spec_from_file_location("examples_common", ROOT / "examples/common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    said = []
+    common.note_deepspeed_build(said.append)
+    assert common.deepspeed_ops_to_build() == (["deepspeed_shm_comm"], str(tmp_path))
+    assert len(said) == 1 and "deepspeed_shm_comm" in said[0] and str(tmp_path) in said[0]
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    common.note_deepspeed_build(said.append)
+    assert common.deepspeed_ops_to_build() == ([], str(tmp_path)) and len(said) == 1

@@ -74,13 +74,17 @@ def test_every_rank_logs_its_steps_speed_and_memory(compared, run):
     run_dir = compared[0] / run
     for rank in (0, 1):
         rows = read_log(run_dir, rank)
-        assert {"rank", "step", "loss", "loss_all_ranks", "lr", "tokens_per_s", "rss_mb",
-                "peak_rss_mb", "state_mb", "cuda_max_allocated_mb"} <= set(rows[0])
+        assert {"rank", "step", "loss", "loss_all_ranks", "lr", "tokens_per_s_total",
+                "tokens_per_s_per_rank", "rss_mb", "peak_rss_mb", "state_mb",
+                "cuda_max_allocated_mb"} <= set(rows[0])
         assert [int(r["step"]) for r in rows] == list(range(LOG_INTERVAL, STEPS + 1, LOG_INTERVAL))
         for r in rows:
             assert int(r["rank"]) == rank
             assert math.isfinite(float(r["loss"])) and math.isfinite(float(r["loss_all_ranks"]))
-            assert float(r["lr"]) > 0 and float(r["tokens_per_s"]) > 0
+            assert float(r["lr"]) > 0 and float(r["tokens_per_s_per_rank"]) > 0
+            # the total is the 2 ranks' (rounded to 0.1 each)
+            assert abs(float(r["tokens_per_s_total"]) - 2 * float(r["tokens_per_s_per_rank"])) \
+                <= 0.2
             assert 0 < float(r["rss_mb"]) <= float(r["peak_rss_mb"])
             assert float(r["state_mb"]) > 0
             assert r["cuda_max_allocated_mb"] == ""  # CPU run: no CUDA figure to give
@@ -106,6 +110,12 @@ def test_ranks_end_with_identical_params(compared, run):
     assert s0["world_size"] == 2 and s0["rank"] == 0 and s1["rank"] == 1
     assert s0["params_sha256"] == s1["params_sha256"]
     assert math.isfinite(s0["val_loss"]) and s0["tokens_per_s_per_rank"] > 0
+    assert s0["tokens_per_s_total"] == pytest.approx(2 * s0["tokens_per_s_per_rank"], rel=1e-12)
+    for s in (s0, s1):  # opt.memory()'s parts add up to the two totals
+        m = s["optimizer_memory"]
+        assert m["held"] == m["states"] + m["paged_states"] + m["masters"] == s["state_bytes"]
+        assert m["on_device"] == m["states"] + m["masters"] + m["scratch"] \
+            == s["device_state_bytes"]
 
 
 def test_runs_differ_and_stage_2_shards_the_adam_states(compared):
@@ -117,6 +127,27 @@ def test_runs_differ_and_stage_2_shards_the_adam_states(compared):
     full = 8 * adamw[0]["num_params"]
     assert abs(sum(s["state_bytes"] for s in adamw) - full) <= 0.01 * full
     assert max(s["state_bytes"] for s in adamw) <= 0.51 * full
+
+
+def test_driver_output_names_the_job_speed_memory_and_files(compared):
+    """What rank 0 prints for each run: the header (ranks, backend, launcher), a line per log
+    interval with tokens/s in all and per rank and the ETA, the "done:" line, the optimizer
+    memory by part, and where the logs went; then the plot's path."""
+    out, stdout = compared
+    runs = stdout.split("=== ")[1:]
+    assert len(runs) == len(RUNS)
+    for run, text in zip(RUNS, runs):
+        assert "pretrain_llama.py: 2 ranks over gloo, launched by torchrun, device cpu" in text
+        assert f"optimizer: {RUNS[run].split()[0]}, ZeRO stage " in text
+        logged = [line for line in text.splitlines() if line.startswith("step ")]
+        assert len(logged) == STEPS // LOG_INTERVAL
+        assert all(" tok/s (" in line and "/rank) | " in line and "| ETA " in line
+                   for line in logged), logged[:2]
+        assert logged[-1].startswith(f"step    {STEPS}/{STEPS} |")
+        assert "tokens_per_s_total=" in text and "tokens_per_s_per_rank=" in text
+        assert "optimizer memory (rank " in text and "decode scratch" in text
+        assert f"wrote: {out / run}/log_rank{{0..1}}.csv and summary_rank{{0..1}}.json" in text
+    assert f"wrote: the plot {out / 'loss_curves.png'}" in stdout
 
 
 def test_tensorboard_is_used_only_when_installed(compared):
