@@ -2,11 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import watch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpt_example_trains_on_two_ranks(tmp_path):
     out = tmp_path / "summary.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-    run = subprocess.run(
+    run = watch.run(
         ["bash", "launchers/torchrun.sh", "--nproc", "2", "--steps", "25", "--stage", "2",
          "--out_json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "final_train_loss=" in run.stdout
     summary = json.loads(out.read_text())
@@ -61,10 +62,10 @@ def test_8bit_states_train_as_well_as_32bit(tmp_path):
     for name in ("adamw", "adamw_8bit"):
         out = tmp_path / f"{name}.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-        run = subprocess.run(
+        run = watch.run(
             ["bash", "launchers/torchrun.sh", "--nproc", "2", "--steps", "200",
              "--optimizer", name, "--out_json", str(out)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            cwd=ROOT, env=env)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         summaries[name] = json.loads(out.read_text())
     full, eight = summaries["adamw"], summaries["adamw_8bit"]
@@ -78,11 +79,11 @@ def test_galore_trains_the_example(tmp_path):
     ranks, stage 2: it trains, each projected matrix on one rank."""
     out = tmp_path / "galore.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-    run = subprocess.run(
+    run = watch.run(
         ["bash", "launchers/torchrun.sh", "--nproc", "2", "--steps", "30", "--stage", "2",
          "--optimizer", "galore_adamw", "--galore_rank", "32", "--galore_update_proj_gap", "10",
          "--galore_scale", "1.0", "--out_json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     losses = json.loads(out.read_text())["train_losses"]
     assert losses[-1] < losses[0] - 1.0, losses
@@ -101,8 +102,7 @@ def test_mpirun_launcher_trains_the_same_model_as_torchrun(tmp_path):
     summaries = {}
     for name, command in runs.items():
         out = tmp_path / f"{name}.json"
-        run = subprocess.run(["bash", *command, *args, "--out_json", str(out)],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        run = watch.run(["bash", *command, *args, "--out_json", str(out)], cwd=ROOT, env=env)
         assert run.returncode == 0, name + run.stdout[-3000:] + run.stderr[-3000:]
         summaries[name] = json.loads(out.read_text())
     mpi = summaries["mpi"]

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import watch
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ["launchers/torchrun_multinode.sh", "launchers/slurm_torchrun.sbatch",
              "launchers/deepspeed.sh"]
-TIMEOUT_S = 180  # a hung run fails the test instead of hanging the suite
 
 
 def _free_port():
@@ -25,16 +26,10 @@ def _free_port():
 
 
 def _run(argv, env, cwd=ROOT):
-    # start_new_session + killpg: a timeout takes the launcher's ranks down with it.
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, _ = proc.communicate()
-        pytest.fail(f"{argv} timed out after {TIMEOUT_S}s:\n{out[-4000:]}")
-    return proc.returncode, out
+    # watch.run: a hung launcher (no CPU used for a minute) is killed with its ranks, and its
+    # Python stacks are in the failure.
+    run = watch.run(argv, cwd=cwd, env=env, merge=True)
+    return run.returncode, run.stdout
 
 
 def _trained(summary_path, world_size, steps):

@@ -45,6 +45,7 @@ from pathlib import Path
 import pytest
 
 import netns
+import watch
 
 pytestmark = pytest.mark.slow  # each test starts two namespaces' worth of launchers: ~60 s
 
@@ -52,7 +53,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--config", "configs/multinode.json", "--steps", "5", "--reduce_dtype", "fp64",
         "--data_max_bytes", "2000000"]
 PORT = 29400
-TIMEOUT_S = 90  # each job; a hang is killed (whole process group) and reported
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def two_nodes(namespaces_possible):
 
 
 def _env(**extra):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **extra}
+    # PYTHONFAULTHANDLER: on a hang, watch's SIGABRT makes every Python process print its stacks
+    return watch.faulthandler_env(OMP_NUM_THREADS="1", PYTHON=sys.executable, **extra)
 
 
 def _start(argv, env, log):
@@ -89,13 +90,16 @@ def _kill(proc):
         proc.wait()
 
 
-def _wait_all(procs, logs, timeout):
-    """Wait for all; on a timeout or a failure kill them all, then fail with their logs."""
-    deadline = time.monotonic() + timeout
+def _wait_all(procs, logs):
+    """Wait for all; on a hang (watch.Watch: none of their processes used CPU for a minute;
+    their Python stacks go to the logs) or a failure kill them all, then fail with the logs."""
+    watcher = watch.Watch([p.pid for p in procs], what="the launchers")
     try:
         while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout}s\n" + _tails(logs))
+            try:
+                watcher.check()
+            except watch.Hung as hung:
+                pytest.fail(f"{hung}\n" + _tails(logs))
             if any(p.poll() not in (None, 0) for p in procs):
                 time.sleep(5)  # let the others report their side, then stop them
                 break
@@ -116,7 +120,7 @@ def _one_node_run(tmp, extra=()):
     t0 = time.monotonic()
     single = _start(["bash", "launchers/torchrun.sh", "--nproc", "4", *ARGS, *extra,
                      "--out_json", str(tmp / "single.json")], _env(), tmp / "single.log")
-    _wait_all([single], [tmp / "single.log"], TIMEOUT_S)
+    _wait_all([single], [tmp / "single.log"])
     print(f"one node x 4 ranks: {time.monotonic() - t0:.1f}s")
     return json.loads((tmp / "single.json").read_text())
 
@@ -163,7 +167,7 @@ def _torchrun_two_nodes(two_nodes, tmp_path, extra=()):
         argv = node.wrap(["bash", "launchers/torchrun_multinode.sh", *ARGS, *extra,
                           "--out_json", str(tmp_path / f"node{k}.json")])
         procs.append(_start(argv, env, log))
-    _wait_all(procs, logs, TIMEOUT_S)
+    _wait_all(procs, logs)
     print(f"torchrun, two nodes x 2 ranks: {time.monotonic() - t0:.1f}s")
     # Node a has rank 0: nodes are ranked by sorting their LOCAL_ADDR (see pitfall 2).
     return _summary_from_node_a(tmp_path, logs)
@@ -210,6 +214,6 @@ def test_deepspeed_two_nodes_train_the_same_params_as_one_node(two_nodes, one_no
         argv = node.wrap(["bash", "launchers/deepspeed.sh", *ARGS,
                           "--out_json", str(tmp_path / f"node{k}.json")])
         procs.append(_start(argv, env, log))
-    _wait_all(procs, logs, TIMEOUT_S)
+    _wait_all(procs, logs)
     print(f"deepspeed, two nodes x 2 ranks: {time.monotonic() - t0:.1f}s")
     _same_training(_summary_from_node_a(tmp_path, logs), one_node)
