@@ -38,7 +38,7 @@ _suites: dict = {}
 def suite(world_size: int) -> list:
     if world_size not in _suites:
         _suites[world_size] = run_ranks(world_size, scenarios.suite, world_size == 2,
-                                        timeout=600)
+                                        shared=True)
     return _suites[world_size]
 
 
@@ -101,8 +101,8 @@ def test_8bit_states_within_bitsandbytes_tolerances(results, case):
 def test_checkpoint_reshards_3_to_2(tmp_path):
     """Save at W=3, resume at W=2: params stepped whole continue bit for bit; flat ones within
     fp32 rounding of their whole-param sums, which follow the cut (observed ~1e-7)."""
-    uninterrupted = run_ranks(3, scenarios.save_partway, str(tmp_path))[0]
-    resumed = run_ranks(2, scenarios.resume, str(tmp_path))
+    uninterrupted = run_ranks(3, scenarios.save_partway, str(tmp_path), shared=True)[0]
+    resumed = run_ranks(2, scenarios.resume, str(tmp_path), shared=True)
     for case, (hp, _) in scenarios.CHECKPOINTS.items():
         for got in resumed:
             for a, b in zip(got[case], uninterrupted[case]):

@@ -108,6 +108,6 @@ def _groups_as_given() -> dict:
 
 
 def test_process_group_is_used_as_given_and_named_backend_joins_the_job():
-    for r in run_ranks(2, _groups_as_given):
+    for r in run_ranks(2, _groups_as_given, shared=True):
         assert r["given"] and r["named"] == (None, "gloo")
         assert "pass process_group or backend, not both" in r["both"]

@@ -234,14 +234,14 @@ def test_load_state_dict_from_torch_optim():
     ("dtype", r"param 0 is shape \[\] float32 in group 0 on rank 0 but shape \[\] float64"),
 ])
 def test_ranks_that_disagree_about_params_all_get_the_error(kind, message):
-    errors = run_ranks(2, bad_input.mismatched_params, kind, timeout=120)
+    errors = run_ranks(2, bad_input.mismatched_params, kind, shared=True)
     for error in errors:
         assert "ranks disagree about the parameters" in error
         assert re.search(message, error), error
 
 
 def test_ranks_that_disagree_about_settings_all_get_the_error():
-    for error in run_ranks(2, bad_input.mismatched_settings, timeout=120):
+    for error in run_ranks(2, bad_input.mismatched_settings, shared=True):
         assert "ranks disagree about stage: rank 0 has 1, rank 1 has 2" in error
 
 
@@ -347,7 +347,7 @@ def disagreement_errors(request, tmp_path_factory):
     another: each raises on every rank after the same collective)."""
     page_dir = str(tmp_path_factory.mktemp("pages"))
     errors = run_ranks(request.param, bad_input.disagreements, list(DISAGREEMENTS),
-                       page_dir, timeout=180)
+                       page_dir, shared=True)
     return request.param, page_dir, errors
 
 
@@ -361,7 +361,7 @@ def test_ranks_that_disagree_all_get_the_same_error(disagreement_errors, case):
 
 
 def test_a_disagreement_seen_by_one_sharding_group_reaches_every_rank():
-    errors = run_ranks(4, bad_input.disagreement_in_one_sharding_group, timeout=180)
+    errors = run_ranks(4, bad_input.disagreement_in_one_sharding_group, shared=True)
     assert len(set(errors)) == 1, errors
     assert "ranks disagree about bucket_numel: rank 2 has 700, rank 3 has 800" in errors[0], \
         errors[0]

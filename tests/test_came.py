@@ -29,7 +29,7 @@ def results_at(world_size: int, root: str) -> list:
         if world_size == 2:
             results_at(3, root)
         _results[world_size] = run_ranks(world_size, came.suite, root, world_size == 3,
-                                         world_size == 2, timeout=300)
+                                         world_size == 2, shared=True)
     return _results[world_size]
 
 

@@ -26,7 +26,7 @@ TOL_PER_TENSOR_NORM = 1e-6
 @pytest.fixture(scope="module")
 def saved_at_4(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("saved_at_4"))
-    finals = run_ranks(4, checkpoint.save_partway, list(checkpoint.CASES), root)
+    finals = run_ranks(4, checkpoint.save_partway, list(checkpoint.CASES), root, shared=True)
     assert all(torch.equal(a, b) for r in finals[1:] for case in r
                for a, b in zip(r[case], finals[0][case])), "ranks ended with different params"
     return root, finals[0]
@@ -35,7 +35,8 @@ def saved_at_4(tmp_path_factory):
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_resume_at_another_world_size_equals_the_uninterrupted_run(saved_at_4, world_size):
     root, uninterrupted = saved_at_4
-    resumed = run_ranks(world_size, checkpoint.resume, list(checkpoint.CASES), root)[0]
+    resumed = run_ranks(world_size, checkpoint.resume, list(checkpoint.CASES), root,
+                        shared=True)[0]
     for case, (_, _, _, exact) in checkpoint.CASES.items():
         pairs = list(zip(uninterrupted[case], resumed[case]))
         if exact:
@@ -49,14 +50,15 @@ def test_resume_at_another_world_size_equals_the_uninterrupted_run(saved_at_4, w
 def test_hierarchical_checkpoint_resumes_flat(tmp_path):
     """Saved by 2 sharding groups of 2 (one replica writes), resumed flat on 3 ranks."""
     names = ["adamw", "adamw_8bit", "galore_adamw"]
-    finals = run_ranks(4, checkpoint.save_partway, names, str(tmp_path), 2)[0]
-    resumed = run_ranks(3, checkpoint.resume, names, str(tmp_path))[0]
+    finals = run_ranks(4, checkpoint.save_partway, names, str(tmp_path), 2, shared=True)[0]
+    resumed = run_ranks(3, checkpoint.resume, names, str(tmp_path), shared=True)[0]
     for case in names:
         assert all(torch.equal(a, b) for a, b in zip(finals[case], resumed[case])), case
 
 
 def test_extras_are_rank_0s_on_every_rank(tmp_path):
-    assert run_ranks(2, checkpoint.extras_round_trip, str(tmp_path / "ckpt")) == [{"saved_by": 0}] * 2
+    extras = run_ranks(2, checkpoint.extras_round_trip, str(tmp_path / "ckpt"), shared=True)
+    assert extras == [{"saved_by": 0}] * 2
 
 
 # --- atomic saves and verified loads (one process: the files are what is tested) ------------
@@ -222,6 +224,7 @@ def test_a_checkpoint_saved_under_mpirun_resumes_under_gloo(tmp_path, monkeypatc
 
     monkeypatch.setenv("ZEROOPT_TEST_CHECKPOINTS", str(tmp_path))
     finals = mpi_ranks(2, "ranks.checkpoint:save_partway_under_mpi")[0]
-    resumed = run_ranks(3, checkpoint.resume, checkpoint.MPI_CASES, str(tmp_path))[0]
+    resumed = run_ranks(3, checkpoint.resume, checkpoint.MPI_CASES, str(tmp_path),
+                        shared=True)[0]
     for case in checkpoint.MPI_CASES:
         assert all(torch.equal(a, b) for a, b in zip(finals[case], resumed[case])), case

@@ -34,8 +34,8 @@ def suite_results(world_size: int, backend: str) -> list:
     """Every rank's results of equivalence.suite, run once per (world size, backend)."""
     if (world_size, backend) not in _suites:
         _suites[world_size, backend] = (
-            run_ranks(world_size, equivalence.suite, timeout=600) if backend == "gloo"
-            else mpi_ranks(world_size, "ranks.equivalence:suite", timeout=600))
+            run_ranks(world_size, equivalence.suite, shared=True) if backend == "gloo"
+            else mpi_ranks(world_size, "ranks.equivalence:suite"))
     return _suites[world_size, backend]
 
 
@@ -159,7 +159,8 @@ def test_mpi_trains_the_same_params_as_gloo(world_size, stage):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_reduce_scatter_and_all_gather_path(world_size):
     """The collectives NCCL uses, exercised over gloo (no GPUs here)."""
-    for errors in run_ranks(world_size, equivalence.with_reduce_scatter_collectives):
+    for errors in run_ranks(world_size, equivalence.with_reduce_scatter_collectives,
+                             shared=True):
         for key, err in errors.items():
             assert err < TOL, (key, err)
 

@@ -11,8 +11,8 @@ RUNS = [(2, "gloo"), (4, "gloo"), pytest.param((4, "mpi"), marks=pytest.mark.slo
 @pytest.fixture(scope="module", params=RUNS, ids=lambda run: f"W{run[0]}-{run[1]}")
 def results(request):
     world_size, backend = request.param
-    per_rank = (run_ranks(world_size, hierarchical.suite, timeout=600) if backend == "gloo"
-                else mpi_ranks(world_size, "ranks.hierarchical:suite", timeout=600))
+    per_rank = (run_ranks(world_size, hierarchical.suite, shared=True) if backend == "gloo"
+                else mpi_ranks(world_size, "ranks.hierarchical:suite"))
     return world_size, backend, per_rank
 
 

@@ -47,7 +47,7 @@ def suite_results(world_size: int, root: str) -> list:
         options = dict(save_to=root if world_size == 3 else None,
                        resume_from=root if world_size == 2 else None)
         _runs[world_size] = run_ranks(world_size, lomo.suite, options["save_to"],
-                                      options["resume_from"], timeout=600)
+                                      options["resume_from"], shared=True)
     return _runs[world_size]
 
 

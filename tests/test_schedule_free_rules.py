@@ -32,14 +32,14 @@ STAGES = (1, 2)
 def saved_at_3(tmp_path_factory):
     """The W=3 suite, which also saves the checkpoints (one spawn for both)."""
     root = str(tmp_path_factory.mktemp("schedule_free_rules"))
-    return root, run_ranks(3, rules.suite, root, "save")
+    return root, run_ranks(3, rules.suite, root, "save", shared=True)
 
 
 @pytest.fixture(scope="module")
 def resumed_at_2(saved_at_3):
     """The W=2 suite, which also resumes W=3's checkpoints."""
     root, _ = saved_at_3
-    return run_ranks(2, rules.suite, root, "resume")
+    return run_ranks(2, rules.suite, root, "resume", shared=True)
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
@@ -48,7 +48,7 @@ def results(request):
         return 3, request.getfixturevalue("saved_at_3")[1]
     if request.param == 2:
         return 2, request.getfixturevalue("resumed_at_2")
-    return request.param, run_ranks(request.param, rules.suite)
+    return request.param, run_ranks(request.param, rules.suite, shared=True)
 
 
 @pytest.mark.parametrize("stage", STAGES)

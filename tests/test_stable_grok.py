@@ -45,17 +45,17 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def w3(checkpoints):
-    return run_ranks(3, stable_grok.suite, checkpoints, True, False, timeout=600)
+    return run_ranks(3, stable_grok.suite, checkpoints, True, False, shared=True)
 
 
 @pytest.fixture(scope="module")
 def w2(checkpoints, w3):  # after W=3: it resumes W=3's checkpoints
-    return run_ranks(2, stable_grok.suite, checkpoints, False, True, timeout=600)
+    return run_ranks(2, stable_grok.suite, checkpoints, False, True, shared=True)
 
 
 @pytest.fixture(scope="module")
 def w1(checkpoints):
-    return run_ranks(1, stable_grok.suite, checkpoints, False, False, timeout=600)
+    return run_ranks(1, stable_grok.suite, checkpoints, False, False, shared=True)
 
 
 @pytest.fixture(params=[1, 2, 3], ids=lambda w: f"W{w}")

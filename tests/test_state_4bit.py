@@ -148,7 +148,7 @@ def runs(tmp_path_factory):
     """Every rank's results at W = 1, 3 and 2, in that order: W = 3 saves the checkpoints that
     W = 2 resumes."""
     root = str(tmp_path_factory.mktemp("state_4bit"))
-    return {w: run_ranks(w, state_4bit.suite, root, timeout=600) for w in (1, 3, 2)}
+    return {w: run_ranks(w, state_4bit.suite, root, shared=True) for w in (1, 3, 2)}
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ HANDFUL = 5  # bitsandbytes allows a few elements past atol/rtol: ties of the ro
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
 def results(request):
-    return request.param, run_ranks(request.param, states.suite, timeout=900)
+    return request.param, run_ranks(request.param, states.suite, shared=True)
 
 
 @pytest.fixture(scope="module")
 def single_rank_fingerprint():
-    return run_ranks(1, states.fingerprint)[0]
+    return run_ranks(1, states.fingerprint, shared=True)[0]
 
 
 def worst(per_rank, key, field):

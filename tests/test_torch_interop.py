@@ -19,7 +19,7 @@ TOL = 1e-6
 
 @pytest.mark.parametrize("name", list(torch_interop.RULES))
 def test_state_moves_both_ways(name):
-    errors = run_ranks(2, torch_interop.both_directions, name)
+    errors = run_ranks(2, torch_interop.both_directions, name, shared=True)
     assert set(errors[0]) == {"zeroopt->torch", "torch->zeroopt"}
     for direction, err in errors[0].items():
         assert err <= TOL, f"{name} {direction}: rel err {err:.2e}"

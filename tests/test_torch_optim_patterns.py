@@ -23,7 +23,8 @@ _runs: dict = {}
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
 def per_rank(request):
     if request.param not in _runs:
-        _runs[request.param] = run_ranks(request.param, torch_optim_patterns.suite, timeout=600)
+        _runs[request.param] = run_ranks(request.param, torch_optim_patterns.suite,
+                                         shared=True)
     return _runs[request.param]
 
 

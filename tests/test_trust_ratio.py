@@ -22,7 +22,8 @@ RULES = {"lamb": dict(lr=1e-2, weight_decay=0.05), "lars": dict(lr=0.5, weight_d
 @pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_trust_ratio_is_per_tensor_not_per_chunk(rule, world_size):
-    for got in run_ranks(world_size, trust_ratio.per_tensor_vs_chunkwise, rule, RULES[rule]):
+    for got in run_ranks(world_size, trust_ratio.per_tensor_vs_chunkwise, rule, RULES[rule],
+                         shared=True):
         assert got["straddling_params"] >= 1  # some param really is split across ranks
         assert got["vs_per_tensor"] < 1e-6, got
         assert got["vs_chunkwise"] > 1e-4, got
@@ -30,7 +31,7 @@ def test_trust_ratio_is_per_tensor_not_per_chunk(rule, world_size):
 
 @pytest.mark.parametrize("rule", list(RULES))
 def test_exclusion_by_name(rule):
-    for got in run_ranks(2, trust_ratio.exclusion_by_name, rule, RULES[rule]):
+    for got in run_ranks(2, trust_ratio.exclusion_by_name, rule, RULES[rule], shared=True):
         assert got["vs_named_reference"] < 1e-6, got
         assert got["vs_no_exclusion"] > 1e-4, got
 

@@ -24,7 +24,7 @@ REFRESHES = 3  # steps 0, 3 and 6 of 8
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
 def results(request):
-    return request.param, run_ranks(request.param, whole_tensors.suite, timeout=600)
+    return request.param, run_ranks(request.param, whole_tensors.suite, shared=True)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -80,7 +80,7 @@ def test_8bit_low_rank_moments_are_as_close_as_galore_torchs(results, stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_8bit_training_is_the_same_at_every_world_size(results, stage):
     world_size, per_rank = results
-    single = run_ranks(1, whole_tensors.eight_bit_fingerprint, stage)[0]
+    single = run_ranks(1, whole_tensors.eight_bit_fingerprint, stage, shared=True)[0]
     for r in per_rank:
         assert torch.equal(r["8bit_fingerprint", stage], single)
 

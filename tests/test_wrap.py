@@ -286,7 +286,7 @@ def test_wrap_at_two_ranks_matches_the_unsharded_class():
     """Cautious Lion (a per-param statistic across ranks), Adafactor (whole tensors, one
     owner each) and bitsandbytes' AdEMAMix with warm-ups, each held to its class fed the
     exact average gradient: params straddle the two shards."""
-    for case, err in run_ranks(2, wrap_ranks.suite, timeout=300)[0].items():
+    for case, err in run_ranks(2, wrap_ranks.suite, shared=True)[0].items():
         assert err <= wrap_ranks.TOLERANCE[case], (case, err)
 
 
