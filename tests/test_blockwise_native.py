@@ -8,11 +8,13 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 import torch
 
+import watch
 from zeroopt.states import blockwise, native
 
 BLOCK = blockwise.BLOCK
@@ -279,7 +281,7 @@ def test_the_torch_path_when_the_kernels_are_turned_off():
         "                   blockwise._dequantize_torch(codes, absmax, True))\n"
         "print('ok')\n")
     env = dict(os.environ, ZEROOPT_NATIVE="0", PYTHONPATH=PYTHONPATH)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    done = watch.run([sys.executable, "-c", script], env=env)  # a hang: killed, with its stack
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
@@ -317,8 +319,18 @@ def test_ranks_building_at_once_share_one_library(tmp_path):
               " blockwise._quantize_torch(x, True)[0])\n")
     env = dict(os.environ, ZEROOPT_CACHE_DIR=str(tmp_path), PYTHONPATH=PYTHONPATH)
     start = str(time.time() + 4)  # after the imports
-    ranks = [subprocess.Popen([sys.executable, "-c", script, start], env=env,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    errors = [rank.communicate()[1] for rank in ranks]
+    logs = [tempfile.TemporaryFile("w+") for _ in range(4)]  # not in the cache directory
+    ranks = [subprocess.Popen([sys.executable, "-c", script, start], stderr=log, text=True,
+                              env=watch.faulthandler_env(env)) for log in logs]
+    watcher = watch.Watch([rank.pid for rank in ranks], what="the four builds")
+    hung = None
+    try:
+        while any(rank.poll() is None for rank in ranks):
+            time.sleep(0.2)
+            watcher.check()  # a hang: all killed, each one's stacks in its stderr
+    except watch.Hung as e:
+        hung = e
+    errors = [(log.seek(0), log.read())[1] for log in logs]
+    assert hung is None, f"{hung}\n" + "\n".join(errors)
     assert [rank.returncode for rank in ranks] == [0] * 4, errors
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
