@@ -200,7 +200,7 @@ class Ranks:
     def _collect(self, call: int, timeout: float) -> dict:
         outputs: dict[int, bytes] = {}
         errors: dict[int, str] = {}
-        pids = [p.pid for p in self._procs]
+        meter = watch.Meter([p.pid for p in self._procs])
         stall, after_error = watch.Stall(self.stall_s), watch.Stall(self.after_error_s)
         deadline = time.monotonic() + timeout
         while len(outputs) + len(errors) < self.world_size:
@@ -217,7 +217,7 @@ class Ranks:
                 self._drain(call, errors)
                 raise RankFailed(f"ranks {dead} died with exit codes "
                                  f"{[self._procs[r].exitcode for r in dead]}" + _format(errors))
-            cpu = watch.cpu_seconds(pids)
+            cpu = meter.read()
             stalled = stall.update(cpu)
             if stalled or (errors and after_error.update(cpu)):
                 window = stall if stalled else after_error

@@ -9,6 +9,7 @@ for 1.5 x that, so a detector that went by the clock would kill it. The pool's s
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 
@@ -75,6 +76,27 @@ def test_the_stall_window_counts_cpu_not_time():
     assert not any(busy.update(0.2 * t, now=t) for t in range(100))  # 20% of a core: slow
     with pytest.raises(ValueError, match="stall_s must be a positive number of seconds"):
         watch.Stall(0)
+
+
+def test_a_process_that_ends_takes_nothing_from_the_meter():
+    """A finished worker or one of several roots gone from /proc: the others, still working,
+    must not look idle (a sum of the live processes' times would drop by the worker's)."""
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.5\n"
+                             "while time.process_time() < end: pass\nprint('spun', flush=True)\n"
+                             "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert busy.stdout.readline() == "spun\n"
+        meter = watch.Meter([busy.pid, idle.pid])
+        used = meter.total
+        assert used >= 0.5
+        busy.kill()
+        busy.wait()  # reaped: gone from /proc
+        assert meter.read() >= used
+    finally:
+        for proc in (busy, idle):
+            proc.kill()
+            proc.wait()
 
 
 def _script(tmp_path, body: str) -> str:

@@ -11,9 +11,9 @@ stacks dumped and the tree killed. ``timeout`` stays as an upper safety bound (d
 ``SAFETY_S``) for what CPU time cannot tell: a rank spinning in a loop for ever, or MPI, whose
 waits poll.
 
-CPU times come from ``/proc/<pid>/stat`` (Linux, as the rest of the suite); a tree's time is the
-sum over its live processes of user + system time, plus the times of the children they have
-reaped, so a compiler or a launcher's worker counts for the process that started it.
+CPU times come from ``/proc/<pid>/stat`` (Linux, as the rest of the suite), for every process
+of the trees (a compiler under a rank, torchrun's workers under bash count), and ``Meter``
+adds up what each used between two reads, so a process that ends takes nothing away.
 
 ``ZEROOPT_TEST_STALL_S`` (seconds, default 60) sets ``STALL_S`` for the whole suite.
 """
@@ -72,16 +72,33 @@ def descendants(pid: int, children: dict[int, list[int]] | None = None) -> list[
     return found
 
 
-def cpu_seconds(pids) -> float:
-    """CPU seconds (user + system, own and reaped children's) of ``pids`` and all their live
-    descendants. Processes that are gone count 0."""
+def cpu_times(pids) -> dict[int, float]:
+    """CPU seconds (user + system, own and reaped children's) of each live process of the
+    trees of ``pids`` (the pids and all their descendants)."""
     children = _children()
-    total = 0
+    times = {}
     for pid in {p for root in pids for p in [root, *descendants(root, children)]}:
         fields = _stat(pid)
         if fields is not None:
-            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return total / _TICK
+            times[pid] = sum(int(x) for x in fields[11:15]) / _TICK  # utime stime cutime cstime
+    return times
+
+
+class Meter:
+    """The CPU seconds process trees have used, as a count that only grows: ``read()`` adds
+    what each process used since the last read (all of it for a process new to the trees).
+    A process that ends or leaves the trees takes nothing away, so a finished worker, or one
+    of several roots, cannot make the others look idle."""
+
+    def __init__(self, roots):
+        self.roots, self.last, self.total = list(roots), {}, 0.0
+        self.read()
+
+    def read(self) -> float:
+        now = cpu_times(self.roots)
+        self.total += sum(max(0.0, t - self.last.get(pid, 0.0)) for pid, t in now.items())
+        self.last = now
+        return self.total
 
 
 class Stall:
@@ -161,16 +178,16 @@ class Watch:
                  what: str = "the command"):
         self.roots = list(roots)
         self.timeout, self.what = timeout, what
-        self.stall = Stall(stall_s)
+        self.stall, self.meter = Stall(stall_s), Meter(self.roots)
         self.started = self.last = time.monotonic()
-        self.stall.update(cpu_seconds(self.roots), self.started)
+        self.stall.update(self.meter.total, self.started)
 
     def check(self) -> None:
         now = time.monotonic()
         if now - self.last < 1.0:
             return
         self.last = now
-        cpu = cpu_seconds(self.roots)
+        cpu = self.meter.read()
         if self.stall.update(cpu, now):
             self.kill()
             raise Hung(f"{self.what} made no progress for {self.stall.idle_for():.0f} s: its "
