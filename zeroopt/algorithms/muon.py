@@ -105,16 +105,22 @@ def _validate(group: dict) -> None:
                          f"got {group['adjust_lr_fn']!r}")
     if not isinstance(group["layerwise"], bool):
         raise ValueError(f"layerwise must be True or False, got {group['layerwise']!r}")
-    if not uses_muon(group):
-        return
+    if uses_muon(group):
+        check_matrices(group, "muon", "torch.optim.AdamW's step): "
+                       "zeroopt.muon_param_groups(model) builds both groups")
+
+
+def check_matrices(group: dict, rule: str, elsewhere: str) -> None:
+    """Raise ValueError if a param of a ``use_muon=True`` group has fewer than two dimensions;
+    the message names ``rule`` and, after "use_muon=False (", ``elsewhere``: where such params
+    go instead."""
     for param in group.get("params", ()):
         if param.dim() < 2:
             raise ValueError(
-                f"muon orthogonalizes matrices: a group with use_muon=True (the default) takes "
-                f"params of 2 or more dimensions, and this one has a param of shape "
-                f"{tuple(param.shape)}. Put biases, norms and embeddings in a group with "
-                f"use_muon=False (torch.optim.AdamW's step): zeroopt.muon_param_groups(model) "
-                f"builds both groups")
+                f"{rule} orthogonalizes matrices: a group with use_muon=True (the default) "
+                f"takes params of 2 or more dimensions, and this one has a param of shape "
+                f"{tuple(param.shape)}. Put biases, norms, embeddings and the output head in a "
+                f"group with use_muon=False ({elsewhere}")
 
 
 def zeropower_via_newtonschulz(update: torch.Tensor, ns_coefficients, ns_steps: int,

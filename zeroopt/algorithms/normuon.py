@@ -74,7 +74,7 @@ import math
 import torch
 
 from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative, check_number
-from .muon import newton_schulz_cost
+from .muon import check_matrices, newton_schulz_cost
 
 ORIGINAL = ((3.4445, -4.7750, 2.0315),)  # Keller Jordan's coefficients, NorMuon's default
 UPDATE_SCALES = ("preserve_norm", "match_rms")
@@ -155,13 +155,7 @@ def _validate(group: dict) -> None:
                              "0, an element whose gradient and moments are all 0 divides 0 by "
                              "0 (NaN), in NorMuon too")
         return
-    for param in group.get("params", ()):
-        if param.dim() < 2:
-            raise ValueError(
-                f"normuon orthogonalizes matrices: a group with use_muon=True (the default) "
-                f"takes params of 2 or more dimensions, and this one has a param of shape "
-                f"{tuple(param.shape)}. Put biases, norms, embeddings and the output head in a "
-                f"group with use_muon=False (NorMuon's AdamW, with adamw_lr...)")
+    check_matrices(group, "normuon", "NorMuon's AdamW, with adamw_lr...)")
 
 
 def newton_schulz(matrix: torch.Tensor, schedule, ns_steps: int,
