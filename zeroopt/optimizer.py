@@ -34,7 +34,7 @@ from .algorithms import ShardTensors, get_preset
 from .algorithms.base import resolve_defaults
 from .checkpoint import state_dict as state_io
 from .checks import check_ranks_agree, describe_params
-from .comm import collectives_for, split
+from .comm import collectives_for, compressed, split
 from .layout import DEFAULT_BUCKET_NUMEL, Layout
 from .memory import StateBytes
 from .shard import Shard
@@ -93,6 +93,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         page_dir (str | None): directory for paged states' files (CPU). Default: the temp dir.
         timeout (float | datetime.timedelta | None): seconds any one collective wait may take
             before ``zeroopt.comm.CollectiveTimeout``. Default None (the process group's own).
+        grad_compression (str | None): ``"int8"`` or ``"int4"``: gradients cross the ranks
+            blockwise quantized, in one all-to-all hop, and are summed in fp32 by their owner
+            (ZeRO++'s qgZ); with ``shard_size``, only the stage across sharding groups (the
+            slow links) is compressed. Lossy: see ``zeroopt.comm.compression``. Default None
+            (exact fp32 reduction).
         **hyperparameters: the rule's, with torch.optim's names and defaults (``lr``,
             ``betas``, ``weight_decay``...), and every rule's ``state_precision`` ("32bit",
             "bf16", "8bit", "4bit"), ``min_8bit_size`` (4096), ``block_size`` (None: 256 for
@@ -121,7 +126,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  bucket_numel: int = DEFAULT_BUCKET_NUMEL,
                  reduce_dtype: torch.dtype = torch.float32, skip_nonfinite: bool = True,
                  window_numel: int | None = None, page_dir: str | None = None,
-                 timeout=None, **hyperparameters):
+                 timeout=None, grad_compression: str | None = None, **hyperparameters):
         stage, bucket_numel, window_numel = check_options(stage, bucket_numel, window_numel)
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 (shard optimizer states) or 2 (states and "
@@ -161,10 +166,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         check_ranks_agree(self.comm, describe_params(self.param_groups), dict(
             optimizer=self.rule.name, stage=stage, average_grads=average_grads,
             bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype), shard_size=shard_size,
-            skip_nonfinite=skip_nonfinite),
+            skip_nonfinite=skip_nonfinite, grad_compression=grad_compression),
             problem=str(invalid) if invalid is not None else page_dir_problem(page_dir))
         if shard_size is not None:  # shard within groups, replicate across them
             self.comm = split(self.comm, shard_size)
+        if grad_compression is not None:
+            self.comm = compressed(self.comm, grad_compression)
 
         self.layout = Layout(trainable, self.comm.world_size, self.comm.rank, bucket_numel,
                              kind_of=lambda g, p: kinds.kind_of(

@@ -20,6 +20,7 @@ import torch
 
 from . import backends, environment
 from .base import Collectives, Done, Handle, SingleRank
+from .compression import compressed
 from .deadline import CollectiveTimeout, seconds
 from .hierarchical import Hierarchical, split
 from .torch_dist import TorchDistributed
