@@ -152,11 +152,11 @@ class BucketedReducer:
         if self._staging[b] is None:
             numel = self.layout.buckets[b].numel
             if self.keep_staging:
-                self._staging[b] = torch.empty(numel, dtype=self.reduce_dtype, device=self.device)
+                self._staging[b] = self.comm.allocate(numel, self.reduce_dtype, self.device)
             else:  # pooled buffers fit the largest bucket, so any one serves any bucket
                 self._make_room()
-                base = self._pool.pop() if self._pool else torch.empty(
-                    self._largest_bucket, dtype=self.reduce_dtype, device=self.device)
+                base = self._pool.pop() if self._pool else self.comm.allocate(
+                    self._largest_bucket, self.reduce_dtype, self.device)
                 self._staging[b] = base[:numel]
         return self._staging[b]
 

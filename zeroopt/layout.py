@@ -195,6 +195,10 @@ class ShardPiece:
         return self.slot.start + self.param_offset
 
 
+def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(numel, dtype=dtype, device=device)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -348,11 +352,12 @@ class Layout:
                 runs.append([group, bucket, piece.shard_offset, piece.numel])
         return [Run(*r) for r in runs]
 
-    def allocate_param_buffers(self, first: int = 0) -> None:
+    def allocate_param_buffers(self, first: int = 0, allocate=None) -> None:
         """Move the params of buffers ``first`` on into their flat buffers; each param becomes
-        a view of its buffer."""
+        a view of its buffer. ``allocate(numel, dtype, device)`` makes a buffer's zero-filled
+        storage (default ``torch.zeros``; the optimizer passes ``Collectives.allocate``)."""
         for buffer in self.buffers[first:]:
-            buffer.data = torch.zeros(buffer.numel, dtype=buffer.dtype, device=buffer.device)
+            buffer.data = (allocate or _zeros)(buffer.numel, buffer.dtype, buffer.device)
         for slot in self.slots:
             if slot.buffer < first:
                 continue

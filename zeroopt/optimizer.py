@@ -178,7 +178,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                  self.param_groups[g], p.numel(),
                                  self.rule.whole_tensors(self.param_groups[g])),
                              placement_cost=self.rule.placement_cost)
-        self.layout.allocate_param_buffers()
+        self.layout.allocate_param_buffers(allocate=self.comm.allocate)
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
             self.comm.broadcast(buffer.data, src=0)
         self.window_numel = shard_windows.window_numel_for(window_numel, self.device)

@@ -95,7 +95,7 @@ def lay_out(params: list[torch.nn.Parameter], param_groups: list[dict], layout: 
     """
     wanted = {id(p) for p in params}
     first = layout.extend(params_by_group(param_groups, lambda p: id(p) in wanted))
-    layout.allocate_param_buffers(first)
+    layout.allocate_param_buffers(first, allocate=comm.allocate)
     for buffer in layout.buffers[first:]:
         comm.broadcast(buffer.data, src=0)
     grads.remove_hooks()

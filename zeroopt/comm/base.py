@@ -61,6 +61,9 @@ class Collectives:
     # Seconds any one wait may take before CollectiveTimeout (deadline.py); None: as long as
     # the backend waits. Set through comm.with_timeout.
     timeout: float | None = None
+    # "int8" or "int4": ``reduce_bucket`` exchanges blockwise-quantized chunks (across the
+    # replicas only, with ``Hierarchical``); None: exact. Set through comm.compressed.
+    compression: str | None = None
 
     @property
     def data_parallel_size(self) -> int:
@@ -72,6 +75,21 @@ class Collectives:
         """Groups that together link every pair of ranks of the job: checking that each group
         agrees checks that the whole job does."""
         return [self]
+
+    def allocate(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A new zero-filled 1-D tensor for buckets to live in (the flat param buffers, the
+        gradient staging buffers). A backend whose ranks share memory returns memory the other
+        ranks can read, so its bucket collectives copy nothing extra; the default is plain
+        ``torch.zeros``.
+
+        Args:
+            numel: elements.
+            dtype, device: the tensor's.
+
+        Returns:
+            A contiguous 1-D tensor of ``numel`` zeros.
+        """
+        return torch.zeros(numel, dtype=dtype, device=device)
 
     def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
         """Start summing a gradient bucket over the ranks, in place.
@@ -115,6 +133,47 @@ class Collectives:
         """Reduce over the ranks that hold the same shard (``hierarchical.py``): what
         ``all_reduce`` left out. A no-op where every rank holds a shard of its own."""
         return None
+
+    def all_reduce_async(self, tensor: torch.Tensor) -> Handle:
+        """Start summing ``tensor`` over the group, in place, without waiting for it.
+
+        Args:
+            tensor: any shape, the same on every rank.
+
+        Returns:
+            A ``Handle``; once it is waited for, ``tensor`` holds the sum. The default runs
+            ``all_reduce`` to the end and returns ``Done()`` (backends that can overlap it
+            override this).
+
+        Raises:
+            CollectiveTimeout: with a ``timeout=`` set, it did not finish in time (from the
+                handle's ``wait()`` where the backend overlaps it).
+        """
+        self.all_reduce(tensor)
+        return Done()
+
+    def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv: torch.Tensor,
+                   recv_sizes: list[int]) -> Handle:
+        """Start an exchange of byte segments of any sizes: segment ``j`` of ``send`` goes to
+        rank ``j``, segment ``j`` of ``recv`` comes from rank ``j`` (``all_to_all_single``'s
+        contract; this rank's own segment is copied).
+
+        Args:
+            send: a flat uint8 tensor, the concatenation of ``world_size`` segments of
+                ``send_sizes`` bytes.
+            send_sizes: bytes for each rank; rank ``j``'s ``recv_sizes[this rank]`` must equal
+                this rank's ``send_sizes[j]``.
+            recv: a flat uint8 tensor of ``sum(recv_sizes)`` bytes.
+            recv_sizes: bytes from each rank.
+
+        Returns:
+            A ``Handle``; once it is waited for, ``recv`` holds every rank's segment.
+
+        Raises:
+            NotImplementedError: the backend has no such exchange (compressed reduction,
+                which needs it, refuses such a backend at construction).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no all_to_all")
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         """Copy rank ``src``'s ``tensor`` into every rank's, in place, and wait for it.
@@ -166,6 +225,12 @@ class SingleRank(Collectives):
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
         """Leave ``tensor`` as it is, whatever ``op``."""
         return None
+
+    def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv: torch.Tensor,
+                   recv_sizes: list[int]) -> Handle:
+        """Copy the one segment; returns ``Done()``. See ``Collectives.all_to_all``."""
+        recv[:recv_sizes[0]].copy_(send[:send_sizes[0]])
+        return Done()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         """Leave ``tensor`` as it is."""
