@@ -29,6 +29,7 @@ class LocalGradients:
 
     def __init__(self, layout: Layout, device: torch.device):
         self.layout = layout
+        self.wait_seconds = 0.0  # DDP reduced the gradients: nothing here waits
         self.shard = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
         # Per slot (layout.slots order), 1 where the param had a grad that a step consumed
         # since the last zero(); and where torch.optim would hold a zeroed grad

@@ -24,6 +24,7 @@ averaged, ``ddp_gradients.LocalGradients`` takes this module's place.
 from __future__ import annotations
 
 from contextlib import contextmanager
+import time
 from functools import partial
 from operator import or_
 
@@ -58,6 +59,8 @@ class BucketedReducer:
         sync: False inside ``no_sync()``: backward launches no reduction.
         on_reduced: None, or a callable ``(bucket index) -> None`` called after each bucket
             is harvested into the shard (layerwise rules step there).
+        wait_seconds: seconds spent blocked waiting for reductions since construction (the
+            communication that backward's compute did not hide).
 
     Raises:
         RuntimeError: from backward's hook (or ``take_detached``), when a param has a sparse
@@ -86,6 +89,7 @@ class BucketedReducer:
         self._largest_bucket = max(bucket.numel for bucket in layout.buckets)
         self._in_backward = False
         self.on_reduced = None  # (bucket index) -> None, after a bucket is harvested
+        self.wait_seconds = 0.0
         # Per slot (layout.slots order), 1 where this rank staged a gradient for its param:
         # this step (since the last consume() or zero()), and since the last zero(); and where
         # torch.optim would hold a zeroed grad (zero(set_to_none=False)) until zero().
@@ -213,8 +217,7 @@ class BucketedReducer:
         for earlier in range(b):
             if self._work[earlier] is not None:
                 self._harvest(earlier)
-        self._work[b].wait()
-        self._work[b] = None
+        self._wait(b)
         bucket = self.layout.buckets[b]
         mine = bucket_chunk(self._staging[b], self.comm)
         dst = self.shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel]
@@ -228,6 +231,12 @@ class BucketedReducer:
             self._staging[b] = None
         if self.on_reduced is not None:
             self.on_reduced(b)
+
+    def _wait(self, b: int) -> None:
+        started = time.perf_counter()
+        self._work[b].wait()
+        self._work[b] = None
+        self.wait_seconds += time.perf_counter() - started
 
     # -- step ----------------------------------------------------------------------------
 
@@ -271,6 +280,7 @@ class BucketedReducer:
         which the new buckets' chunks follow, and its flags. ``old`` has nothing in flight."""
         old.finish()  # (``old.layout`` is this one: it grew in place)
         filled = old.filled_buckets()
+        self.wait_seconds = old.wait_seconds
         self.shard[:old.shard.numel()].copy_(old.shard)
         self._shard_filled[:len(filled)] = filled
         for mine, theirs in ((self._used, old._used), (self._had, old._had),
@@ -318,8 +328,7 @@ class BucketedReducer:
         filled flags (the next gradients overwrite the staging buffers and the shard)."""
         for b, work in enumerate(self._work):
             if work is not None:
-                work.wait()
-                self._work[b] = None
+                self._wait(b)
         self._written = [set() for _ in self._written]
         self._shard_filled = [False] * len(self._shard_filled)
         self._used[:] = bytes(len(self._used))

@@ -37,6 +37,7 @@ from .checks import check_ranks_agree, describe_params
 from .comm import collectives_for, compressed, split
 from .layout import DEFAULT_BUCKET_NUMEL, Layout
 from .memory import StateBytes
+from .param_gather import ParamGather
 from .shard import Shard
 from .states import kinds
 from .step_inputs import StepInputs, settle
@@ -98,6 +99,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             (ZeRO++'s qgZ); with ``shard_size``, only the stage across sharding groups (the
             slow links) is compressed. Lossy: see ``zeroopt.comm.compression``. Default None
             (exact fp32 reduction).
+        overlap_param_gather (bool): return from ``step()`` with the params' all-gathers in
+            flight; each module's forward waits for its own params' buckets, and anything
+            else that touches a param first waits for its bucket (``zeroopt.param_gather``;
+            Megatron-LM's ``overlap_param_gather``). The params are bit for bit those of
+            the blocking gather. Default True.
         **hyperparameters: the rule's, with torch.optim's names and defaults (``lr``,
             ``betas``, ``weight_decay``...), and every rule's ``state_precision`` ("32bit",
             "bf16", "8bit", "4bit"), ``min_8bit_size`` (4096), ``block_size`` (None: 256 for
@@ -126,7 +132,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  bucket_numel: int = DEFAULT_BUCKET_NUMEL,
                  reduce_dtype: torch.dtype = torch.float32, skip_nonfinite: bool = True,
                  window_numel: int | None = None, page_dir: str | None = None,
-                 timeout=None, grad_compression: str | None = None, **hyperparameters):
+                 timeout=None, grad_compression: str | None = None,
+                 overlap_param_gather: bool = True, **hyperparameters):
         stage, bucket_numel, window_numel = check_options(stage, bucket_numel, window_numel)
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 (shard optimizer states) or 2 (states and "
@@ -166,7 +173,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         check_ranks_agree(self.comm, describe_params(self.param_groups), dict(
             optimizer=self.rule.name, stage=stage, average_grads=average_grads,
             bucket_numel=bucket_numel, reduce_dtype=str(reduce_dtype), shard_size=shard_size,
-            skip_nonfinite=skip_nonfinite, grad_compression=grad_compression),
+            skip_nonfinite=skip_nonfinite, grad_compression=grad_compression,
+            overlap_param_gather=overlap_param_gather),
             problem=str(invalid) if invalid is not None else page_dir_problem(page_dir))
         if shard_size is not None:  # shard within groups, replicate across them
             self.comm = split(self.comm, shard_size)
@@ -181,6 +189,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.layout.allocate_param_buffers(allocate=self.comm.allocate)
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
             self.comm.broadcast(buffer.data, src=0)
+        self.param_gather = ParamGather(self.layout, self.comm, overlap_param_gather)
         self.window_numel = shard_windows.window_numel_for(window_numel, self.device)
         self._gradient_options = dict(stage=stage, average_grads=average_grads,
                                       reduce_dtype=reduce_dtype)
@@ -232,6 +241,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 trained from fresh state, as torch.optim would.)
         """
         self._check_can_step("step()")
+        self.param_gather.finish()  # a second step() with no forward between
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -275,7 +285,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 shard_windows.run(windows, update, load=uses, store=uses)
         self.shard.whole.step({self.layout.slots[k].index for k in inputs.active})
         self.grads.consume()  # a rule may have overwritten them (as DeepSpeed zeroes them)
-        self.publish_params()
+        self.publish_params(wait=False)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -306,6 +316,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             RuntimeError: with a layerwise rule (no global norm exists during backward).
         """
         self._check_can_step("clip_grad_norm_()")
+        self.param_gather.finish()
         if self.shard.whole.any_layerwise:
             raise RuntimeError("clip_grad_norm_ with a layerwise optimizer: it steps each param "
                                "during backward, before any global gradient norm exists (as "
@@ -321,16 +332,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Stop taking gradients: a newer ZeroOptimizer was built over these params (see
         ``zeroopt.ownership``). Its ``state_dict()`` still reads; ``step()`` then raises."""
         self._retired = True
+        self.param_gather.finish()
         self.grads.remove_hooks()
 
     def eval(self) -> None:
         """Put the model's params where they are evaluated (schedule-free: the average x);
         a no-op for rules that train at the point they evaluate (modes.py)."""
+        self.param_gather.finish()
         if modes.switch(self.rule, self.param_groups, self.shard, self.layout, train=False):
             self.publish_params()
 
     def train(self) -> None:
         """Put the params back where training steps them (schedule-free: y)."""
+        self.param_gather.finish()
         if modes.switch(self.rule, self.param_groups, self.shard, self.layout, train=True):
             self.publish_params()
 
@@ -338,6 +352,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Take the fp32 masters of 16-bit params from the params again, wholly: after a
         write through ``p.data``, which no version counter sees (``step()`` takes every other
         write into the params by itself)."""
+        self.param_gather.finish()
         self.shard.refresh_masters()
 
     def no_sync(self):
@@ -350,6 +365,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         ``states`` on the device, ``paged_states``, fp32 ``masters``, and the ``scratch``
         windows states are decoded into; ``.held`` and ``.on_device`` are the two totals."""
         return self.shard.memory()
+
+    def wait_seconds(self) -> dict[str, float]:
+        """Seconds this rank has spent blocked on communication since construction:
+        ``{"reduction": ..., "gather": ...}``, waiting for gradient reductions (in backward
+        and step) and for param gathers (in step, or in the next forward when overlapped).
+        What overlap hid is not counted; ``benchmarks/bench_zero.py`` reads it per step."""
+        return {"reduction": self.grads.wait_seconds, "gather": self.param_gather.wait_seconds}
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds, wherever it lives (device, host or a
@@ -366,11 +388,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """The full optimizer state, per param and in its shape, as torch.optim lays it out.
         A collective: every rank must call it; every rank gets the whole dict."""
+        self.param_gather.finish()
         return state_io.gather_state_dict(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load what ``state_dict()`` returned (at any world size), or a torch.optim
         optimizer's state dict (AdamW, Adam, SGD, Adagrad, RMSprop, Muon)."""
+        self.param_gather.finish()
         state_io.load_state_dict(self, state_dict)
 
     # -- internals ------------------------------------------------------------------------
@@ -414,11 +438,22 @@ class ZeroOptimizer(torch.optim.Optimizer):
         totals = iter(flat.split([p.numel() for p in present]))
         return [None if p is None else next(totals).view_as(p) for p in partials]
 
-    def publish_params(self) -> None:
+    def publish_params(self, wait: bool = True) -> None:
         """Put this rank's updated chunks into the model: 16-bit masters rounded into the
-        flat buffers, then every bucket all-gathered. A collective."""
+        flat buffers, then every bucket all-gathered. A collective.
+
+        Args:
+            wait: True (default): return once the model holds every rank's chunks. False:
+                as ``step()``, return with the gathers in flight when overlapping
+                (``finish_param_gather``).
+        """
+        self.param_gather.finish()
         self.shard.write_masters_into_params()
-        handles = [self.comm.gather_bucket(self.layout.bucket_view(bucket))
-                   for bucket in self.layout.buckets]
-        for handle in handles:
-            handle.wait()
+        self.param_gather.start(wait=wait)
+
+    def finish_param_gather(self) -> None:
+        """Wait for the all-gathers ``step()`` left in flight (``overlap_param_gather``):
+        afterwards every param holds its stepped value. Never needed for correctness (a
+        forward, or any torch call on a param, waits for what it touches); for code that
+        reads the params' memory outside torch (a C extension, ``p.data_ptr()``)."""
+        self.param_gather.finish()

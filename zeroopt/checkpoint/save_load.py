@@ -44,6 +44,8 @@ def save_checkpoint(path: str, model: torch.nn.Module | None, optimizer, **extra
             removed by then, and ``path`` is as it was before the save.
     """
     job = _job(optimizer)
+    if optimizer is not None:
+        optimizer.finish_param_gather()  # the model's params hold the stepped values
     items = {} if model is None else {f"model.{k}": v for k, v in model.state_dict().items()}
     if optimizer is not None:
         items.update(save_items(optimizer, job.writes_state))
@@ -97,6 +99,7 @@ def load_checkpoint(path: str, model: torch.nn.Module | None, optimizer) -> dict
         return items
 
     if optimizer is not None:
+        optimizer.finish_param_gather()  # no gather may land on the loaded params
         optimizer.grads.finish()
         optimizer.grads.zero()
         # The groups first: their hyperparameters decide which states there are to read.

@@ -1,0 +1,121 @@
+"""Overlapped param gathers against blocking ones, on every rank: the same training loop,
+with every interleaving that touches the params between a step and the next forward, run
+with ``overlap_param_gather=False`` and then ``True``; everything either run observes is
+compared bit for bit (test_overlap_gather.py)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+import zeroopt
+from training import EXACT, batch, models, world
+
+KINDS = {  # name -> (optimizer, model dtype)
+    "adamw": ("adamw", torch.float32),
+    "adamw_8bit": ("adamw_8bit", torch.float32),
+    "paged_adamw_32bit": ("paged_adamw_32bit", torch.float32),
+    "schedule_free_adamw": ("schedule_free_adamw", torch.float32),
+    "adamw_bf16_params": ("adamw", torch.bfloat16),
+}
+
+
+def _loss(model, step: int, rank: int):
+    x, y = batch(step, rank)
+    dtype = next(model.parameters()).dtype
+    return nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+
+
+def trajectory(kind: str, stage: int, overlap: bool, directory: str) -> tuple[list, int]:
+    """What the training loop below observes, and how many buckets a forward (or another
+    torch call) waited for."""
+    rank, _ = world()
+    optimizer, dtype = KINDS[kind]
+    model, _ = models(dtype)
+    opt = zeroopt.ZeroOptimizer(model.parameters(), optimizer, stage=stage, lr=1e-2,
+                                overlap_param_gather=overlap, **EXACT)
+    seen: list[torch.Tensor] = []
+
+    def train(step: int) -> None:
+        _loss(model, step, rank).backward()
+        if step % 2:
+            seen.append(opt.clip_grad_norm_(1.0))
+        opt.step()
+        opt.zero_grad()
+
+    snapshot = None
+    for step in range(9):
+        train(step)
+        if step == 0:  # a user's loop over model.parameters()
+            seen += [p.detach().clone() for p in model.parameters()]
+        elif step == 1:  # the model's state dict, kept for later
+            snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+            seen += list(snapshot.values())
+        elif step == 2:  # the optimizer's state dict
+            state = opt.state_dict()["state"]
+            seen += [v for per_param in state.values() for v in per_param.values()
+                     if isinstance(v, torch.Tensor)]
+        elif step == 3:  # weights loaded into the model: the next step starts from them
+            model.load_state_dict(snapshot)
+            if opt.rule.name != "schedule_free_adamw":
+                opt.refresh_masters()
+        elif step == 4:  # a second step with no forward: gradients set by hand
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.01 * (rank + 1))
+            opt.step()
+            opt.zero_grad()
+        elif step == 5:  # evaluation mode (schedule-free moves the params) and back
+            opt.eval()
+            seen += [p.detach().clone() for p in model.parameters()]
+            opt.train()
+        elif step == 6:  # a checkpoint, loaded into a new model and optimizer
+            path = os.path.join(directory, f"ckpt-{kind}-{stage}-{overlap}")
+            zeroopt.save_checkpoint(path, model, opt)
+            fresh, _ = models(dtype)
+            fresh_opt = zeroopt.ZeroOptimizer(fresh.parameters(), optimizer, stage=stage,
+                                              lr=1e-2, overlap_param_gather=overlap, **EXACT)
+            zeroopt.load_checkpoint(path, fresh, fresh_opt)
+            seen += [p.detach().clone() for p in fresh.parameters()]
+            model, opt = fresh, fresh_opt  # the newer optimizer takes over, as torch.optim
+        elif step == 7:  # a forward through part of the model only, then a step with no grads
+            with torch.no_grad():
+                seen.append(model.inp(batch(step, rank)[0].to(dtype)))
+            opt.step()
+    seen.append(_loss(model, 99, rank).detach())  # the next forward sees the stepped params
+    opt.finish_param_gather()
+    seen += [p.detach().clone() for p in model.parameters()]
+    return seen, opt.param_gather.waits_in_forward
+
+
+def suite() -> dict:
+    """Per (kind, stage): whether the overlapped run observed exactly what the blocking run
+    did, how many waits happened in forward, and whether the guard left torch's mode stack."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = _shared_directory(tmp)
+        for kind in KINDS:
+            for stage in (1, 2):
+                blocking, _ = trajectory(kind, stage, False, directory)
+                overlapped, waits = trajectory(kind, stage, True, directory)
+                out[kind, stage] = dict(
+                    equal=len(blocking) == len(overlapped) and all(
+                        torch.equal(a, b) for a, b in zip(blocking, overlapped)),
+                    first_difference=next((i for i, (a, b) in enumerate(zip(blocking, overlapped))
+                                           if not torch.equal(a, b)), None),
+                    waits_in_forward=waits,
+                    modes_left=torch._C._len_torch_function_stack())
+    return out
+
+
+def _shared_directory(tmp: str) -> str:
+    """One checkpoint directory for every rank (rank 0's temp dir)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return tmp
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, tmp)
+    return names[0]

@@ -1,0 +1,256 @@
+"""The updated params' all-gather, overlapped with the next forward.
+
+As Megatron-LM's ``overlap_param_gather``: ``step()`` launches one gather per bucket and
+returns; the params are then waited for where they are first used, so the gathers run while
+the next forward computes the layers before them.
+
+- **Forward:** a forward pre-hook on every module (``register_module_forward_pre_hook``, so
+  the model need not be passed in) waits for the buckets holding that module's own params.
+  The gathers are launched in reverse bucket order: the layout packs params in reverse
+  registration order (the order backward produces their gradients), so the last bucket holds
+  the first layers the forward runs, and is launched first.
+- **Anything else that touches a param before its gather is waited for** (``model.
+  state_dict()``, a loop over ``model.parameters()``, ``p.copy_(...)``, printing a param):
+  while gathers are pending a ``TorchFunctionMode`` sees every torch call, and one whose
+  tensors share storage with a pending bucket waits for that bucket first. A module that
+  reads its params outside Python (``torch.compile``d, scripted) waits for every bucket.
+- **zeroopt's own calls** that read or write the params (``step()``, ``clip_grad_norm_()``,
+  ``state_dict()``, ``load_state_dict()``, ``eval()``/``train()``, checkpoints) finish every
+  gather first (``finish``).
+
+The hook and the guard are one per process, shared by every optimizer with gathers in flight,
+and removed once none has any. Overlap is off (each step waits for its gathers, as before)
+where it cannot help or cannot be guarded: one rank, XLA (the gathers run inside the compiled
+step), or when another torch function mode is active at the end of the step (the guard must
+be alone on the stack to be removed safely).
+
+Cost while gathers are pending: every torch call made from Python passes through the guard
+(a dict lookup per tensor argument, a few microseconds); none once they are all waited for.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .comm import Collectives, Handle
+from .layout import Layout
+
+
+class ParamGather:
+    """The param buckets' all-gathers of the latest step, and where they are waited for.
+
+    Args:
+        layout: the optimizer's ``Layout`` (its buckets and the params in them).
+        comm: the ``Collectives`` whose ``gather_bucket`` fills the buckets.
+        overlap: True to return from ``start`` with the gathers in flight (see the module
+            notes); False to wait for them there.
+
+    Attributes:
+        overlap: as given.
+        waits_in_forward: buckets waited for by the forward pre-hook or the guard (not by
+            zeroopt's own calls) since the optimizer was built.
+        wait_seconds: seconds spent blocked waiting for gathers since construction.
+    """
+
+    def __init__(self, layout: Layout, comm: Collectives, overlap: bool):
+        self.layout, self.comm = layout, comm
+        self.overlap = overlap and comm.world_size > 1 and comm.backend != "xla"
+        self.waits_in_forward = 0
+        self.wait_seconds = 0.0
+        self._pending: dict[int, Handle] = {}  # bucket index -> its gather, launch order
+        self._bucket_of: dict[int, int] = {}  # id(param) -> bucket index
+        self._storages: dict[int, int] = {}  # storage address -> buffer index
+
+    @property
+    def pending(self) -> bool:
+        """Whether some bucket's gather has not been waited for."""
+        return bool(self._pending)
+
+    def start(self, wait: bool = False) -> None:
+        """Launch every bucket's gather (this rank's chunks must be in the buffers). A
+        collective: every rank calls it.
+
+        Args:
+            wait: wait for the gathers here even when overlapping (default False).
+        """
+        self.finish()
+        overlap = self.overlap and not wait
+        order = reversed(self.layout.buckets) if overlap else self.layout.buckets
+        for bucket in order:
+            self._pending[bucket.index] = self.comm.gather_bucket(self.layout.bucket_view(bucket))
+        if not overlap or not _WATCH.can_watch():
+            self.finish()
+            return
+        self._bucket_of = {id(slot.param): slot.bucket for slot in self.layout.slots}
+        self._storages = {_storage_address(buffer.data): buffer.index
+                          for buffer in self.layout.buffers}
+        _WATCH.add(self)
+
+    def finish(self) -> None:
+        """Wait for every pending gather: afterwards the model holds the stepped params."""
+        for b in list(self._pending):
+            self._wait(b)
+        _WATCH.discard(self)
+
+    # -- where the waits happen ---------------------------------------------------------
+
+    def _wait(self, b: int) -> None:
+        handle = self._pending.pop(b, None)
+        if handle is not None:
+            started = time.perf_counter()
+            handle.wait()
+            self.wait_seconds += time.perf_counter() - started
+
+    def before_forward(self, module: torch.nn.Module) -> None:
+        """Wait for the pending buckets holding ``module``'s own params (all of them for a
+        module that reads its params outside Python), and let the others progress."""
+        if _reads_params_outside_python(module):
+            self.finish()
+            return
+        for param in module.parameters(recurse=False):
+            b = self._bucket_of.get(id(param))
+            if b in self._pending:
+                self.waits_in_forward += 1
+                self._wait(b)
+        for handle in self._pending.values():  # lets a ring move on (W > 2)
+            handle.is_completed()
+
+    def wait_for_tensors(self, tensors) -> None:
+        """Wait for the pending buckets that any of ``tensors`` shares memory with (a param,
+        a view of one, a flat buffer)."""
+        for t in tensors:
+            b = self._bucket_of.get(id(t))
+            if b is not None:
+                if b in self._pending:
+                    self.waits_in_forward += 1
+                    self._wait(b)
+                continue
+            try:
+                buffer = self._storages.get(_storage_address(t))
+            except (RuntimeError, NotImplementedError):  # no storage (meta, lazy, sparse)
+                continue
+            if buffer is not None:
+                lo, hi = _element_span(t)
+                for bucket in self.layout.buffers[buffer].buckets:
+                    if bucket.index in self._pending and \
+                            bucket.start < hi and lo < bucket.start + bucket.numel:
+                        self.waits_in_forward += 1
+                        self._wait(bucket.index)
+
+
+class _Watch:
+    """The process's gathers in flight (of every optimizer), the one forward pre-hook and the
+    one guard mode that wait for them; both are removed once nothing is pending."""
+
+    def __init__(self):
+        self.gathers: list[ParamGather] = []
+        self.hook = None
+        self.guard: _Guard | None = None
+
+    def can_watch(self) -> bool:
+        """Whether the guard is, or can be put, alone on torch's function-mode stack."""
+        depth = _function_mode_depth()
+        return depth == 0 or (depth == 1 and self.guard is not None and _top_mode_is(self.guard))
+
+    def add(self, gather: ParamGather) -> None:
+        if gather not in self.gathers:
+            self.gathers.append(gather)
+        if self.hook is None:
+            self.hook = torch.nn.modules.module.register_module_forward_pre_hook(
+                self.before_forward)
+        if self.guard is None:
+            self.guard = _Guard(self)
+            self.guard.__enter__()
+
+    def discard(self, gather: ParamGather) -> None:
+        if gather in self.gathers:
+            self.gathers.remove(gather)
+        self.stand_down()
+
+    def before_forward(self, module: torch.nn.Module, args) -> None:
+        for gather in list(self.gathers):
+            gather.before_forward(module)
+            if not gather.pending and gather in self.gathers:
+                self.gathers.remove(gather)
+        self.stand_down()
+
+    def wait_for_tensors(self, args, kwargs) -> None:
+        tensors = list(_tensors_in(args, kwargs))
+        for gather in self.gathers:
+            if gather.pending:
+                gather.wait_for_tensors(tensors)
+
+    def stand_down(self) -> None:
+        """Nothing pending: remove the guard when it is on top of the mode stack (else it
+        stays, inert, until the next chance: the next module call), then the hook."""
+        if self.gathers:
+            return
+        if self.guard is not None and _top_mode_is(self.guard) and _function_mode_depth() == 1:
+            _pop_function_mode()
+            self.guard = None
+        if self.guard is None and self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+
+class _Guard(TorchFunctionMode):
+    """Every torch call waits first for the pending buckets its tensors touch."""
+
+    def __init__(self, watch: _Watch):
+        super().__init__()
+        self.watch = watch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.watch.gathers:
+            self.watch.wait_for_tensors(args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _tensors_in(args, kwargs):
+    """The tensors among a call's arguments, and in lists and tuples of them."""
+    for value in itertools.chain(args, kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, torch.Tensor))
+
+
+def _storage_address(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _element_span(t: torch.Tensor) -> tuple[int, int]:
+    """The storage elements [lo, hi) that ``t`` can reach."""
+    lo = t.storage_offset()
+    if t.numel() == 0:
+        return lo, lo
+    return lo, lo + 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def _reads_params_outside_python(module: torch.nn.Module) -> bool:
+    """A compiled or scripted module reads its params where no torch function mode sees."""
+    return isinstance(module, torch.jit.ScriptModule) or \
+        type(module).__name__ == "OptimizedModule"
+
+
+# torch has no public way to look at or edit the function-mode stack out of order: these
+# three functions are the only places zeroopt touches it.
+def _function_mode_depth() -> int:
+    return torch._C._len_torch_function_stack()
+
+
+def _top_mode_is(mode: TorchFunctionMode) -> bool:
+    depth = _function_mode_depth()
+    return depth > 0 and torch._C._get_function_stack_at(depth - 1) is mode
+
+
+def _pop_function_mode() -> None:
+    torch._C._pop_torch_function_stack()
+
+
+_WATCH = _Watch()
