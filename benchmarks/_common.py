@@ -90,6 +90,9 @@ class Runner:
     step: Callable[[], torch.Tensor]
     state_bytes: Callable[[], dict]
     info: str = ""
+    # Optional: {phase: [seconds per iteration, every iteration run]}, where a contender can
+    # say where its time went (bench_zero's breakdown).
+    phases: Callable[[], dict[str, list[float]]] | None = None
 
 
 @dataclass
@@ -143,6 +146,8 @@ def _worker(rank: int, setup: Callable, cfg: Config, port: int, out_path: str) -
         times, losses = time_steps(runner, cfg)
         result = dict(rank=rank, times=times, losses=losses, info=runner.info,
                       params=num_params(model), **runner.state_bytes())
+        if runner.phases is not None:
+            result["phases"] = {k: v[cfg.warmup:] for k, v in runner.phases().items()}
         gathered = [None] * cfg.ranks
         dist.all_gather_object(gathered, result)
         if rank == 0:
@@ -232,7 +237,11 @@ def summarize(per_rank: list[dict], wall_s: float) -> dict:
     r0 = per_rank[0]
     # Per-iteration time is the slowest rank's (they are within barrier jitter of each other).
     iter_times = [max(ts) for ts in zip(*(r["times"] for r in per_rank))]
+    # Phases: each rank's median, averaged over the ranks.
+    phases = {k: statistics.fmean(statistics.median(r["phases"][k]) for r in per_rank)
+              for k in r0["phases"]} if "phases" in r0 else None
     return dict(
+        phases=phases,
         median_s=statistics.median(iter_times),
         mean_s=statistics.fmean(iter_times),
         moments=max(r["moments"] for r in per_rank),

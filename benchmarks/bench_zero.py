@@ -9,6 +9,8 @@ fresh set of gloo/CPU processes, one after another, so they never compete for co
 Per contender: time per iteration (forward + backward + step + zero_grad, barrier before and
 after, slowest rank, after warmup) and the optimizer-state bytes this rank holds, against the
 ideal of 8 * P / W bytes (AdamW's m and v for 1/W of the params; fp32 params need no master copy).
+For zeroopt also where the iteration goes (forward, backward, step, and the time blocked on
+reductions and gathers), and two floor rows: compute alone and communication alone.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import torch.nn.functional as F
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)  # for _common
 sys.path.insert(1, os.path.dirname(_HERE))  # benchmark the zeroopt of this checkout
-from _common import (Config, Runner, command_line, machine_info, mib, optim_state_tensors,  # noqa: E402
-                     run_all, tensor_bytes, write_section)
+from _common import (Config, Runner, command_line, machine_info, mib, num_params,  # noqa: E402
+                     optim_state_tensors, run_all, tensor_bytes, write_section)
 
 # --------------------------------------------------------------------------------------------
 # Contenders. Each builds its optimizer around `model` on one rank and returns a Runner.
@@ -107,7 +109,7 @@ def ddp_adamw(model, x, y, cfg: Config) -> Runner:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
 
     def step():
         loss = F.mse_loss(ddp(x), y)
@@ -119,26 +121,44 @@ def ddp_adamw(model, x, y, cfg: Config) -> Runner:
     def state_bytes():
         return {"moments": tensor_bytes(optim_state_tensors(opt)), "extra": 0}
 
-    return Runner(step, state_bytes, "DDP + torch.optim.AdamW, unsharded")
+    return Runner(step, state_bytes, "DDP + torch.optim.AdamW(fused=True), unsharded")
 
 
-def _zeroopt(model, x, y, cfg: Config, stage: int) -> Runner:
+PHASES = ("forward", "backward", "reduction wait", "step", "gather wait")
+
+
+def _zeroopt(model, x, y, cfg: Config, stage: int, overlap: bool = True) -> Runner:
     import zeroopt
 
     # No DDP: zeroopt reduces (reduce-scatters) and averages the grads itself.
-    opt = zeroopt.ZeroOptimizer(model.parameters(), optimizer="adamw", stage=stage, lr=cfg.lr)
+    opt = zeroopt.ZeroOptimizer(model.parameters(), optimizer="adamw", stage=stage, lr=cfg.lr,
+                                overlap_param_gather=overlap)
+    phases = {name: [] for name in PHASES}
 
     def step():
+        # Wall time of each part, less the time it sat blocked on communication
+        # (opt.wait_seconds()), which goes to the two wait phases wherever it happened.
+        marks = [(time.perf_counter(), opt.wait_seconds())]
         loss = F.mse_loss(model(x), y)
+        marks.append((time.perf_counter(), opt.wait_seconds()))
         loss.backward()
+        marks.append((time.perf_counter(), opt.wait_seconds()))
         opt.step()
         opt.zero_grad()
+        marks.append((time.perf_counter(), opt.wait_seconds()))
+        for name, (t0, w0), (t1, w1) in zip(("forward", "backward", "step"), marks, marks[1:]):
+            phases[name].append(t1 - t0 - sum(w1.values()) + sum(w0.values()))
+        (_, first), (_, last) = marks[0], marks[-1]
+        phases["reduction wait"].append(last["reduction"] - first["reduction"])
+        phases["gather wait"].append(last["gather"] - first["gather"])
         return loss.detach()
 
     def state_bytes():
         return {"moments": int(opt.state_bytes()), "extra": 0}
 
-    return Runner(step, state_bytes, f"zeroopt {getattr(zeroopt, '__version__', '')}".strip())
+    how = "" if overlap else ", overlap_param_gather=False"
+    return Runner(step, state_bytes, f"zeroopt {getattr(zeroopt, '__version__', '')}{how}",
+                  phases=lambda: phases)
 
 
 def zeroopt_stage1(model, x, y, cfg):
@@ -149,6 +169,58 @@ def zeroopt_stage2(model, x, y, cfg):
     return _zeroopt(model, x, y, cfg, stage=2)
 
 
+def zeroopt_stage1_blocking(model, x, y, cfg):
+    return _zeroopt(model, x, y, cfg, stage=1, overlap=False)
+
+
+# The floor: an iteration that hid all of its communication behind compute (or the reverse)
+# can beat neither of these two.
+
+def compute_only(model, x, y, cfg: Config) -> Runner:
+    """Forward, backward and a fused AdamW step over 1/W of the params: every rank computes
+    what a ZeRO rank computes, and nothing is communicated."""
+    shard = torch.nn.Parameter(torch.zeros(-(-num_params(model) // cfg.ranks)))
+    shard.grad = torch.randn_like(shard)
+    opt = torch.optim.AdamW([shard], lr=cfg.lr, fused=True)
+
+    def step():
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def state_bytes():
+        return {"moments": tensor_bytes(optim_state_tensors(opt)), "extra": 0}
+
+    return Runner(step, state_bytes, "forward + backward + AdamW(fused=True) on P/W params")
+
+
+def communication_only(model, x, y, cfg: Config) -> Runner:
+    """zeroopt's collectives of one step on its own buckets, with nothing else running: every
+    gradient bucket reduced, then every param bucket gathered."""
+    import zeroopt
+
+    opt = zeroopt.ZeroOptimizer(model.parameters(), optimizer="adamw", lr=cfg.lr)
+    buckets = opt.layout.buckets
+    grads = [opt.comm.allocate(b.numel, torch.float32, torch.device("cpu")) for b in buckets]
+    for g in grads:
+        g.normal_()
+
+    def step():
+        for handle in [opt.comm.reduce_bucket(g) for g in grads]:
+            handle.wait()
+        for handle in [opt.comm.gather_bucket(opt.layout.bucket_view(b)) for b in buckets]:
+            handle.wait()
+        return torch.zeros(())
+
+    def state_bytes():
+        return {"moments": 0, "extra": 0}
+
+    return Runner(step, state_bytes, f"zeroopt's {len(buckets)} reduce + {len(buckets)} gather "
+                                     "bucket collectives")
+
+
 # name -> (label in the table, setup function)
 CONTENDERS = {
     "ds1": ("DeepSpeed ZeRO-1", ds_zero1),
@@ -156,9 +228,13 @@ CONTENDERS = {
     "torch_zero": ("torch ZeroRedundancyOptimizer + DDP", torch_zero_redundancy),
     "zeroopt1": ("zeroopt stage 1", zeroopt_stage1),
     "zeroopt2": ("zeroopt stage 2", zeroopt_stage2),
-    "ddp": ("DDP + AdamW (unsharded reference)", ddp_adamw),
+    "zeroopt1_blocking": ("zeroopt stage 1, blocking gather", zeroopt_stage1_blocking),
+    "ddp": ("DDP + AdamW fused (unsharded reference)", ddp_adamw),
+    "compute": ("floor: compute only", compute_only),
+    "comm": ("floor: communication only", communication_only),
 }
 BASELINE = "ds1"
+FLOOR = ("compute", "comm")
 
 # --------------------------------------------------------------------------------------------
 # Report
@@ -183,6 +259,15 @@ How the columns are counted:
   because the params are fp32). *vs ideal* = (m, v + extra) / ideal.
 - *loss*: rank 0's loss at the first and last iteration, a sanity check that every contender
   trains the same model the same way (same data, seed and hyperparameters).
+- *vs DDP*: against DDP + `torch.optim.AdamW(fused=True)` of the same run. *vs floor*: against
+  the larger of the two floor rows, which a perfectly overlapped iteration can beat neither of:
+  *compute only* runs every rank's forward, backward and a fused AdamW step over P/W params
+  with no communication at all; *communication only* runs zeroopt's reduce and gather of
+  every bucket of one step (the same collectives, buckets and transport) with nothing else.
+- *Where zeroopt's iteration goes*: `ZeroOptimizer.wait_seconds()` before and after each
+  part. A wait is the time a rank is blocked in a collective's `wait()`, which on the shared
+  memory transport includes the reading rank's own copy or sum of its peers' chunks (that work
+  is done by the waiting rank, not by a background engine).
 - Threads: OMP_NUM_THREADS / torch.set_num_threads per rank, given in the command line.
 - DeepSpeed on CPU: `DS_ACCELERATOR=cpu`; its comm backend falls back to gloo when oneCCL is
   not installed; config `zero_optimization.stage` 1 or 2 with everything else at its defaults,
@@ -192,10 +277,16 @@ How the columns are counted:
 """
 
 
+def _ratio(r: dict, anchor: dict | None) -> str:
+    return f"{r['median_s'] / anchor['median_s']:.2f}" if anchor and "median_s" in anchor else "n/a"
+
+
 def render(results: dict, cfg: Config, machine: dict, runtime_s: float, rounds: int) -> str:
     params = next((r["params"] for r in results.values() if "params" in r), 0)
     ideal = 8 * params / cfg.ranks
-    base = results.get(BASELINE, {}).get("median_s")
+    base, ddp = results.get(BASELINE), results.get("ddp")
+    floors = [results[n] for n in FLOOR if "median_s" in results.get(n, {})]
+    floor = max(floors, key=lambda r: r["median_s"]) if len(floors) == len(FLOOR) else None
     lines = [
         "## ZeRO optimizers: time per iteration and optimizer state per rank",
         "",
@@ -212,23 +303,38 @@ def render(results: dict, cfg: Config, machine: dict, runtime_s: float, rounds: 
         "",
         "*cores busy elsewhere*: the mean number of cores other processes used during that run "
         "(0 = the machine was idle apart from this benchmark; more means shared cores and "
-        "slower, noisier times).",
+        "slower, noisier times). *floor*: the larger of the two floor rows"
+        + (f" ({floor['median_s']:.3f} s)" if floor else "") + ".",
         "",
-        "| contender | s/iter (median) | s/iter (mean) | vs DS-1 | m, v MiB/rank | extra MiB/rank "
-        "| ideal MiB | vs ideal | loss first → last | cores busy elsewhere |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| contender | s/iter (median) | s/iter (mean) | vs DS-1 | vs DDP | vs floor "
+        "| m, v MiB/rank | extra MiB/rank | ideal MiB | vs ideal | loss first → last "
+        "| cores busy elsewhere |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for name, r in results.items():
         label = CONTENDERS[name][0]
         if "error" in r:
-            lines.append(f"| {label} | failed: {r['error'][:120].replace('|', '/')} ||||||||| |")
+            lines.append(f"| {label} | failed: {r['error'][:120].replace('|', '/')} ||||||||||| |")
             continue
-        ratio = f"{r['median_s'] / base:.2f}" if base else "n/a"
         total = r["moments"] + r["extra"]
+        state = (f"{mib(r['moments'])} | {mib(r['extra'])} | {mib(ideal)} | {total / ideal:.2f}"
+                 if name not in FLOOR else "- | - | - | -")
         lines.append(
-            f"| {label} | {r['median_s']:.3f} | {r['mean_s']:.3f} | {ratio} | {mib(r['moments'])} "
-            f"| {mib(r['extra'])} | {mib(ideal)} | {total / ideal:.2f} "
+            f"| {label} | {r['median_s']:.3f} | {r['mean_s']:.3f} | {_ratio(r, base)} "
+            f"| {_ratio(r, ddp)} | {_ratio(r, floor)} | {state} "
             f"| {r['loss_first']:.4f} → {r['loss_last']:.4f} | {r['other_cores']:.2f} |")
+    broken = {n: r for n, r in results.items() if r.get("phases")}
+    if broken:
+        lines += ["", "**Where zeroopt's iteration goes** (ms; each rank's median per phase, "
+                  "averaged over the ranks). *reduction wait* and *gather wait* are the time "
+                  "blocked on communication (`ZeroOptimizer.wait_seconds()`), wherever it "
+                  "happened; forward, backward and step are their wall time less that:", "",
+                  "| contender | " + " | ".join(PHASES) + " | sum | s/iter |",
+                  "|---|" + "---:|" * (len(PHASES) + 2)]
+        for name, r in broken.items():
+            ms = [1e3 * r["phases"][p] for p in PHASES]
+            lines.append(f"| {CONTENDERS[name][0]} | " + " | ".join(f"{v:.1f}" for v in ms)
+                         + f" | {sum(ms):.1f} | {1e3 * r['median_s']:.1f} |")
     lines += ["", "Implementations: " + "; ".join(
         f"{CONTENDERS[n][0]}: {r['info']}" for n, r in results.items() if r.get("info")) + ".", "",
         NOTES]
