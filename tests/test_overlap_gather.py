@@ -46,3 +46,13 @@ def test_the_forward_waits_for_the_gathers(per_rank, kind, stage):
         got = r[kind, stage]
         assert (got["waits_in_forward"] > 0) == (len(per_rank) > 1), got
         assert got["modes_left"] == 0, got
+
+
+@pytest.mark.parametrize("collectives", ("auto", "ring"))
+def test_ranks_whose_forwards_touch_different_buckets(per_rank, collectives):
+    """Each rank runs its own expert (as a mixture of experts routes), so the ranks' forwards
+    touch different buckets, over the default transport and over rings of point-to-point
+    messages: the params equal the blocking gather's, and no rank hangs (a wait takes every
+    gather launched before it too, so the ranks wait in one order; param_gather._wait)."""
+    for r in per_rank:
+        assert r["routed", collectives]

@@ -59,6 +59,9 @@ class BucketedReducer:
         sync: False inside ``no_sync()``: backward launches no reduction.
         on_reduced: None, or a callable ``(bucket index) -> None`` called after each bucket
             is harvested into the shard (layerwise rules step there).
+        before_launch: None, or a callable ``() -> None`` called before each reduction is
+            launched (the optimizer finishes the param gathers the forward left pending, so
+            every rank has run every gather before its first reduction).
         wait_seconds: seconds spent blocked waiting for reductions since construction (the
             communication that backward's compute did not hide).
 
@@ -89,6 +92,7 @@ class BucketedReducer:
         self._largest_bucket = max(bucket.numel for bucket in layout.buckets)
         self._in_backward = False
         self.on_reduced = None  # (bucket index) -> None, after a bucket is harvested
+        self.before_launch = None  # () -> None, before each reduction is launched
         self.wait_seconds = 0.0
         # Per slot (layout.slots order), 1 where this rank staged a gradient for its param:
         # this step (since the last consume() or zero()), and since the last zero(); and where
@@ -185,6 +189,8 @@ class BucketedReducer:
         return sum(t.numel() * t.element_size() for t in staged + self._pool)
 
     def _launch(self, b: int) -> None:
+        if self.before_launch is not None:
+            self.before_launch()
         bucket = self.layout.buckets[b]
         staging = self._staging_of(b)
         self._zero_unwritten(bucket, staging, self._written[b])

@@ -412,6 +412,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         grads = gradient_source.new_source(self.layout, self.comm, self.device,
                                            **self._gradient_options)
         weakref.finalize(self, grads.remove_hooks)  # a dead optimizer takes no more grads
+        grads.before_launch = self.param_gather.finish  # every gather done before a reduction
         return grads
 
     def _settle(self, norm_type: float | None) -> StepInputs:

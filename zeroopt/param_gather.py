@@ -61,7 +61,7 @@ class ParamGather:
         self.overlap = overlap and comm.world_size > 1 and comm.backend != "xla"
         self.waits_in_forward = 0
         self.wait_seconds = 0.0
-        self._pending: dict[int, Handle] = {}  # bucket index -> its gather, launch order
+        self._pending: dict[int, Handle] = {}  # bucket index -> its gather, in launch order
         self._bucket_of: dict[int, int] = {}  # id(param) -> bucket index
         self._storages: dict[int, int] = {}  # storage address -> buffer index
 
@@ -99,11 +99,18 @@ class ParamGather:
     # -- where the waits happen ---------------------------------------------------------
 
     def _wait(self, b: int) -> None:
-        handle = self._pending.pop(b, None)
-        if handle is not None:
-            started = time.perf_counter()
-            handle.wait()
-            self.wait_seconds += time.perf_counter() - started
+        """Wait for bucket ``b``'s gather, and first for every gather launched before it.
+        Every rank then waits in launch order, whatever order its forward touches the
+        buckets in: a ring (W > 2) moves on only while its rank waits on it, so two ranks
+        waiting on different rings would wait for each other forever."""
+        if b not in self._pending:
+            return
+        started = time.perf_counter()
+        for earlier in list(self._pending):
+            self._pending.pop(earlier).wait()
+            if earlier == b:
+                break
+        self.wait_seconds += time.perf_counter() - started
 
     def before_forward(self, module: torch.nn.Module) -> None:
         """Wait for the pending buckets holding ``module``'s own params (all of them for a

@@ -90,6 +90,46 @@ def trajectory(kind: str, stage: int, overlap: bool, directory: str) -> tuple[li
     return seen, opt.param_gather.waits_in_forward
 
 
+class Experts(nn.Module):
+    """A trunk and three experts; each rank's forward runs its own expert only (a mixture of
+    experts' routing), so the ranks touch different buckets after the trunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(37, 41)
+        self.experts = nn.ModuleList(nn.Linear(41, 5) for _ in range(3))
+
+    def forward(self, x, expert: int):
+        return self.experts[expert](torch.tanh(self.trunk(x)))
+
+
+def routed(overlap: bool, collectives: str) -> list[torch.Tensor]:
+    """Each rank trains through its own expert (bucket collectives ``collectives``); the
+    params after every step."""
+    rank, world_size = world()
+    previous = os.environ.get("ZEROOPT_BUCKET_COLLECTIVES")
+    os.environ["ZEROOPT_BUCKET_COLLECTIVES"] = collectives
+    try:
+        torch.manual_seed(7)
+        model = Experts()
+        opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw", lr=1e-2,
+                                    overlap_param_gather=overlap, bucket_numel=300)
+    finally:
+        if previous is None:
+            del os.environ["ZEROOPT_BUCKET_COLLECTIVES"]
+        else:
+            os.environ["ZEROOPT_BUCKET_COLLECTIVES"] = previous
+    seen = []
+    for step in range(4):
+        x, y = batch(step, rank)
+        nn.functional.mse_loss(model(x, (rank + step) % 3), y).backward()
+        opt.step()
+        opt.zero_grad()
+        seen.append(model.experts[(rank + step + 1) % 3](torch.ones(1, 41)).detach())
+    opt.finish_param_gather()
+    return seen + [p.detach().clone() for p in model.parameters()]
+
+
 def suite() -> dict:
     """Per (kind, stage): whether the overlapped run observed exactly what the blocking run
     did, how many waits happened in forward, and whether the guard left torch's mode stack."""
@@ -107,6 +147,9 @@ def suite() -> dict:
                                            if not torch.equal(a, b)), None),
                     waits_in_forward=waits,
                     modes_left=torch._C._len_torch_function_stack())
+    for collectives in ("auto", "ring"):
+        blocking, overlapped = routed(False, collectives), routed(True, collectives)
+        out["routed", collectives] = all(torch.equal(a, b) for a, b in zip(blocking, overlapped))
     return out
 
 
