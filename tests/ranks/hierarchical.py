@@ -9,10 +9,13 @@ on how the shard is chunked, so the clip coefficient may differ in its last bit)
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
 import zeroopt
+from zeroopt.comm import connect, split
 from ranks.equivalence import RULES, equivalence
 from training import EXACT, batch, loss_of, models, world
 
@@ -29,6 +32,44 @@ def train(options: dict, stage: int, clip: float | None = None, steps: int = 5):
         opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()], opt
+
+
+def async_stage(shard_size: int) -> tuple[bool, float, float]:
+    """The stage across the replicas runs on its own, before anything waits for it: three
+    buckets launched as backward launches them; then the first is only polled
+    (``is_completed()``), never waited for, until it says it is done, and must by then hold
+    the sum over all ranks.
+
+    Returns:
+        (whether polling alone saw the first bucket finish within 20 s, its largest error
+        then (before any wait), the largest over all three after waiting for them in bucket
+        order); errors relative to the sum of the terms' magnitudes.
+    """
+    rank, world_size = world()
+    comm = split(connect(torch.device("cpu")), shard_size)
+    numel = 4096 * comm.world_size
+
+    def data(b: int, r: int) -> torch.Tensor:
+        return torch.randn(numel, generator=torch.Generator().manual_seed(100 * b + r))
+
+    buckets = [data(b, rank) for b in range(3)]
+    mine = [[data(b, r).double().chunk(comm.world_size)[comm.rank] for r in range(world_size)]
+            for b in range(3)]
+    exact, size = [sum(m) for m in mine], [sum(t.abs() for t in m) for m in mine]
+    handles = [comm.reduce_bucket(bucket) for bucket in buckets]
+    deadline = time.monotonic() + 20
+    while not handles[0].is_completed() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    polled = handles[0].is_completed()
+
+    def error(b: int) -> float:
+        got = buckets[b].chunk(comm.world_size)[comm.rank].double()
+        return float(((got - exact[b]).abs() / size[b]).max())
+
+    before = error(0)
+    for handle in handles:
+        handle.wait()
+    return polled, before, max(error(b) for b in range(3))
 
 
 def error_of(fn) -> str:
@@ -53,6 +94,7 @@ def suite() -> dict:
                                                opt.state_bytes(), padded)
             out["reference", shard_size, stage] = equivalence(
                 "adamw", RULES["adamw"], stage, options={**EXACT, "shard_size": shard_size})
+        out["async", shard_size] = async_stage(shard_size)
     out["bad_shard_size"] = error_of(lambda: train(dict(shard_size=world_size + 1), 1))
     # rank 0 asks for another shard size than the others: an error everywhere, not a hang
     out["disagree"] = error_of(lambda: train(dict(shard_size=1 if rank == 0 else None), 1))

@@ -64,6 +64,9 @@ class Collectives:
     # "int8" or "int4": ``reduce_bucket`` exchanges blockwise-quantized chunks (across the
     # replicas only, with ``Hierarchical``); None: exact. Set through comm.compressed.
     compression: str | None = None
+    # Whether the handles of reduce_bucket report is_completed() True once done, without a
+    # wait (False: gloo's send/recv, whose Work says False until waited for).
+    pollable: bool = True
 
     @property
     def data_parallel_size(self) -> int:

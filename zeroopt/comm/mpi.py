@@ -29,9 +29,10 @@ from typing import Any, Callable
 
 import torch
 
-from .base import Collectives
+from .base import Collectives, Handle
 from .deadline import poll_until
-from .ring import Ring
+from .quantized import QuantizedReduceScatter
+from .ring import Exchange, Ring
 
 _NUMPY_SUMMABLE = {torch.float16, torch.float32, torch.float64, torch.int8, torch.uint8,
                    torch.int16, torch.int32, torch.int64}
@@ -149,13 +150,16 @@ class MPICollectives(Collectives):
 
     # -- collectives ----------------------------------------------------------------------
 
-    def reduce_bucket(self, bucket: torch.Tensor) -> Ring:
+    def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
         """A ring reduce-scatter of point-to-point messages (ring.py), on a host copy when
         the bucket is on CUDA and MPI is not CUDA-aware; see ``Collectives.reduce_bucket``.
 
         Raises:
             TypeError: MPI cannot sum the bucket's dtype (reduce in fp32).
         """
+        if self.compression is not None:  # quantized chunks, summed by zeroopt (quantized.py)
+            return QuantizedReduceScatter(self, list(bucket.chunk(self.world_size)),
+                                          self.compression)
         self._buffer(bucket[:0], summed=True)  # a dtype MPI can sum, or a clear error
         self._rings[0] += 1
         if self._direct(bucket):
@@ -170,6 +174,28 @@ class MPICollectives(Collectives):
         ``Collectives.gather_bucket``."""
         return self._run(bucket, False, lambda buf: self.comm.Iallgather(self.MPI.IN_PLACE, buf),
                          "all-gather of a param bucket")
+
+    def all_reduce_async(self, tensor: torch.Tensor) -> Handle:
+        """An in-place ``MPI_Iallreduce`` (a sum), not waited for: it moves on when its
+        handle is polled; see ``Collectives.all_reduce_async``.
+
+        Raises:
+            TypeError: MPI cannot sum the tensor's dtype.
+        """
+        return self._run(tensor, True, lambda buf: self.comm.Iallreduce(
+            self.MPI.IN_PLACE, buf, self.MPI.SUM), "all_reduce across the replicas")
+
+    def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv: torch.Tensor,
+                   recv_sizes: list[int]) -> Handle:
+        """``MPI_Isend``/``MPI_Irecv`` per peer (``ring.Exchange``, its tag drawn from the
+        rings' count), through host copies when the tensors are on CUDA and MPI is not
+        CUDA-aware; see ``Collectives.all_to_all``."""
+        self._rings[0] += 1
+        if self._direct(send):
+            return Exchange(self, send, send_sizes, recv, recv_sizes, self._rings[0])
+        host = torch.empty(recv.numel(), dtype=recv.dtype)
+        return Exchange(self, send.cpu(), send_sizes, host, recv_sizes, self._rings[0],
+                        then=lambda: recv.copy_(host))
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
         """An in-place ``MPI_Iallreduce``, waited for; see ``Collectives.all_reduce``.

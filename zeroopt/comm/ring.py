@@ -14,6 +14,9 @@ list ``all_gather`` (benchmarks/bench_comm.py measures bytes and step times).
 
 ``is_completed()`` moves the ring on as far as the messages have arrived (so polling during
 backward makes progress, which MPI needs: it has no progress thread); ``wait()`` finishes it.
+gloo's send/recv ``Work`` reports ``is_completed()`` False until it is waited for (torch 2.13,
+measured), so over gloo only ``wait()`` moves a ring on (a one-step ring, W=2, is carried by
+gloo's own threads meanwhile; a longer one posts its later steps in ``wait()``).
 Each ring's messages carry tags of their own, so several buckets can be in flight at once.
 A blocking wait tells the backend what it waits for and on whom (``wait_all``), so that with a
 ``timeout=`` the error names the previous rank in the ring.
@@ -130,3 +133,60 @@ class Ring:
                 time (the message names the previous rank in the ring).
         """
         self._advance(block=True)
+
+
+class Exchange:
+    """An all-to-all of byte segments by point-to-point messages (MPI's
+    ``Collectives.all_to_all``): every message is posted at construction, one to and one from
+    each other rank, all with the exchange's own tag.
+
+    It is a ``Handle``.
+
+    Args:
+        p2p: the backend's tagged point-to-point messages (``PointToPoint``).
+        send, send_sizes, recv, recv_sizes: as ``Collectives.all_to_all``.
+        sequence: this exchange's number, drawn from the same count as the rings' (so its
+            tag is no ring's in flight), the same on every rank.
+        then: called once, when every message has arrived (copy a host result back), or None.
+    """
+
+    def __init__(self, p2p: PointToPoint, send: torch.Tensor, send_sizes: list[int],
+                 recv: torch.Tensor, recv_sizes: list[int], sequence: int,
+                 then: Callable[[], None] | None = None):
+        self.p2p, self.then = p2p, then
+        rank, world = p2p.rank, p2p.world_size
+        tag = (sequence % (p2p.max_tag // world)) * world
+        sends, recvs = send.split(send_sizes), recv.split(recv_sizes)
+        recvs[rank].copy_(sends[rank])
+        self.requests = []  # (request, peer): a blocking wait names the peer it waits on
+        for step in range(1, world):  # rank r talks to r+1 first, then r+2...: no hot spot
+            peer = (rank + step) % world
+            source = (rank - step) % world
+            if recv_sizes[source]:
+                self.requests.append((p2p.irecv(recvs[source], source, tag), source))
+            if send_sizes[peer]:
+                self.requests.append((p2p.isend(sends[peer], peer, tag), peer))
+
+    def _finish(self) -> None:
+        self.requests = []
+        if self.then is not None:
+            self.then()
+            self.then = None
+
+    def is_completed(self) -> bool:
+        """Whether every message has arrived, without blocking."""
+        if self.requests and not self.p2p.test_all([r for r, _ in self.requests]):
+            return False
+        self._finish()
+        return True
+
+    def wait(self) -> None:
+        """Block until every message has arrived.
+
+        Raises:
+            CollectiveTimeout: with a ``timeout=`` set, a peer's message did not arrive in
+                time (the message names that peer).
+        """
+        for request, peer in self.requests:
+            self.p2p.wait_all([request], "all-to-all of compressed gradient chunks", peer)
+        self._finish()

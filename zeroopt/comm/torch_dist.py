@@ -4,9 +4,10 @@ The collectives used for buckets are the fastest measured per backend. NCCL (and
 accelerator backends) run their own reduce-scatter and all-gather, in place. gloo's are slow:
 on 4M-element fp32 buckets at W=2, ``all_reduce`` took 12.5 ms, ``reduce_scatter_tensor``
 25 ms, list ``all_gather`` 9-10 ms, against 7 ms and 5 ms for a ring of gloo's own tagged
-send/recv (ring.py), which also sends half the bytes of an all-reduce. So gloo runs the ring.
-``ZEROOPT_BUCKET_COLLECTIVES=ring|native|all_reduce`` overrides the choice (the tests use it
-to run the NCCL-style in-place collectives over gloo).
+send/recv (ring.py), which also sends half the bytes of an all-reduce. So gloo runs the ring,
+or, when every rank of the group is on this host, reads the peers' buckets from shared memory
+(shared_memory.py). ``ZEROOPT_BUCKET_COLLECTIVES=ring|native|all_reduce|shared_memory``
+overrides the choice (the tests use it to run the NCCL-style in-place collectives over gloo).
 
 With ``timeout`` set (seconds; ``deadline.py``), a wait that passes it raises
 ``CollectiveTimeout``: the ring's send/recv wait with ``Work.wait(timeout)`` (gloo honours it,
@@ -33,7 +34,9 @@ import torch.distributed as dist
 from .base import Collectives, Handle
 from .deadline import poll_until, timed_out, wait_in_thread
 from .environment import Launch
+from .quantized import QuantizedReduceScatter
 from .ring import Ring
+from .shared_memory import Choice as SharedMemoryChoice
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -43,7 +46,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 # Backends whose own bucket collectives lose to a ring of point-to-point messages.
 _RING_BACKENDS = {"gloo"}
-_CHOICES = ("auto", "ring", "native", "all_reduce")
+_CHOICES = ("auto", "ring", "native", "all_reduce", "shared_memory")
 
 
 class TorchDistributed(Collectives):
@@ -55,7 +58,9 @@ class TorchDistributed(Collectives):
 
     Raises:
         ValueError: ``ZEROOPT_BUCKET_COLLECTIVES`` is set to other than "auto", "ring",
-            "native" or "all_reduce".
+            "native", "all_reduce" or "shared_memory".
+        RuntimeError: (from the first bucket collective or ``allocate``) "shared_memory"
+            where the ranks cannot share memory (shared_memory.py).
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None):
@@ -67,15 +72,30 @@ class TorchDistributed(Collectives):
         if choice not in _CHOICES:
             raise ValueError(f"ZEROOPT_BUCKET_COLLECTIVES={choice!r}: use one of "
                              f"{', '.join(_CHOICES)}")
+        # gloo ranks all on one host: through shared memory (shared_memory.py), decided at the
+        # first bucket collective or allocate; the ring otherwise (and for CUDA tensors)
+        self._shared = SharedMemoryChoice(choice)
         if choice == "auto":
             choice = "ring" if self.backend in _RING_BACKENDS else "native"
-        self.bucket_collectives = choice
+        self._collectives = choice
         self._rings = 0  # bucket rings so far: the same count on every rank
+
+    @property
+    def bucket_collectives(self) -> str:
+        """How buckets go: "ring", "native", "all_reduce", or "shared_memory" (set, or picked
+        by "auto" once the group's first bucket collective found every rank on this host)."""
+        return "shared_memory" if self._shared.joined else self._collectives
 
     def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
         """A ring of send/recv (gloo), the backend's reduce-scatter (NCCL and others), or an
-        all-reduce, as ``bucket_collectives`` says; see ``Collectives.reduce_bucket``."""
-        if self.bucket_collectives == "ring":
+        all-reduce, as ``bucket_collectives`` says; with ``compression``, a quantized
+        all-to-all (quantized.py). See ``Collectives.reduce_bucket``."""
+        if self.compression is not None:
+            return QuantizedReduceScatter(self, list(bucket.chunk(self.world_size)),
+                                          self.compression)
+        if (shm := self._shared.transport(self, bucket)) is not None:
+            return shm.reduce(self, bucket)
+        if self.bucket_collectives in ("ring", "shared_memory"):  # the latter: CUDA tensors
             return self._ring(bucket, reduce=True)
         if self.bucket_collectives == "all_reduce":
             return self._timed(dist.all_reduce(bucket, group=self.group, async_op=True),
@@ -87,7 +107,9 @@ class TorchDistributed(Collectives):
     def gather_bucket(self, bucket: torch.Tensor) -> Handle:
         """A ring of send/recv (gloo), the backend's in-place all-gather, or a list
         all-gather, as ``bucket_collectives`` says; see ``Collectives.gather_bucket``."""
-        if self.bucket_collectives == "ring":
+        if (shm := self._shared.transport(self, bucket)) is not None:
+            return shm.gather(self, bucket)
+        if self.bucket_collectives in ("ring", "shared_memory"):
             return self._ring(bucket, reduce=False)
         chunks = list(bucket.chunk(self.world_size))
         if self.bucket_collectives == "all_reduce":
@@ -96,9 +118,32 @@ class TorchDistributed(Collectives):
         return self._timed(_all_gather_single(bucket, chunks[self.rank], group=self.group,
                                               async_op=True), "all-gather of a param bucket")
 
+    def allocate(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor in a shared-memory file when the buckets go through shared memory and
+        ``device`` is the CPU, else ``torch.zeros``; see ``Collectives.allocate``."""
+        if torch.device(device).type == "cpu" and (shm := self._shared.transport(self)):
+            return shm.allocate(numel, dtype)
+        return super().allocate(numel, dtype, device)
+
     def _ring(self, bucket: torch.Tensor, reduce: bool) -> Handle:
         self._rings += 1
         return Ring(self, bucket, self._rings, reduce)
+
+    def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv: torch.Tensor,
+                   recv_sizes: list[int]) -> Handle:
+        """The backend's ``all_to_all_single`` (gloo's too: unlike its send/recv, whose
+        ``is_completed()`` stays False until waited for, its ``is_completed()`` turns True
+        when it is done, so the reducer's polls see it finish); see
+        ``Collectives.all_to_all``."""
+        return self._timed(dist.all_to_all_single(recv, send, recv_sizes, send_sizes,
+                                                  group=self.group, async_op=True),
+                           "all-to-all of compressed gradient chunks")
+
+    def all_reduce_async(self, tensor: torch.Tensor) -> Handle:
+        """``dist.all_reduce(async_op=True)`` over the group (its wait within the timeout
+        when one is set); see ``Collectives.all_reduce_async``."""
+        return self._timed(dist.all_reduce(tensor, group=self.group, async_op=True),
+                           "all_reduce across the replicas")
 
     # -- point to point, for the ring (ring.py) -------------------------------------------
 
