@@ -9,6 +9,7 @@ on how the shard is chunked, so the clip coefficient may differ in its last bit)
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -34,11 +35,16 @@ def train(options: dict, stage: int, clip: float | None = None, steps: int = 5):
     return [p.detach().clone() for p in model.parameters()], opt
 
 
-def async_stage(shard_size: int) -> tuple[bool, float, float]:
+def async_stage(shard_size: int, collectives: str = "auto") -> tuple[bool, float, float]:
     """The stage across the replicas runs on its own, before anything waits for it: three
     buckets launched as backward launches them; then the first is only polled
     (``is_completed()``), never waited for, until it says it is done, and must by then hold
     the sum over all ranks.
+
+    Args:
+        shard_size: the sharding group's size.
+        collectives: ``ZEROOPT_BUCKET_COLLECTIVES`` for the groups ("ring": gloo's send/recv,
+            which cannot be polled; "auto": the default, shared memory on one host).
 
     Returns:
         (whether polling alone saw the first bucket finish within 20 s, its largest error
@@ -46,7 +52,11 @@ def async_stage(shard_size: int) -> tuple[bool, float, float]:
         order); errors relative to the sum of the terms' magnitudes.
     """
     rank, world_size = world()
-    comm = split(connect(torch.device("cpu")), shard_size)
+    os.environ["ZEROOPT_BUCKET_COLLECTIVES"] = collectives  # read as the groups are made
+    try:
+        comm = split(connect(torch.device("cpu")), shard_size)
+    finally:
+        os.environ.pop("ZEROOPT_BUCKET_COLLECTIVES")
     numel = 4096 * comm.world_size
 
     def data(b: int, r: int) -> torch.Tensor:
@@ -94,7 +104,8 @@ def suite() -> dict:
                                                opt.state_bytes(), padded)
             out["reference", shard_size, stage] = equivalence(
                 "adamw", RULES["adamw"], stage, options={**EXACT, "shard_size": shard_size})
-        out["async", shard_size] = async_stage(shard_size)
+        for collectives in ("auto", "ring"):
+            out["async", shard_size, collectives] = async_stage(shard_size, collectives)
     out["bad_shard_size"] = error_of(lambda: train(dict(shard_size=world_size + 1), 1))
     # rank 0 asks for another shard size than the others: an error everywhere, not a hang
     out["disagree"] = error_of(lambda: train(dict(shard_size=1 if rank == 0 else None), 1))

@@ -58,10 +58,15 @@ class Hierarchical(Collectives):
         self.rank, self.world_size = shard.rank, shard.world_size
         self.backend = shard.backend
         self.compression = compression
-        self.pollable = shard.pollable
         # Reductions whose cross-replica stage is not fully started yet, in bucket order
         # (shared by the copies with_timeout makes: one order for the job's replicas).
         self._pending: deque[_Pipelined] = deque()
+
+    @property
+    def pollable(self) -> bool:
+        """The sharding group's ``pollable`` (where it is False, the stage across the replicas
+        starts at the next bucket's launch instead: see the module docstring)."""
+        return self.shard.pollable
 
     @property
     def data_parallel_size(self) -> int:

@@ -86,6 +86,13 @@ class TorchDistributed(Collectives):
         by "auto" once the group's first bucket collective found every rank on this host)."""
         return "shared_memory" if self._shared.joined else self._collectives
 
+    @property
+    def pollable(self) -> bool:
+        """Whether the bucket handles' ``is_completed()`` turns True once they are done: not
+        over gloo's ring or reduce-scatter (gloo's send/recv and reduce-scatter ``Work``
+        report False until waited for, torch 2.13, measured); see ``Collectives.pollable``."""
+        return not (self.backend == "gloo" and self.bucket_collectives in ("ring", "native"))
+
     def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
         """A ring of send/recv (gloo), the backend's reduce-scatter (NCCL and others), or an
         all-reduce, as ``bucket_collectives`` says; with ``compression``, a quantized
