@@ -17,7 +17,7 @@ from distributed import _free_port, mpi_ranks, run_ranks
 
 
 def test_a_hung_rank_stops_the_others_in_step_with_the_timeout_named(tmp_path):
-    rank0, rank1 = run_ranks(2, timeout.hung_in_step, 5, str(tmp_path))
+    rank0, rank1 = run_ranks(2, timeout.hung_in_step, 5, str(tmp_path), "ring")
     assert rank1 == "hung"
     assert "zeroopt: a collective (ring reduce-scatter of a bucket, step 1 of 1) did not " \
            "finish within 5 s (timeout=5): rank 1 (or a rank it waits on) may be hung or " \
