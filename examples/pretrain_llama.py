@@ -46,7 +46,14 @@ def is_muon(name: str) -> bool:
     return "use_muon" in zeroopt.algorithms.get_rule(name).defaults
 
 
-def muon_arguments(parser) -> None:
+def extra_arguments(parser) -> None:
+    """The flags that are not config keys: --grad_compression, --muon_adjust_lr_fn."""
+    parser.add_argument(
+        "--grad_compression", default=None, choices=("int8", "int4"),
+        help="quantize the gradients the ranks exchange (blockwise int8 or int4, one all-to-all "
+             "hop, summed in fp32; with shard_size only across the sharding groups): about "
+             "1/4 (int8) or 1/8 (int4) of the gradient reduction's bytes, lossy. Default: "
+             "exact (zeroopt.comm.compression)")
     parser.add_argument(
         "--muon_adjust_lr_fn", default="match_rms_adamw", choices=ADJUST_LR_FNS,
         help="Muon rules only: how the orthogonalized update's lr is scaled per matrix. "
@@ -60,9 +67,11 @@ def muon_arguments(parser) -> None:
 def parse_config(argv=None) -> dict:
     """Load --config (JSON), then let --<key> VALUE override any key in it."""
     cfg, args, parser = common.parse_config(argv, DEFAULT_CONFIG, __doc__.split("\n")[0],
-                                            muon_arguments)
+                                            extra_arguments)
     if is_muon(cfg["optimizer"]):  # recorded in the summary with the config's keys
         cfg["muon_adjust_lr_fn"] = args.muon_adjust_lr_fn
+    if args.grad_compression:  # recorded too, when set
+        cfg["grad_compression"] = args.grad_compression
     if cfg["save_every"] < 0:
         parser.error(f"--save_every must be >= 0 (0: never save), got {cfg['save_every']}")
     if cfg["autocast"] not in ("", "bf16"):
@@ -123,7 +132,8 @@ def build_optimizer(model, cfg) -> zeroopt.ZeroOptimizer:
     return zeroopt.ZeroOptimizer(
         optimizer_groups(model, cfg), optimizer=cfg["optimizer"], stage=cfg["stage"],
         reduce_dtype=DTYPES[cfg["reduce_dtype"]], backend=cfg["backend"] or None,
-        shard_size=cfg["shard_size"] or None, **hyper)
+        shard_size=cfg["shard_size"] or None, grad_compression=cfg.get("grad_compression"),
+        **hyper)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -64,11 +64,13 @@ def quantize(values: torch.Tensor, kind: str, out: torch.Tensor | None = None) -
         out = torch.empty(message_bytes(n, kind), dtype=U8, device=values.device)
     if n == 0:
         return out
-    blocks = -(-n // block)
-    padded = torch.zeros(blocks * block, dtype=accumulation_dtype(values.dtype),
-                         device=values.device)
-    padded[:n] = values
-    padded = padded.view(blocks, block)
+    blocks, dtype = -(-n // block), accumulation_dtype(values.dtype)
+    if n % block == 0:  # whole blocks (zeroopt's chunks are multiples of 256): no padding copy
+        padded = values.to(dtype).view(blocks, block)
+    else:
+        padded = torch.zeros(blocks * block, dtype=dtype, device=values.device)
+        padded[:n] = values
+        padded = padded.view(blocks, block)
     scale = padded.abs().amax(dim=1).float()  # NaN in a block: NaN; inf: inf
     inverse = torch.where(scale > 0, levels / scale, torch.zeros_like(scale))
     codes = (padded * inverse.to(padded.dtype)[:, None]).round_().clamp_(-levels, levels)
@@ -102,13 +104,15 @@ def dequantize(message: torch.Tensor, numel: int, kind: str,
         return torch.empty(0, dtype=dtype, device=message.device)
     scale = message[:4 * blocks].clone().view(torch.float32).to(dtype)
     codes = message[4 * blocks:]
-    values = torch.zeros(blocks * block, dtype=dtype, device=message.device)
     if kind == "int8":
-        values[:numel] = codes.view(torch.int8)
+        decoded = codes.view(torch.int8).to(dtype)
     else:
-        nibbles = torch.stack([codes & 15, codes >> 4], dim=1).reshape(-1)[:numel]
-        values[:numel] = nibbles.to(dtype) - 8
-    return (values.view(blocks, block) * (scale / levels)[:, None]).reshape(-1)[:numel]
+        decoded = torch.stack([codes & 15, codes >> 4], dim=1).reshape(-1)[:numel].to(dtype) - 8
+    values = decoded
+    if numel % block:
+        values = torch.zeros(blocks * block, dtype=dtype, device=message.device)
+        values[:numel] = decoded
+    return values.view(blocks, block).mul_((scale / levels)[:, None]).reshape(-1)[:numel]
 
 
 class QuantizedReduceScatter:
