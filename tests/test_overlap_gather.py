@@ -39,12 +39,13 @@ def test_overlapped_gather_equals_the_blocking_one_bit_for_bit(per_rank, kind, s
 @pytest.mark.parametrize("stage", (1, 2))
 @pytest.mark.parametrize("kind", list(overlap_gather.KINDS))
 def test_the_forward_waits_for_the_gathers(per_rank, kind, stage):
-    """With more than one rank the gathers really are left in flight and waited for in the
-    forward (one rank has nothing to gather); afterwards torch's function-mode stack is as
-    it was."""
+    """With more than one rank the gathers really are left in flight, past ``zero_grad()``
+    (it only sets ``p.grad``), and waited for in the forward (one rank has nothing to
+    gather); afterwards torch's function-mode stack is as it was."""
     for r in per_rank:
         got = r[kind, stage]
         assert (got["waits_in_forward"] > 0) == (len(per_rank) > 1), got
+        assert got["in_flight_after_zero_grad"] == (len(per_rank) > 1), got
         assert got["modes_left"] == 0, got
 
 

@@ -30,6 +30,7 @@ Cost while gathers are pending: every torch call made from Python passes through
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 
@@ -106,10 +107,11 @@ class ParamGather:
         if b not in self._pending:
             return
         started = time.perf_counter()
-        for earlier in list(self._pending):
-            self._pending.pop(earlier).wait()
-            if earlier == b:
-                break
+        with _WATCH.quiet():
+            for earlier in list(self._pending):
+                self._pending.pop(earlier).wait()
+                if earlier == b:
+                    break
         self.wait_seconds += time.perf_counter() - started
 
     def before_forward(self, module: torch.nn.Module) -> None:
@@ -123,8 +125,9 @@ class ParamGather:
             if b in self._pending:
                 self.waits_in_forward += 1
                 self._wait(b)
-        for handle in self._pending.values():  # lets a ring move on (W > 2)
-            handle.is_completed()
+        with _WATCH.quiet():
+            for handle in list(self._pending.values()):  # lets a ring move on (W > 2)
+                handle.is_completed()
 
     def wait_for_tensors(self, tensors) -> None:
         """Wait for the pending buckets that any of ``tensors`` shares memory with (a param,
@@ -157,6 +160,17 @@ class _Watch:
         self.gathers: list[ParamGather] = []
         self.hook = None
         self.guard: _Guard | None = None
+        self.waiting = False  # inside a wait: the collectives' own torch calls pass
+
+    @contextlib.contextmanager
+    def quiet(self):
+        """The guard lets every call through (the collectives' own copies into the buckets
+        being waited for must not wait for them again)."""
+        previous, self.waiting = self.waiting, True
+        try:
+            yield
+        finally:
+            self.waiting = previous
 
     def can_watch(self) -> bool:
         """Whether the guard is, or can be put, alone on torch's function-mode stack."""
@@ -204,8 +218,34 @@ class _Watch:
             self.hook = None
 
 
+def _metadata_calls() -> frozenset:
+    """Torch calls that read or set a tensor's metadata, never its elements: the training
+    loop makes them on every param between a step and the next forward (``zero_grad()`` sets
+    ``p.grad = None``; a loop checks ``p.requires_grad``), and they need not wait."""
+    calls = set()
+    for name in ("grad", "requires_grad", "shape", "dtype", "device", "is_leaf", "grad_fn",
+                 "layout", "ndim", "names", "is_cuda", "is_sparse", "is_quantized", "is_meta",
+                 "itemsize", "nbytes", "_version", "_base", "_post_accumulate_grad_hooks",
+                 "_backward_hooks"):
+        attribute = getattr(torch.Tensor, name, None)
+        calls.update(getattr(attribute, accessor) for accessor in ("__get__", "__set__",
+                                                                    "__delete__")
+                     if hasattr(attribute, accessor))
+    for name in ("size", "dim", "numel", "stride", "element_size", "is_contiguous",
+                 "requires_grad_", "register_hook", "register_post_accumulate_grad_hook",
+                 "storage_offset", "get_device", "is_floating_point", "is_complex",
+                 "__hash__", "__len__"):
+        if hasattr(torch.Tensor, name):
+            calls.add(getattr(torch.Tensor, name))
+    return frozenset(calls)
+
+
+_METADATA_CALLS = _metadata_calls()
+
+
 class _Guard(TorchFunctionMode):
-    """Every torch call waits first for the pending buckets its tensors touch."""
+    """Every torch call that may read or write elements waits first for the pending buckets
+    its tensors touch."""
 
     def __init__(self, watch: _Watch):
         super().__init__()
@@ -213,7 +253,7 @@ class _Guard(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.watch.gathers:
+        if self.watch.gathers and not self.watch.waiting and func not in _METADATA_CALLS:
             self.watch.wait_for_tensors(args, kwargs)
         return func(*args, **kwargs)
 

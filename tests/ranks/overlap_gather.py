@@ -30,8 +30,9 @@ def _loss(model, step: int, rank: int):
 
 
 def trajectory(kind: str, stage: int, overlap: bool, directory: str) -> tuple[list, int]:
-    """What the training loop below observes, and how many buckets a forward (or another
-    torch call) waited for."""
+    """What the training loop below observes, how many buckets a forward (or another torch
+    call) waited for, and whether the first step's gathers were still in flight after
+    ``zero_grad()`` (which sets every ``p.grad`` and must not wait for them)."""
     rank, _ = world()
     optimizer, dtype = KINDS[kind]
     model, _ = models(dtype)
@@ -47,8 +48,10 @@ def trajectory(kind: str, stage: int, overlap: bool, directory: str) -> tuple[li
         opt.zero_grad()
 
     snapshot = None
+    pending_after_zero_grad = []
     for step in range(9):
         train(step)
+        pending_after_zero_grad.append(opt.param_gather.pending)
         if step == 0:  # a user's loop over model.parameters()
             seen += [p.detach().clone() for p in model.parameters()]
         elif step == 1:  # the model's state dict, kept for later
@@ -87,7 +90,7 @@ def trajectory(kind: str, stage: int, overlap: bool, directory: str) -> tuple[li
     seen.append(_loss(model, 99, rank).detach())  # the next forward sees the stepped params
     opt.finish_param_gather()
     seen += [p.detach().clone() for p in model.parameters()]
-    return seen, opt.param_gather.waits_in_forward
+    return seen, opt.param_gather.waits_in_forward, pending_after_zero_grad[0]
 
 
 class Experts(nn.Module):
@@ -138,14 +141,15 @@ def suite() -> dict:
         directory = _shared_directory(tmp)
         for kind in KINDS:
             for stage in (1, 2):
-                blocking, _ = trajectory(kind, stage, False, directory)
-                overlapped, waits = trajectory(kind, stage, True, directory)
+                blocking, _, _ = trajectory(kind, stage, False, directory)
+                overlapped, waits, in_flight = trajectory(kind, stage, True, directory)
                 out[kind, stage] = dict(
                     equal=len(blocking) == len(overlapped) and all(
                         torch.equal(a, b) for a, b in zip(blocking, overlapped)),
                     first_difference=next((i for i, (a, b) in enumerate(zip(blocking, overlapped))
                                            if not torch.equal(a, b)), None),
                     waits_in_forward=waits,
+                    in_flight_after_zero_grad=in_flight,
                     modes_left=torch._C._len_torch_function_stack())
     for collectives in ("auto", "ring"):
         blocking, overlapped = routed(False, collectives), routed(True, collectives)
