@@ -86,6 +86,13 @@ class Choice:
         """Whether the group's buckets go through shared memory (decided, and yes)."""
         return self.shm is not None
 
+    def sweep(self) -> None:
+        """After a collective of the whole group (the peers have logged the files they made
+        before it): map the peers' new files, so that their names can go (shm_files.py)
+        without waiting for the next bucket collective, which may never come."""
+        if self.shm is not None:
+            self.shm.files.sweep()
+
     def transport(self, comm, bucket=None) -> SharedMemory | None:
         """The transport, joined on first use (``join``; a collective then), if it takes
         ``bucket`` (any, where None).

@@ -5,11 +5,25 @@ has mapped them (shm_files.py says why).
 A control block is one small /dev/shm file per rank and group, read and written as int64
 words: its owner posts collectives there and logs the files it makes; peer r writes only its
 own column (opened, seen, and the acknowledgements of the owner's posts).
+
+Lifetime (``track``): a transport that is freed while some peer has not mapped all its files
+(a peer may still be reading its last gather) hands its ``Files`` on to a list of retired
+ones. Every ``SWEEP_S`` a collective of any transport also sweeps the others, live and retired
+(mapping their peers' new files, removing the names every peer has mapped), so that one idle
+or abandoned (an error mid-collective) leaves no names behind for long. At exit (atexit) this
+process waits up to ``EXIT_WAIT_S`` for its live peers to map what they have not yet, then
+removes its names but those a live peer may still need (that peer removes them once mapped,
+or at its own exit, once this process is gone).
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import mmap
+import os
+import time
+import weakref
 
 import torch
 
@@ -263,3 +277,84 @@ def _removed(seen_by_all: bool, owner_prefix: str, n: int) -> bool:
     if seen_by_all:
         shm_files.remove(shm_files.path(owner_prefix, n))
     return seen_by_all
+
+
+# -- the files' lifetime ---------------------------------------------------------------------
+
+EXIT_WAIT_S = 2.0
+SWEEP_S = 0.1  # how often a launch also sweeps the other transports' files
+
+_live: weakref.WeakSet = weakref.WeakSet()  # every transport's Files, while it or its retiree lives
+_retired: list[Files] = []  # freed transports' files that some live peer has not mapped
+_swept = [0.0]  # when the others were last swept
+
+
+def _forked() -> None:  # a forked child (a DataLoader worker) takes no part in the groups
+    _live.clear()
+    _retired.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def track(owner, files: Files) -> None:
+    """Sweep ``files`` with the others, and retire them when ``owner`` (their transport) is
+    freed with names some peer has not mapped yet."""
+    _live.add(files)
+    weakref.finalize(owner, _retire, files).atexit = False
+
+
+def _retire(files: Files) -> None:
+    if files.unseen():
+        _retired.append(files)
+
+
+def sweep_others() -> None:
+    """At most every ``SWEEP_S``: sweep every group's files; drop the retired ones every peer
+    has mapped (or whose peer died: their names and the dead peer's are removed)."""
+    if time.monotonic() - _swept[0] < SWEEP_S:
+        return
+    _swept[0] = time.monotonic()
+    for files in list(_live):
+        if files not in _retired:
+            files.sweep()
+    for files in list(_retired):
+        dead = files.dead()
+        if not dead:
+            files.sweep()
+        if dead or not files.unseen():
+            for j in dead:
+                shm_files.remove_all(files.prefixes[j])
+            for name in files.unseen():
+                shm_files.remove(name)
+            _retired.remove(files)
+
+
+@atexit.register
+def leave() -> None:
+    """Remove this process's names, as at exit (see the module docstring); registered with
+    atexit, and for a process that leaves with ``os._exit`` to call first (a test harness's
+    ranks). Waits up to ``EXIT_WAIT_S`` for live peers; calling it again is harmless."""
+    # Free what only the cycle collector would (an optimizer and its buffers) while the
+    # interpreter still runs: their finalizers remove names and retire transports before
+    # the choice below. It also spares torch the same collection during finalization, where
+    # a gloo worker thread that still releases a tensor cannot take the GIL and aborts the
+    # process ("terminate called without an active exception"; seen in ~1 exit in 4).
+    gc.collect()
+    groups = list(_live)
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while time.monotonic() < deadline:
+        waiting = [f for f in groups if f.unseen() and not f.dead()]
+        if not waiting:
+            break
+        for files in waiting:
+            files.sweep()
+        time.sleep(1e-3)
+    keep: set[str] = set()
+    for files in groups:
+        dead = files.dead()
+        for j in dead:
+            shm_files.remove_all(files.prefixes[j])
+        if not dead:
+            keep |= files.unseen()
+    shm_files.remove_created(keep)

@@ -1,49 +1,39 @@
 """The shared-memory transport of one group: posting, reading and waiting (shared_memory.py
-describes the protocol; shm_control.py the control blocks and files).
-
-A transport that is freed while some peer has not mapped all its files (a peer may still be
-reading its last gather) hands its ``Files`` on to a list of retired ones. Every
-``SWEEP_S`` a collective of any transport also sweeps the others, live and retired (mapping
-their peers' new files, removing the names every peer has mapped), so that one idle or
-abandoned (an error mid-collective) leaves no names behind for long. At exit
-(atexit) this process waits up to ``EXIT_WAIT_S`` for its live peers to map what they have
-not yet, then removes its names but those a live peer may still need (that peer removes
-them once mapped, or at its own exit, once this process is gone).
+describes the protocol; shm_control.py the control blocks, the files and their lifetime).
 """
 
 from __future__ import annotations
 
-import atexit
-import gc
+import contextlib
+import functools
 import os
 import time
 import warnings
-import weakref
 from typing import Callable
 
 import torch
 
 from . import shm_files
 from .deadline import timed_out
+from . import shm_control
 from .shm_control import CODES, DTYPES, GATHER, KINDS, REDUCE, SLOTS, Files
 
 SPINS = 64  # sched_yield rounds before a wait sleeps
 PAUSE_MAX, LONG_WAIT_S, LONG_PAUSE = 1e-3, 1.0, 10e-3  # sleeps: up to 1 ms; 10 ms after 1 s
 CHECK_S = 0.5  # how often a wait checks that the peers live
-EXIT_WAIT_S = 2.0
-SWEEP_S = 0.1  # how often a launch also sweeps the other transports' files
 
-_transports: weakref.WeakSet = weakref.WeakSet()
-_retired: list[Files] = []  # freed transports' files that some live peer has not mapped
-_swept = [0.0]  # when the other transports were last swept
-
-
-def _forked() -> None:  # a forked child (a DataLoader worker) takes no part in the groups
-    _transports.clear()
-    _retired.clear()
+# The transport's own copies and sums are not the user's torch calls: torch function modes
+# (param_gather.py's guard, which waits for pending buckets) must not see them, or a copy into
+# a bucket would wait for that very bucket.
+_NO_MODES = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
 
 
-os.register_at_fork(after_in_child=_forked)
+def _unobserved(method):
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with _NO_MODES():
+            return method(*args, **kwargs)
+    return run
 
 
 class _Box:
@@ -77,8 +67,7 @@ class SharedMemory:
         self.boxes: list[_Box] = []  # scratch buffers and outboxes of other buckets
         self.moved = 0  # counts every step any handle took (a wait's timeout restarts)
         self.warned = False
-        _transports.add(self)
-        weakref.finalize(self, _retire, self.files).atexit = False
+        shm_control.track(self, self.files)
 
     def takes(self, bucket: torch.Tensor) -> bool:
         """Whether this transport runs ``bucket``'s collectives (a non-empty CPU tensor of a
@@ -116,8 +105,7 @@ class SharedMemory:
 
     def _launch(self) -> int:
         self.files.sweep()
-        if time.monotonic() - _swept[0] > SWEEP_S:
-            _sweep_others()
+        shm_control.sweep_others()
         self.seq += 1
         return self.seq
 
@@ -235,60 +223,10 @@ class SharedMemory:
                 "are removed; look for its error (this rank cannot go on without it)")
 
 
-def _retire(files: Files) -> None:
-    if files.unseen():
-        _retired.append(files)
-
-
-def _sweep_others() -> None:
-    """Sweep every transport's files; drop the retired ones every peer has mapped (or whose
-    peer died: their names and the dead peer's are removed)."""
-    _swept[0] = time.monotonic()
-    for transport in list(_transports):
-        transport.files.sweep()
-    for files in list(_retired):
-        dead = files.dead()
-        if not dead:
-            files.sweep()
-        if dead or not files.unseen():
-            for j in dead:
-                shm_files.remove_all(files.prefixes[j])
-            for name in files.unseen():
-                shm_files.remove(name)
-            _retired.remove(files)
-
-
-@atexit.register
-def _leave() -> None:
-    """Remove this process's names at exit (see the module docstring)."""
-    # Free what only the cycle collector would (an optimizer and its buffers) while the
-    # interpreter still runs: their finalizers remove names and retire transports before
-    # the choice below. It also spares torch the same collection during finalization, where
-    # a gloo worker thread that still releases a tensor cannot take the GIL and aborts the
-    # process ("terminate called without an active exception"; seen in ~1 exit in 4).
-    gc.collect()
-    groups = [t.files for t in list(_transports)] + _retired
-    deadline = time.monotonic() + EXIT_WAIT_S
-    while time.monotonic() < deadline:
-        waiting = [f for f in groups if f.unseen() and not f.dead()]
-        if not waiting:
-            break
-        for files in waiting:
-            files.sweep()
-        time.sleep(1e-3)
-    keep: set[str] = set()
-    for files in groups:
-        dead = files.dead()
-        for j in dead:
-            shm_files.remove_all(files.prefixes[j])
-        if not dead:
-            keep |= files.unseen()
-    shm_files.remove_created(keep)
-
-
 class _Reduce:
     """A reduce in flight (a ``Handle``; see the module docstring)."""
 
+    @_unobserved
     def __init__(self, shm: SharedMemory, comm, bucket: torch.Tensor):
         self.shm, self.comm, self.dtype, self.numel = shm, comm, bucket.dtype, bucket.numel()
         rank = shm.rank
@@ -307,6 +245,7 @@ class _Reduce:
         self.next, self.held, self.sum, self.done = 0, None, None, False
         shm.pending.append(self)
 
+    @_unobserved
     def _advance(self) -> bool:
         if self.done:
             return True
@@ -361,6 +300,7 @@ class _Reduce:
 class _Gather:
     """A gather in flight (a ``Handle``; see the module docstring)."""
 
+    @_unobserved
     def __init__(self, shm: SharedMemory, comm, bucket: torch.Tensor):
         self.shm, self.comm, self.dtype = shm, comm, bucket.dtype
         self.chunks = bucket.chunk(shm.world)
@@ -374,6 +314,7 @@ class _Gather:
         self.next, self.done = 0, False
         shm.pending.append(self)
 
+    @_unobserved
     def _advance(self) -> bool:
         if self.done:
             return True

@@ -210,6 +210,7 @@ class TorchDistributed(Collectives):
             start(False)
         else:
             self._wait(start(True), what, peer)
+        self._shared.sweep()  # the peers are here too: map their new shared-memory files
 
     # -- small collectives ----------------------------------------------------------------
 
