@@ -65,6 +65,12 @@ def test_is_completed_does_not_block_and_timeout_names_the_rank(results):
     assert "rank 1" in per_rank[0]["timeout"]
 
 
+def test_torch_function_modes_do_not_see_the_transports_own_copies(results):
+    _, per_rank = results
+    for r in per_rank:
+        assert r["modes_see"] == (True, 0)  # the test's own copies seen, none of the transport's
+
+
 def test_ranks_launching_different_collectives_get_an_error(results):
     _, per_rank = results
     for r in per_rank:

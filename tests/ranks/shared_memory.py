@@ -17,6 +17,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
 import zeroopt
 from zeroopt.comm import TorchDistributed, shm_files, with_timeout
@@ -38,6 +39,18 @@ def collectives(kind: str):
             del os.environ["ZEROOPT_BUCKET_COLLECTIVES"]
         else:
             os.environ["ZEROOPT_BUCKET_COLLECTIVES"] = before
+
+
+class DataCalls(TorchFunctionMode):
+    """Counts the torch calls that copy or add elements."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += getattr(func, "__name__", "") in ("copy_", "add_", "add")
+        return func(*args, **(kwargs or {}))
 
 
 def comm_of(kind: str) -> TorchDistributed:
@@ -147,6 +160,17 @@ def suite() -> dict:
         handle = shm.reduce_bucket(early)
     handle.wait()
     out["late"] = torch.equal(early.chunk(world_size)[rank], torch.full((5,), world_size * 1.0))
+
+    # The transport's own copies and sums are not seen by torch function modes (a mode that
+    # waits for pending buckets, as param_gather's guard, would re-enter the handle).
+    with DataCalls() as seen:
+        reduced = place(shm, torch.ones(world_size * 9), "allocated")
+        gathered = place(shm, torch.zeros(world_size * 9), "pooled")
+        made = seen.calls
+        handles = [shm.reduce_bucket(reduced), shm.gather_bucket(gathered)]
+        for handle in handles:
+            handle.wait()
+    out["modes_see"] = (made > 0, seen.calls - made)
 
     # A timeout names the rank waited on; the ranks' differing collectives are an error.
     bounded = with_timeout(comm_of("shared_memory"), 0.3)
