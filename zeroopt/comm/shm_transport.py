@@ -13,9 +13,8 @@ from typing import Callable
 
 import torch
 
-from . import shm_files
+from . import shm_control, shm_files
 from .deadline import timed_out
-from . import shm_control
 from .shm_control import CODES, DTYPES, GATHER, KINDS, REDUCE, SLOTS, Files
 
 SPINS = 64  # sched_yield rounds before a wait sleeps
@@ -29,6 +28,8 @@ _NO_MODES = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
 
 
 def _unobserved(method):
+    """``method`` run with torch function modes off (see above)."""
+
     @functools.wraps(method)
     def run(*args, **kwargs):
         with _NO_MODES():
