@@ -121,6 +121,11 @@ class Hierarchical(Collectives):
             if head is until:
                 return
 
+    def allocate(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The sharding group's (its buckets' collectives run there); see
+        ``Collectives.allocate``."""
+        return self.shard.allocate(numel, dtype, device)
+
     def gather_bucket(self, bucket: torch.Tensor) -> Handle:
         """All-gather within the sharding group only (every group updates its shards
         alike); see ``Collectives.gather_bucket``."""
