@@ -8,8 +8,8 @@ Model: 12 x Linear(1024, 1024) + ReLU (12.6M fp32 params), batch 32 per rank, MS
 1 thread per rank. Every run is a fresh job started by its real launcher:
 
 - ``gloo``: ``python -m torch.distributed.run`` (zeroopt reduce-scatters gradient buckets and
-  all-gathers params by rings of gloo's send/recv, zeroopt/comm/ring.py; DDP all-reduces its
-  buckets);
+  all-gathers params by rings of gloo's send/recv, zeroopt/comm/ring.py, forced with
+  ``ZEROOPT_BUCKET_COLLECTIVES=ring``, as between hosts; DDP all-reduces its buckets);
 - ``mpi (sm)``: ``mpirun`` with Open MPI's default transports (shared memory on one host);
   zeroopt's ring reduce-scatter (Isend/Irecv) + in-place ``Iallgather`` through mpi4py;
 - ``mpi (tcp)``: the same with ``--mca pml ob1 --mca btl self,tcp``, so every byte goes
@@ -20,9 +20,17 @@ Model: 12 x Linear(1024, 1024) + ReLU (12.6M fp32 params), batch 32 per rank, MS
    with ``torch.optim.AdamW`` (unsharded) from the same run.
 2. Bytes (W=2 and W=3, oversubscribed): ``wchar`` of /proc/self/io (bytes passed to write /
    writev / send syscalls, sockets included) before and after the timed steps, per rank per
-   step, against the ring all-reduce volume of data parallelism 2(W-1)/W x 4P bytes. Shared
+   step (the param gathers each step leaves in flight, overlap_param_gather, are finished at
+   the edges of the count, so it holds exactly as many as steps), against the ring all-reduce
+   volume of data parallelism 2(W-1)/W x 4P bytes. Shared
    memory moves bytes without syscalls, so ``mpi (sm)`` must show ~0 and ``mpi (tcp)`` must
    not; a half-size model checks that the tcp count scales with the model.
+3. Compressed gradient reduction (``grad_compression="int8" | "int4"``, zeroopt/comm/
+   compression.py), W=2 and W=3: the same byte count, split into the gradient reduction (the
+   same number of iterations again with forward, backward and ``clip_grad_norm_(inf)``, which
+   harvests every reduction, but no step, so no param gather) and the rest (the param
+   all-gather); and with ``shard_size=1``, where every rank is its own sharding group, so every
+   byte crosses groups: the slow-link figure of a multi-node job.
 """
 
 from __future__ import annotations
@@ -42,17 +50,18 @@ sys.path.insert(0, _HERE)
 sys.path.insert(1, os.path.dirname(_HERE))  # benchmark the zeroopt of this checkout
 from _common import (_busy_cpu_s, _free_port, build_model, command_line, machine_info,  # noqa: E402
                      make_batch, wait_for_idle, write_section)
+from comm_compression import COMPRESSED, NAMES, compression_report, name, parse  # noqa: E402
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+# gloo's buckets through its sockets (the ring), as between hosts: on one host zeroopt may
+# otherwise move them through shared memory, which no byte counter sees
+RING = {"ZEROOPT_BUCKET_COLLECTIVES": "ring"}
 TCP_ONLY = ["--mca", "pml", "ob1", "--mca", "btl", "self,tcp"]
-NAMES = {"ddp": "DDP + AdamW (anchor)", "zeroopt1": "zeroopt stage 1", "zeroopt2": "zeroopt stage 2"}
 # Bytes each rank sends per step, in units of data parallelism's ring all-reduce 2(W-1)/W x G:
 # reduce-scatter (W-1)/W G + all-gather (W-1)/W G = 1, on both backends (rings, ring.py).
 EXPECTED = {("ddp", "gloo"): 1.0, ("zeroopt1", "gloo"): 1.0, ("zeroopt2", "gloo"): 1.0,
             ("zeroopt1", "mpi (tcp)"): 1.0, ("zeroopt2", "mpi (tcp)"): 1.0,
             ("zeroopt1", "mpi (sm)"): 0.0, ("zeroopt2", "mpi (sm)"): 0.0}
-
-
 def wchar() -> int:
     for line in Path("/proc/self/io").read_text().splitlines():
         if line.startswith("wchar:"):
@@ -78,11 +87,14 @@ def worker(a) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
         net = model
-        opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw", stage=int(a.contender[-1]),
-                                    backend=backend, lr=1e-3)
+        stage, kind, shard = parse(a.contender)
+        opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw", stage=stage, backend=backend,
+                                    lr=1e-3, grad_compression=kind, shard_size=shard)
     times, losses = [], []
+    finish = getattr(opt, "finish_param_gather", lambda: None)  # (DDP: nothing in flight)
     for i in range(a.warmup + a.iters):
         if i == a.warmup:
+            finish()  # the step's gathers overlap the next forward: count exactly `iters`
             comm.barrier()
             w0 = wchar()
         comm.barrier()
@@ -94,8 +106,23 @@ def worker(a) -> None:
         comm.barrier()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+    finish()
+    comm.barrier()
     sent = (wchar() - w0) / a.iters
+    # the gradient reduction alone: no step, so no param gather (the first pass waits for the
+    # last step's gathers, outside the count)
+    for i in range(1 + a.iters):
+        if i == 1:
+            comm.barrier()
+            w0 = wchar()
+        F.mse_loss(net(x), y).backward()
+        if a.contender != "ddp":
+            opt.clip_grad_norm_(float("inf"))  # harvests every reduction
+        opt.zero_grad(set_to_none=True)
+    comm.barrier()
+    reduction = (wchar() - w0) / a.iters
     per_rank = comm.all_gather_object(dict(times=times[a.warmup:], sent=sent, losses=losses,
+                                           reduction=reduction,
                                            params=sum(p.numel() for p in model.parameters())))
     if comm.rank == 0:
         Path(a.result).write_text(json.dumps(per_rank))
@@ -104,6 +131,29 @@ def worker(a) -> None:
 
 
 # ------------------------------------------------------------------------------------ driver
+
+def job(cmd: list[str], result: str, env: dict) -> tuple[int, str]:
+    """Run a job; (exit code, its output). Once it has written ``result`` it has 30 s to exit:
+    a job whose gloo ranks hang at teardown (seen now and then with DDP at W=3, after the
+    result was written) is then killed, with its ranks, and counted as done."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        deadline, written = time.monotonic() + 600, None
+        while proc.poll() is None:
+            if written is None and os.path.exists(result):
+                written = time.monotonic()
+            if time.monotonic() > deadline or (written and time.monotonic() - written > 30):
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                code = 0 if written else -9
+                break
+            time.sleep(0.2)
+        else:
+            code = proc.returncode
+        out.seek(0)
+        return code, out.read()
+
 
 def launch(contender: str, transport: str, ranks: int, layers: int, a) -> dict:
     """Run one job with its real launcher; return the per-rank results (or an error)."""
@@ -124,17 +174,17 @@ def launch(contender: str, transport: str, ranks: int, layers: int, a) -> dict:
         if a.wait_idle > 0:
             wait_for_idle(a.wait_idle)
         t0, (busy0, ours0) = time.perf_counter(), _busy_cpu_s()
-        proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=600,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
-        if proc.returncode != 0 or not os.path.exists(result):
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            return dict(error=" / ".join(tail) or f"exit {proc.returncode}")
+        code, output = job(cmd + args, result, env=dict(os.environ, OMP_NUM_THREADS="1", **RING))
+        if code != 0 or not os.path.exists(result):
+            tail = output.strip().splitlines()[-5:]
+            return dict(error=" / ".join(tail) or f"exit {code}")
         per_rank = json.loads(Path(result).read_text())
     wall, (busy1, ours1) = time.perf_counter() - t0, _busy_cpu_s()
     iters = [max(ts) for ts in zip(*(r["times"] for r in per_rank))]
     sent = [r["sent"] for r in per_rank]
     return dict(median_s=statistics.median(iters), sent_mean=statistics.fmean(sent),
                 sent_max=max(sent), params=per_rank[0]["params"], wall_s=wall,
+                reduction_mean=statistics.fmean(r["reduction"] for r in per_rank),
                 other_cores=max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / wall),
                 loss=(per_rank[0]["losses"][0], per_rank[0]["losses"][-1]))
 
@@ -146,13 +196,13 @@ def run(key, a, results, rounds=1):
         msg = r.get("error") or (f"{r['median_s']:.3f} s/iter, {r['sent_mean'] / 2**20:.1f} MiB "
                                  f"sent/rank/step, {r['wall_s']:.0f} s, "
                                  f"other work on {r['other_cores']:.2f} cores")
-        print(f"   {NAMES[contender]:<16} {transport:<10} W={ranks} layers={layers}: {msg}", flush=True)
+        print(f"   {name(contender):<16} {transport:<10} W={ranks} layers={layers}: {msg}", flush=True)
         prev = results.get(key)
         if prev is None or "error" in prev or ("error" not in r and r["median_s"] < prev["median_s"]):
             results[key] = r
 
 
-def report(a, results, timed, counted, total_s) -> list[str]:
+def report(a, results, timed, counted, compressed, total_s) -> list[str]:
     m, L, r0 = machine_info(), a.layers, results[timed[0]]
     anchor = r0.get("median_s", float("nan"))
     ompi = subprocess.run([MPIRUN, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
@@ -165,19 +215,23 @@ def report(a, results, timed, counted, total_s) -> list[str]:
              f"Model: {L} x Linear(1024, 1024) + ReLU, {r0.get('params', 0) / 1e6:.2f}M fp32 params, "
              f"batch 32 per rank, MSE loss, AdamW lr=1e-3, 1 thread per rank, {a.warmup} warm-up + "
              f"{a.iters} timed iterations; zeroopt's default bucket (4M elements). Each run is a "
-             "fresh job from its own launcher.", "",
+             "fresh job from its own launcher; gloo's with `ZEROOPT_BUCKET_COLLECTIVES=ring` (its "
+             "sockets, as between hosts; on one host zeroopt's default may go through shared "
+             "memory, which no byte counter sees).", "",
              f"**Time per iteration, W=2** (slowest rank, median; fastest of {a.rounds} rounds run "
              "round-robin). *cores busy elsewhere*: mean cores used by other processes during that "
              "run (0 = idle machine):", "",
              "| contender | backend (launcher) | s/iter | vs DDP | loss first → last | cores busy elsewhere |",
              "|---|---|---:|---:|---|---:|"]
-    for key in timed + [k for k in counted if k[1:] == ("mpi (tcp)", 2, L)]:
-        r, name = results[key], f"{NAMES[key[0]]} | {launcher[key[1]]}"
+    side = [k for k in counted if k[1:] == ("mpi (tcp)", 2, L)]
+    side += [k for k in compressed if k[1:] == ("gloo", 2, L)]
+    for key in timed + side:
+        r, row = results[key], f"{name(key[0])} | {launcher[key[1]]}"
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:150]} | | | |")
+            lines.append(f"| {row} | failed: {r['error'][:150]} | | | |")
             continue
         note = " (1 round)" if key not in timed else ""
-        lines.append(f"| {name}{note} | {r['median_s']:.3f} | {r['median_s'] / anchor:.2f} | "
+        lines.append(f"| {row}{note} | {r['median_s']:.3f} | {r['median_s'] / anchor:.2f} | "
                      f"{r['loss'][0]:.4f} → {r['loss'][1]:.4f} | {r['other_cores']:.2f} |")
     lines += ["", "**Bytes sent per rank per step** (`wchar` of /proc/self/io over the timed steps; "
               "W=3 runs 3 ranks on 2 cores, fine for bytes). *DP volume* = 2(W-1)/W x 4P bytes, "
@@ -193,12 +247,12 @@ def report(a, results, timed, counted, total_s) -> list[str]:
             lines.append(f"| {w} | {NAMES[c]} | {t} | failed: {r.get('error', '')[:150]} | | | | | |")
             continue
         dp = 2 * (w - 1) / w * 4 * r["params"]
-        ratio, ideal = r["sent_mean"] / dp, EXPECTED[(c, t)]
+        ratio, expected = r["sent_mean"] / dp, EXPECTED[(c, t)]
         if t != "mpi (sm)":
-            agree.append((abs(ratio - ideal) <= 0.02 * ideal, f"{NAMES[c]} {t} W={w}"
+            agree.append((abs(ratio - expected) <= 0.02 * expected, f"{NAMES[c]} {t} W={w}"
                           f"{'' if layers == L else f' ({layers} layers)'}: {ratio:.3f}"))
         lines.append(f"| {w} | {NAMES[c]} | {t} | {r['params'] / 1e6:.2f}M | {r['sent_mean'] / 2**20:.1f} | "
-                     f"{r['sent_max'] / 2**20:.1f} | {dp / 2**20:.1f} | {ratio:.3f} | {ideal:.1f} |")
+                     f"{r['sent_max'] / 2**20:.1f} | {dp / 2**20:.1f} | {ratio:.3f} | {expected:.1f} |")
     bad = [s for ok, s in agree if not ok]
     sm, tcp = results.get(timed[3], {}), results.get(("zeroopt1", "mpi (tcp)", 2, L), {})
     half = results.get(("zeroopt1", "mpi (tcp)", 2, L // 2), {})
@@ -226,6 +280,7 @@ def report(a, results, timed, counted, total_s) -> list[str]:
               "scatter (`nbc_ireduce_scatter_block.c`); an earlier run of this benchmark measured "
               "it at 1.250 (W=2) and 1.167 (W=3) of DP's volume, (2 + 1/W)/2 as that algorithm "
               "predicts, with rank 0 a hot spot that grows with W.", ""]
+    lines += compression_report(results, compressed, L)
     t = {k[:2]: results[k].get("median_s", float("nan")) / anchor for k in timed}
     g, sm = (t[("zeroopt1", "gloo")] + t[("zeroopt2", "gloo")]) / 2, \
         (t[("zeroopt1", "mpi (sm)")] + t[("zeroopt2", "mpi (sm)")]) / 2
@@ -270,16 +325,18 @@ def main() -> None:
                [("ddp", "gloo"), ("zeroopt1", "gloo"), ("zeroopt2", "gloo"),
                 ("zeroopt1", "mpi (tcp)"), ("zeroopt2", "mpi (tcp)")]]
     counted += [("zeroopt1", "mpi (tcp)", 2, L // 2), ("ddp", "gloo", 2, L // 2)]
+    compressed = [(c, "gloo", w, L) for w in (2, 3) for c in COMPRESSED]
+    compressed += [(c, "mpi (tcp)", w, L) for w in (2, 3) for c in ("zeroopt1-int8",)]
     print("== time, W=2", flush=True)
     for _ in range(a.rounds):
         for key in timed:
             run(key, a, results)
     print("== bytes, W=2 and 3", flush=True)
-    for key in counted:
+    for key in counted + compressed:
         if key not in results:
             run(key, a, results)
 
-    lines = report(a, results, timed, counted, time.perf_counter() - started)
+    lines = report(a, results, timed, counted, compressed, time.perf_counter() - started)
     print("\n".join(lines))
     if a.out:
         write_section(Path(a.out), "bench_comm", "\n".join(lines))

@@ -225,7 +225,10 @@ def _muon(kind: str, params: dict, out: Translation) -> None:
 # -- "zero_optimization" ---------------------------------------------------------------------
 
 # How DeepSpeed's own ZeRO runs (buckets, overlap, layout, ZeRO-3's and ZeRO++'s knobs, which
-# DeepSpeed ignores below stage 3): moot once zeroopt reduces and shards.
+# DeepSpeed ignores below stage 3): moot once zeroopt reduces and shards. Among them
+# zero_quantized_gradients (ZeRO++'s qgZ): DeepSpeed 0.19.8 reads it only in ZeRO-3 (stage3.py,
+# all_to_all_quant_reduce, int4), so at stages 1 and 2 it reduces exactly, and so does zeroopt;
+# zeroopt's own qgZ is ZeroOptimizer(grad_compression="int8" | "int4").
 ZERO_MOOT = (
     "contiguous_gradients", "reduce_scatter", "use_multi_rank_bucket_allreduce",
     "allgather_partitions", "allgather_bucket_size", "overlap_comm", "compute_grad_norm",
