@@ -3,7 +3,8 @@ their names, the bytes they should send, and their part of the report."""
 
 from __future__ import annotations
 
-NAMES = {"ddp": "DDP + AdamW (anchor)", "zeroopt1": "zeroopt stage 1", "zeroopt2": "zeroopt stage 2"}
+NAMES = {"ddp": "DDP + AdamW (anchor)", "zeroopt1": "zeroopt stage 1",
+         "zeroopt2": "zeroopt stage 2"}
 # Compressed contenders: zeroopt<stage>-<kind>[-s<shard_size>].
 COMPRESSED = ["zeroopt1-int8", "zeroopt2-int8", "zeroopt1-int4", "zeroopt1-int8-s1",
               "zeroopt1-int4-s1"]
