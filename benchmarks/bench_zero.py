@@ -127,7 +127,7 @@ def ddp_adamw(model, x, y, cfg: Config) -> Runner:
 PHASES = ("forward", "backward", "reduction wait", "step", "gather wait")
 
 
-def _zeroopt(model, x, y, cfg: Config, stage: int, overlap: bool = True) -> Runner:
+def _zeroopt(model, x, y, cfg: Config, stage: int, overlap: bool | None = None) -> Runner:
     import zeroopt
 
     # No DDP: zeroopt reduces (reduce-scatters) and averages the grads itself.
@@ -156,7 +156,7 @@ def _zeroopt(model, x, y, cfg: Config, stage: int, overlap: bool = True) -> Runn
     def state_bytes():
         return {"moments": int(opt.state_bytes()), "extra": 0}
 
-    how = "" if overlap else ", overlap_param_gather=False"
+    how = "" if overlap is None else f", overlap_param_gather={overlap}"
     return Runner(step, state_bytes, f"zeroopt {getattr(zeroopt, '__version__', '')}{how}",
                   phases=lambda: phases)
 
@@ -169,8 +169,8 @@ def zeroopt_stage2(model, x, y, cfg):
     return _zeroopt(model, x, y, cfg, stage=2)
 
 
-def zeroopt_stage1_blocking(model, x, y, cfg):
-    return _zeroopt(model, x, y, cfg, stage=1, overlap=False)
+def zeroopt_stage1_overlapped(model, x, y, cfg):
+    return _zeroopt(model, x, y, cfg, stage=1, overlap=True)
 
 
 # The floor: an iteration that hid all of its communication behind compute (or the reverse)
@@ -228,7 +228,8 @@ CONTENDERS = {
     "torch_zero": ("torch ZeroRedundancyOptimizer + DDP", torch_zero_redundancy),
     "zeroopt1": ("zeroopt stage 1", zeroopt_stage1),
     "zeroopt2": ("zeroopt stage 2", zeroopt_stage2),
-    "zeroopt1_blocking": ("zeroopt stage 1, blocking gather", zeroopt_stage1_blocking),
+    "zeroopt1_overlap": ("zeroopt stage 1, overlap_param_gather=True",
+                         zeroopt_stage1_overlapped),
     "ddp": ("DDP + AdamW fused (unsharded reference)", ddp_adamw),
     "compute": ("floor: compute only", compute_only),
     "comm": ("floor: communication only", communication_only),

@@ -57,3 +57,11 @@ def test_ranks_whose_forwards_touch_different_buckets(per_rank, collectives):
     gather launched before it too, so the ranks wait in one order; param_gather._wait)."""
     for r in per_rank:
         assert r["routed", collectives]
+
+
+def test_the_default_overlaps_where_bytes_move_while_the_rank_computes(per_rank):
+    """On by default over the ring (bytes move in the background); off over shared memory,
+    where a gather is the rank's own copy (auto picks shared memory for ranks on one host)."""
+    for r in per_rank:
+        assert r["default", "ring"] == (len(per_rank) > 1)
+        assert r["default", "auto"] is False

@@ -99,11 +99,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
             (ZeRO++'s qgZ); with ``shard_size``, only the stage across sharding groups (the
             slow links) is compressed. Lossy: see ``zeroopt.comm.compression``. Default None
             (exact fp32 reduction).
-        overlap_param_gather (bool): return from ``step()`` with the params' all-gathers in
-            flight; each module's forward waits for its own params' buckets, and anything
-            else that touches a param first waits for its bucket (``zeroopt.param_gather``;
-            Megatron-LM's ``overlap_param_gather``). The params are bit for bit those of
-            the blocking gather. Default True.
+        overlap_param_gather (bool | None): return from ``step()`` with the params'
+            all-gathers in flight; each module's forward waits for its own params' buckets,
+            and anything else that touches a param first waits for its bucket
+            (``zeroopt.param_gather``; Megatron-LM's ``overlap_param_gather``). The params
+            are bit for bit those of the blocking gather. Default None: on, except over the
+            shared-memory transport (gloo ranks on one host), where a gather is this rank's
+            own copy and there is nothing to overlap it with.
         **hyperparameters: the rule's, with torch.optim's names and defaults (``lr``,
             ``betas``, ``weight_decay``...), and every rule's ``state_precision`` ("32bit",
             "bf16", "8bit", "4bit"), ``min_8bit_size`` (4096), ``block_size`` (None: 256 for
@@ -133,7 +135,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  reduce_dtype: torch.dtype = torch.float32, skip_nonfinite: bool = True,
                  window_numel: int | None = None, page_dir: str | None = None,
                  timeout=None, grad_compression: str | None = None,
-                 overlap_param_gather: bool = True, **hyperparameters):
+                 overlap_param_gather: bool | None = None, **hyperparameters):
         stage, bucket_numel, window_numel = check_options(stage, bucket_numel, window_numel)
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 (shard optimizer states) or 2 (states and "

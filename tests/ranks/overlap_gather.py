@@ -106,6 +106,20 @@ class Experts(nn.Module):
         return self.experts[expert](torch.tanh(self.trunk(x)))
 
 
+def default_overlap(collectives: str) -> bool:
+    """Whether a ZeroOptimizer built with the default ``overlap_param_gather`` overlaps."""
+    previous = os.environ.get("ZEROOPT_BUCKET_COLLECTIVES")
+    os.environ["ZEROOPT_BUCKET_COLLECTIVES"] = collectives
+    try:
+        model, _ = models()
+        return zeroopt.ZeroOptimizer(model.parameters(), "adamw").param_gather.overlap
+    finally:
+        if previous is None:
+            del os.environ["ZEROOPT_BUCKET_COLLECTIVES"]
+        else:
+            os.environ["ZEROOPT_BUCKET_COLLECTIVES"] = previous
+
+
 def routed(overlap: bool, collectives: str) -> list[torch.Tensor]:
     """Each rank trains through its own expert (bucket collectives ``collectives``); the
     params after every step."""
@@ -154,6 +168,7 @@ def suite() -> dict:
     for collectives in ("auto", "ring"):
         blocking, overlapped = routed(False, collectives), routed(True, collectives)
         out["routed", collectives] = all(torch.equal(a, b) for a, b in zip(blocking, overlapped))
+        out["default", collectives] = default_overlap(collectives)
     return out
 
 

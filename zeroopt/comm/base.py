@@ -67,6 +67,9 @@ class Collectives:
     # Whether the handles of reduce_bucket report is_completed() True once done, without a
     # wait (False: gloo's send/recv, whose Work says False until waited for).
     pollable: bool = True
+    # Whether a gather_bucket handle's wait is this rank copying its peers' chunks itself
+    # (shared memory), rather than bytes that move while it computes (NCCL, sockets).
+    gathers_by_copy: bool = False
 
     @property
     def data_parallel_size(self) -> int:

@@ -63,6 +63,11 @@ class Hierarchical(Collectives):
         self._pending: deque[_Pipelined] = deque()
 
     @property
+    def gathers_by_copy(self) -> bool:
+        """The sharding group's (the gathers run there only)."""
+        return self.shard.gathers_by_copy
+
+    @property
     def pollable(self) -> bool:
         """The sharding group's ``pollable`` (where it is False, the stage across the replicas
         starts at the next bucket's launch instead: see the module docstring)."""

@@ -87,6 +87,12 @@ class TorchDistributed(Collectives):
         return "shared_memory" if self._shared.joined else self._collectives
 
     @property
+    def gathers_by_copy(self) -> bool:
+        """Over shared memory a gather's wait is this rank's own copy of its peers' chunks;
+        see ``Collectives.gathers_by_copy``."""
+        return self.bucket_collectives == "shared_memory"
+
+    @property
     def pollable(self) -> bool:
         """Whether the bucket handles' ``is_completed()`` turns True once they are done: not
         over gloo's ring or reduce-scatter (gloo's send/recv and reduce-scatter ``Work``
