@@ -145,6 +145,8 @@ def test_invalid_stage_and_options():
         zeroopt.ZeroOptimizer(model().parameters(), stage=3)
     with pytest.raises(ValueError, match="average_grads=False .* works with stage=1 only"):
         zeroopt.ZeroOptimizer(model().parameters(), stage=2, average_grads=False)
+    with pytest.raises(ValueError, match="grad_compression .* average_grads=False"):
+        zeroopt.ZeroOptimizer(model().parameters(), grad_compression="int8", average_grads=False)
     with pytest.raises(ValueError, match="no trainable params"):
         zeroopt.ZeroOptimizer(model().requires_grad_(False).parameters())
 

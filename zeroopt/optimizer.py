@@ -143,6 +143,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if stage == 2 and not average_grads:
             raise ValueError("average_grads=False (a model wrapped in DDP) works with stage=1 "
                              "only: DDP keeps full gradients, which stage 2 exists to avoid")
+        if grad_compression is not None and not average_grads:
+            raise ValueError("grad_compression compresses the gradient reduction zeroopt runs; "
+                             "with average_grads=False DistributedDataParallel reduces them "
+                             "instead. Drop grad_compression, or unwrap the model from DDP")
         if bucket_numel < 1:
             raise ValueError(f"bucket_numel must be positive, got {bucket_numel}")
         self.rule, preset = get_preset(optimizer)

@@ -49,7 +49,8 @@ from .config_mapping import ConfigError, translate
 SECTION = "zeroopt"
 # ZeroOptimizer's own arguments; every other key must be a hyperparameter of the rule.
 OPTIONS = ("optimizer", "stage", "bucket_numel", "reduce_dtype", "skip_nonfinite",
-           "window_numel", "page_dir", "backend", "shard_size")
+           "window_numel", "page_dir", "backend", "shard_size", "grad_compression",
+           "overlap_param_gather")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp64": torch.float64, "float64": torch.float64}
 # Sections zeroopt takes over: DeepSpeed does not see them.
