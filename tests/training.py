@@ -145,3 +145,12 @@ def train_small(model, opt, steps=10, before_step=lambda t: None):
 def rel_diff(a, b) -> float:
     return max(((p - q).abs().max() / q.abs().max()).item()
                for p, q in zip(a.parameters(), b.parameters()))
+
+
+def error_of(fn) -> str:
+    """The message of the ValueError or RuntimeError ``fn()`` raises, or "no error"."""
+    try:
+        fn()
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    return "no error"

@@ -28,7 +28,7 @@ import zeroopt
 from zeroopt.comm import connect, split
 from zeroopt.comm.compression import compressed
 from zeroopt.comm.quantized import BLOCK, LEVELS
-from training import batch, loss_of, models, world
+from training import batch, error_of, loss_of, models, world
 
 CHUNKS = [1, 100, 256, 300, 513, 1000]  # chunk lengths: most do not divide the blocks
 SLACK = 2.0 ** -20
@@ -168,14 +168,6 @@ def sgd_step(kind: str, stage: int, shard_size: int | None) -> dict:
 def converge(kind: str | None, stage: int) -> list[float]:
     """AdamW, 40 steps on the odd-sized model: the losses."""
     return train(kind, stage, steps=40, optimizer="adamw", lr=3e-3)[1]
-
-
-def error_of(fn) -> str:
-    try:
-        fn()
-    except (ValueError, RuntimeError) as e:
-        return str(e)
-    return "no error"
 
 
 def suite() -> dict:

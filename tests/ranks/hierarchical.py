@@ -18,7 +18,7 @@ import torch.distributed as dist
 import zeroopt
 from zeroopt.comm import connect, split
 from ranks.equivalence import RULES, equivalence
-from training import EXACT, batch, loss_of, models, world
+from training import EXACT, batch, error_of, loss_of, models, world
 
 
 def train(options: dict, stage: int, clip: float | None = None, steps: int = 5):
@@ -80,14 +80,6 @@ def async_stage(shard_size: int, collectives: str = "auto") -> tuple[bool, float
     for handle in handles:
         handle.wait()
     return polled, before, max(error(b) for b in range(3))
-
-
-def error_of(fn) -> str:
-    try:
-        fn()
-    except (ValueError, RuntimeError) as e:
-        return str(e)
-    return "no error"
 
 
 def suite() -> dict:
