@@ -106,6 +106,9 @@ def _serve(rank: int, world_size: int, port: int, tasks, results, stack_path: st
     # interpreter wait for it at exit): once the results are flushed, nothing is left to do.
     results.close()
     results.join_thread()
+    from zeroopt.comm import shm_control
+
+    shm_control.leave()  # os._exit skips atexit: remove this rank's /dev/shm names first
     os._exit(0)
 
 
