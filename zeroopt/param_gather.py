@@ -186,6 +186,8 @@ class _Watch:
         return depth == 0 or (depth == 1 and self.guard is not None and _top_mode_is(self.guard))
 
     def add(self, gather: ParamGather) -> None:
+        """Watch ``gather``'s pending buckets: install the hook and push the guard if they
+        are not there yet (``can_watch`` must have said True)."""
         if gather not in self.gathers:
             self.gathers.append(gather)
         if self.hook is None:
@@ -196,11 +198,14 @@ class _Watch:
             self.guard.__enter__()
 
     def discard(self, gather: ParamGather) -> None:
+        """Stop watching ``gather`` (it has nothing pending); stand down if nothing is."""
         if gather in self.gathers:
             self.gathers.remove(gather)
         self.stand_down()
 
     def before_forward(self, module: torch.nn.Module, args) -> None:
+        """The forward pre-hook: every watched gather waits for ``module``'s buckets
+        (``ParamGather.before_forward``); ``args`` (the module's inputs) are not read."""
         for gather in list(self.gathers):
             gather.before_forward(module)
             if not gather.pending and gather in self.gathers:
@@ -208,6 +213,8 @@ class _Watch:
         self.stand_down()
 
     def wait_for_tensors(self, args, kwargs) -> None:
+        """The guard's wait: the pending buckets that the tensors among a torch call's
+        ``args`` and ``kwargs`` touch, of every watched gather."""
         tensors = list(_tensors_in(args, kwargs))
         for gather in self.gathers:
             if gather.pending:
