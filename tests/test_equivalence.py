@@ -167,11 +167,15 @@ def test_reduce_scatter_and_all_gather_path(world_size):
 
 def test_stage2_releases_gradient_memory_outside_the_shard(results):
     """Stage 2 holds at most 3 bucket-sized staging buffers; stage 1 holds every bucket (a
-    full gradient buffer, as data parallelism does). param.grad is freed in both."""
+    full gradient buffer, as data parallelism does). param.grad is freed in both. On one rank
+    both stage straight into the shard (the reduction is the identity): no staging at all."""
     world_size, per_rank = results
     for r in per_rank:
         s1, s2 = r[("grad_memory", 1)], r[("grad_memory", 2)]
         assert s1["buckets"] >= 6, s1  # enough buckets for the bound to matter
+        if world_size == 1:
+            assert s1["peak"] == s2["peak"] == 0 and s1["grads_left"] == s2["grads_left"] == 0
+            continue
         assert s1["peak"] == s1["all_buckets_bytes"]
         assert s2["peak"] <= 3 * s2["largest_bucket_bytes"] < s1["peak"]
         assert s1["grads_left"] == s2["grads_left"] == 0

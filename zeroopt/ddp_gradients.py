@@ -12,7 +12,9 @@ from contextlib import contextmanager
 
 import torch
 
+from .kernels import harvest
 from .layout import Layout
+from .step_inputs import local_norm_part
 
 
 class LocalGradients:
@@ -36,6 +38,7 @@ class LocalGradients:
         # (zero(set_to_none=False)) until zero().
         self._had = bytearray(len(layout.slots))
         self._kept = bytearray(len(layout.slots))
+        self._sumsq: float | None = None  # the shard's sum of squares, taken by complete()
 
     def finish(self) -> None:
         """Nothing to do: no reduction is ever in flight here."""
@@ -78,14 +81,26 @@ class LocalGradients:
         self._kept[:len(old._kept)] = old._kept
 
     def complete(self, launch: list[int]) -> None:
-        """Copy the owned pieces of the (already averaged) ``param.grad`` into the shard."""
+        """Copy the owned pieces of the (already averaged) ``param.grad`` into the shard,
+        taking their sum of squares on the way (``squared_norm``)."""
+        self._sumsq = 0.0
         for piece in self.layout.pieces:
             dst = self.shard[piece.shard_offset:piece.shard_offset + piece.numel]
             grad = piece.slot.param.grad
             if grad is None:
                 dst.zero_()
-            else:
-                dst.copy_(grad.reshape(-1)[piece.param_offset:piece.param_offset + piece.numel])
+                continue
+            sumsq = harvest.copy_into(
+                dst, grad.reshape(-1)[piece.param_offset:piece.param_offset + piece.numel])
+            self._sumsq = None if sumsq is None or self._sumsq is None else self._sumsq + sumsq
+
+    def squared_norm(self) -> torch.Tensor:
+        """This rank's part of the squared global 2-norm (a 1-element fp64 tensor): the sum
+        of squares ``complete`` took, else read from the shard. Call after ``complete``."""
+        sumsq, self._sumsq = self._sumsq, None
+        if sumsq is None:
+            return local_norm_part(self.shard, 2.0)
+        return torch.tensor([sumsq], dtype=torch.float64, device=self.shard.device)
 
     def consume(self) -> None:
         """The step has taken the gradients: set every param's ``grad`` to None, remembering

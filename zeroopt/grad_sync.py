@@ -11,7 +11,13 @@ is written (or, when accumulating, added) into the shard.
 - stage 1 keeps every bucket's staging buffer for the life of the optimizer (a full-size
   gradient buffer, as data parallelism has);
 - stage 2 takes staging buffers from a small pool and gives each back once its bucket is
-  harvested, so gradient memory is the shard plus at most ``max_staged_buckets`` (3) buckets.
+  harvested, so gradient memory is the shard plus at most ``max_staged_buckets`` (3) buckets;
+- with one data-parallel rank (and fp32 reduction) the staging buffers are the shard itself:
+  the reduction is the identity, so there is nothing to copy and nothing to free.
+
+The harvest (and, on one rank, the staging copy) also takes the sum of squares of what it
+writes, in the same pass (kernels/harvest.py): the global gradient norm that clipping and the
+non-finite check need then costs no pass of its own (``squared_norm``).
 
 Gradient accumulation: each synchronised backward adds its averaged gradient into the shard;
 inside ``no_sync()`` backward only accumulates into the staging buffers, and the next
@@ -31,7 +37,9 @@ from operator import or_
 import torch
 
 from .comm import Collectives, Handle
+from .kernels import harvest
 from .layout import Bucket, Layout, ParamSlot
+from .step_inputs import local_norm_part
 
 
 class BucketedReducer:
@@ -80,6 +88,8 @@ class BucketedReducer:
         self.max_staged_buckets = max_staged_buckets
         self.reduce_dtype, self.device = reduce_dtype, device
         self.shard = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
+        # One data-parallel rank: each bucket is staged straight into its slice of the shard.
+        self.in_place = comm.data_parallel_size == 1 and reduce_dtype == torch.float32
         self.sync = True
         n = len(layout.buckets)
         self._staging: list[torch.Tensor | None] = [None] * n
@@ -87,6 +97,11 @@ class BucketedReducer:
         self._arrived = [0] * n  # gradients seen in the current backward pass
         self._work: list[Handle | None] = [None] * n
         self._shard_filled = [False] * n
+        # Sums of squares of what the shard holds, per bucket chunk (and, in place, per slot,
+        # from the staging copies); None where unknown (squared_norm then reads the chunk).
+        self._bucket_sumsq: list[float | None] = [None] * n
+        self._slot_sumsq: list[float | None] = [None] * len(layout.slots)
+        self._position = {slot: k for k, slot in enumerate(layout.slots)}
         self._next_launch = 0
         self._pool: list[torch.Tensor] = []  # stage 2: free staging buffers
         self._largest_bucket = max(bucket.numel for bucket in layout.buckets)
@@ -132,11 +147,14 @@ class BucketedReducer:
         staging = self._staging_of(b)
         bucket = self.layout.buckets[b]
         view = staging[slot.start - bucket.start:slot.end - bucket.start]
-        if slot in self._written[b]:
-            view.add_(grad.reshape(-1))
+        # In place, a filled chunk is the shard's accumulated gradient: add to it.
+        if slot in self._written[b] or (self.in_place and self._shard_filled[b]):
+            sumsq = harvest.add_into(view, grad.reshape(-1))
         else:
-            view.copy_(grad.reshape(-1))
-            self._written[b].add(slot)
+            sumsq = harvest.copy_into(view, grad.reshape(-1))
+        self._written[b].add(slot)
+        if self.in_place:
+            self._slot_sumsq[position] = sumsq
         slot.param.grad = None
         self._used[position] = self._had[position] = 1
 
@@ -158,8 +176,11 @@ class BucketedReducer:
 
     def _staging_of(self, b: int) -> torch.Tensor:
         if self._staging[b] is None:
-            numel = self.layout.buckets[b].numel
-            if self.keep_staging:
+            bucket = self.layout.buckets[b]
+            numel = bucket.numel
+            if self.in_place:  # one rank: its chunk is the whole bucket
+                self._staging[b] = self.shard[bucket.shard_offset:bucket.shard_offset + numel]
+            elif self.keep_staging:
                 self._staging[b] = self.comm.allocate(numel, self.reduce_dtype, self.device)
             else:  # pooled buffers fit the largest bucket, so any one serves any bucket
                 self._make_room()
@@ -185,6 +206,8 @@ class BucketedReducer:
 
     def staging_bytes(self) -> int:
         """Gradient memory outside the shard: staging buffers, in use or pooled."""
+        if self.in_place:
+            return 0
         staged = [t if t._base is None else t._base for t in self._staging if t is not None]
         return sum(t.numel() * t.element_size() for t in staged + self._pool)
 
@@ -193,7 +216,12 @@ class BucketedReducer:
             self.before_launch()
         bucket = self.layout.buckets[b]
         staging = self._staging_of(b)
-        self._zero_unwritten(bucket, staging, self._written[b])
+        if not (self.in_place and self._shard_filled[b]):  # else: accumulated, keep it
+            self._zero_unwritten(bucket, staging, self._written[b])
+            if self.in_place:
+                for slot in bucket.slots:
+                    if slot not in self._written[b]:
+                        self._slot_sumsq[self._position[slot]] = 0.0
         self._written[b] = set()
         self._work[b] = self.comm.reduce_bucket(staging)
         self._next_launch = b + 1
@@ -225,14 +253,20 @@ class BucketedReducer:
                 self._harvest(earlier)
         self._wait(b)
         bucket = self.layout.buckets[b]
-        mine = bucket_chunk(self._staging[b], self.comm)
-        dst = self.shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel]
-        if self._shard_filled[b]:
-            dst.add_(mine, alpha=1.0 / self.comm.data_parallel_size)
-        else:
-            torch.mul(mine, 1.0 / self.comm.data_parallel_size, out=dst)
+        if self.in_place:  # staged where the shard is: nothing to move
+            slots = [self._slot_sumsq[self._position[slot]] for slot in bucket.slots]
+            self._bucket_sumsq[b] = None if None in slots else sum(slots)
             self._shard_filled[b] = True
-        if not self.keep_staging:
+        else:
+            mine = bucket_chunk(self._staging[b], self.comm)
+            dst = self.shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel]
+            scale = 1.0 / self.comm.data_parallel_size
+            if self._shard_filled[b]:
+                self._bucket_sumsq[b] = harvest.scale_add_into(dst, mine, scale)
+            else:
+                self._bucket_sumsq[b] = harvest.scale_into(dst, mine, scale)
+                self._shard_filled[b] = True
+        if not (self.keep_staging or self.in_place):
             self._pool.append(self._staging[b]._base)
             self._staging[b] = None
         if self.on_reduced is not None:
@@ -279,6 +313,28 @@ class BucketedReducer:
                 bucket = self.layout.buckets[b]
                 self.shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel].zero_()
                 self._shard_filled[b] = True
+                self._bucket_sumsq[b] = 0.0
+
+    def squared_norm(self) -> torch.Tensor:
+        """This rank's part of the squared global 2-norm: the sum of squares of the shard, as
+        a 1-element fp64 tensor, from the sums the harvest took (a bucket whose sum is unknown
+        is read once here). Call after ``complete``. The sums are used once: anything that
+        changes the shard afterwards (clipping) is read again at the next call."""
+        known = [sumsq for sumsq in self._bucket_sumsq if sumsq is not None]
+        if not known:  # no kernel ran (an accelerator): one reduction over the whole shard
+            total = local_norm_part(self.shard, 2.0)
+        else:
+            total = torch.tensor([sum(known)], dtype=torch.float64, device=self.shard.device)
+            for b, bucket in enumerate(self.layout.buckets):
+                if self._bucket_sumsq[b] is None:
+                    lo = bucket.shard_offset
+                    total += local_norm_part(self.shard[lo:lo + bucket.chunk_numel], 2.0)
+        self._forget_sums()
+        return total
+
+    def _forget_sums(self) -> None:
+        self._bucket_sumsq = [None] * len(self._bucket_sumsq)
+        self._slot_sumsq = [None] * len(self._slot_sumsq)
 
     def carry_over(self, old: "BucketedReducer") -> None:
         """Take over this step from ``old``, the reducer of this layout before it grew (params
@@ -337,6 +393,7 @@ class BucketedReducer:
                 self._wait(b)
         self._written = [set() for _ in self._written]
         self._shard_filled = [False] * len(self._shard_filled)
+        self._forget_sums()
         self._used[:] = bytes(len(self._used))
 
     @contextmanager

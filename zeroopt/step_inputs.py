@@ -52,7 +52,8 @@ def settle(grads, comm, norm_type: float | None, frozen_with_grads: torch.Tensor
 
     Args:
         grads: the optimizer's gradient source (``grad_sync.BucketedReducer`` or
-            ``ddp_gradients.LocalGradients``).
+            ``ddp_gradients.LocalGradients``); the 2-norm's partial is its
+            ``squared_norm()`` (the harvest's sums).
         comm: its ``Collectives``.
         norm_type: the p of the global norm to compute, or None for no norm.
         frozen_with_grads: fp64 flags, one per param that was frozen when the optimizer was
@@ -65,7 +66,8 @@ def settle(grads, comm, norm_type: float | None, frozen_with_grads: torch.Tensor
     grads.take_detached()
     grads.complete([])  # backward's buckets into the shard; untouched chunks zeroed
     op = "max" if norm_type == float("inf") else "sum"
-    norm_part = [] if norm_type is None else [local_norm_part(grads.shard, norm_type)]
+    norm_part = ([] if norm_type is None else [grads.squared_norm()] if norm_type == 2.0
+                 else [local_norm_part(grads.shard, norm_type)])
     pending, used = grads.pending(), grads.used()
     device = grads.shard.device  # NCCL and XLA reduce device tensors only
     vector = torch.cat([*norm_part, *(flags.to(device) for flags in
