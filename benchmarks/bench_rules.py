@@ -11,6 +11,10 @@ All rules run one after another in one set of processes. For each rule:
   step whole matrices, CAME and AdaLomo, this rank's per-matrix steps; for LOMO, which steps
   as each bucket's gradient is harvested, that update wherever it runs);
 - *update vs AdamW*: that, divided by AdamW's (torch's fused kernel) from the same run;
+- *GB/s*: the bytes the update must move in one pass over this rank's shard (params read and
+  written, gradients read, every state read and written once: 12 B per element plus twice
+  ``state_bytes()``) over the update's time; *of copy*: that against the copy bandwidth of
+  the same ranks copying as many fp32 values at once (read + written bytes), the floor;
 - *stats all-reduce*: the one collective that carries every param's partial sums (2 x 48
   float64 for LAMB and LARS here), timed on its own.
 """
@@ -94,20 +98,30 @@ def _bench_rule(name: str, options: dict, args) -> dict:
             update_times.append(update_time[0])
         opt.zero_grad()
     label = name + "".join(f" {k}" for k in options)
+    one_pass = 12 * opt.layout.shard_numel + 2 * opt.state_bytes()
     return dict(rule=label, step=statistics.median(step_times),
-                update=statistics.median(update_times))
+                update=statistics.median(update_times), bytes=one_pass)
+
+
+def _copy_bandwidth(numel: int) -> float:
+    """Bytes/s (read + written) of ``dst.copy_(src)`` of ``numel`` fp32 values, every rank
+    copying at once (as every rank steps at once): the median of 10."""
+    src, dst = torch.randn(numel), torch.empty(numel)
+    return 8 * numel / _median_time(lambda: dst.copy_(src), 10)
 
 
 def _worker(rank: int, args, port: int, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
+    shard = sum(p.numel() for p in build_model(args.layers, args.width).parameters())
+    copy = _copy_bandwidth(shard // args.ranks)
     rows = [_bench_rule(name, options, args) for name, options in RULES]
     params = 2 * args.layers  # a weight and a bias per layer
     stats = torch.zeros(2, params, dtype=torch.float64)
     allreduce = _median_time(lambda: dist.all_reduce(stats), 50)
     if rank == 0:
-        torch.save(dict(rows=rows, allreduce=allreduce, params=params), out_path)
+        torch.save(dict(rows=rows, allreduce=allreduce, params=params, copy=copy), out_path)
     dist.destroy_process_group()
 
 
@@ -148,12 +162,16 @@ def main() -> None:
         f"gloo, CPU, {args.threads} thread(s) per rank; median of {args.iters} steps after "
         f"{args.warmup} warm-up.",
         "",
-        "| rule | step (s) | update (s) | update vs AdamW |",
-        "|---|---:|---:|---:|",
+        f"Copy bandwidth per rank, both ranks copying at once: {result['copy'] / 1e9:.1f} GB/s.",
+        "",
+        "| rule | step (s) | update (s) | update vs AdamW | GB/s | of copy |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
+        bandwidth = row["bytes"] / row["update"]
         lines.append(f"| {row['rule']} | {row['step']:.4f} | {row['update']:.4f} | "
-                     f"{row['update'] / adamw:.2f} |")
+                     f"{row['update'] / adamw:.2f} | {bandwidth / 1e9:.1f} | "
+                     f"{bandwidth / result['copy']:.2f} |")
     lines += [
         "",
         f"The whole-param statistics all-reduce (LAMB/LARS norms, cautious counts: one "
@@ -164,8 +182,10 @@ def main() -> None:
         "update, param all-gather); *update* is the rule's own part of it (the statistics phase "
         "with its all-reduce, and the fused update; CAME and AdaLomo: this rank's per-matrix "
         "steps, each matrix on the rank that owns it; LOMO: its update as each bucket is "
-        "harvested). AdamW and Adam use torch's fused kernel; the others are multi-tensor "
-        "(`torch._foreach_*`) code.",
+        "harvested). AdamW and Adam use torch's fused kernel; the element-wise rules run "
+        "zeroopt's one-pass C kernels (zeroopt/kernels/); *GB/s* counts the bytes of one pass "
+        "over the shard (12 B per element and each state read and written once), so a rule at "
+        "the memory floor reads about 1.00 *of copy*.",
     ]
     print("\n".join(lines))
     if args.out:
