@@ -8,9 +8,16 @@
 The norms are of the whole param, across ranks (see trust_ratio.py). Phase 1 updates the moments
 and writes u over the gradient shard, which step() consumes; phase 2 applies the ratio.
 apex's optional global gradient clipping (max_grad_norm) is left to ``clip_grad_norm_``.
+
+On the CPU each phase is one pass of C per piece (zeroopt/kernels/_trust_ratio.c: phase 1
+updates the moments, writes u and sums x^2 and u^2; phase 2 applies the ratio), with the
+torch._foreach_ path's arithmetic op for op, but for a correctly rounded sqrt (torch's CPU
+sqrt is MKL's, within 1 ulp). Elsewhere the torch._foreach_ code below runs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -40,19 +47,45 @@ def _direction(group: dict, shard: ShardTensors, step: torch.Tensor) -> None:
     torch._foreach_copy_(grads, denom)
 
 
+def _kernel_hyper(group: dict, step: torch.Tensor) -> list[float]:
+    """The C kernels' common hyperparameters, each the number _direction's torch ops take:
+    beta1, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t), eps, 1 / (1 - beta1^t)."""
+    beta1, beta2 = group["betas"]
+    t = step.item()
+    return [beta1, 1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), group["eps"],
+            1 / (1 - beta1**t)]
+
+
+def _tensors(shard: ShardTensors) -> list[list[torch.Tensor]]:
+    return [shard.params, shard.grads, shard.states["exp_avg"], shard.states["exp_avg_sq"]]
+
+
 def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.Tensor:
+    if trust_ratio.native(shard):
+        return trust_ratio.native_squares(shard, "zk_lamb_direction", _tensors(shard),
+                                          _kernel_hyper(group, step) + [group["weight_decay"]])
     if shard.params:
         _direction(group, shard, step)
     return trust_ratio.partial_squares(shard, shard.params, shard.grads)
 
 
 def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats) -> None:
+    native = trust_ratio.native(shard)
     if stats is None:  # no weight decay: ratio 1, no statistics were needed
+        if native:
+            trust_ratio.LIB.each("zk_lamb_step", _tensors(shard),
+                                 _kernel_hyper(group, step) + [-group["lr"]])
+            return
         _direction(group, shard, step)
         torch._foreach_add_(shard.params, shard.grads, alpha=-group["lr"])
         return
     ratio = trust_ratio.ratios(stats[0], stats[1], 1.0, trust_ratio.excluded(group, shard))
-    torch._foreach_mul_(shard.grads, shard.per_piece(-group["lr"] * ratio))
+    scales = shard.per_piece(-group["lr"] * ratio)
+    if native:
+        for param, direction, scale in zip(shard.params, shard.grads, scales):
+            trust_ratio.LIB.run("zk_lamb_apply", [param, direction], [scale])
+        return
+    torch._foreach_mul_(shard.grads, scales)
     torch._foreach_add_(shard.params, shard.grads)
 
 

@@ -5,6 +5,9 @@ its pieces per param (``partial_squares``), the optimizer all-reduces every grou
 collective, and ``ratios`` turns the totals into one ratio per param. DeepSpeed computes the
 ratio on each rank's flat chunk instead, which is a different optimizer (tests/test_trust_ratio.py
 shows the difference).
+
+On the CPU, LAMB and LARS run each phase as one pass of C kernels (zeroopt/kernels/
+_trust_ratio.c) per piece: ``LIB``, ``native`` and ``native_squares`` are what they share.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import re
 
 import torch
 
+from ..kernels.library import Library
 from .base import ShardTensors
+
+LIB = Library("_trust_ratio.c")
 
 
 def partial_squares(shard: ShardTensors, *tensor_lists: list[torch.Tensor]) -> torch.Tensor:
@@ -23,6 +29,45 @@ def partial_squares(shard: ShardTensors, *tensor_lists: list[torch.Tensor]) -> t
         norms = torch._foreach_norm(tensors) if tensors else []
         rows.append(shard.per_param([n.square() for n in norms]))
     return torch.stack(rows)
+
+
+def native(shard: ShardTensors) -> bool:
+    """Whether a LAMB or LARS shard runs as the C kernels: it has pieces, and its params,
+    gradients and states are all contiguous fp32 CPU tensors (``Library.usable``).
+
+    The answer is the same in both phases of a step (the same tensors, and the library's
+    availability is settled once per process), which LARS relies on: its native phase 1
+    leaves the weight decay out of the gradients, for phase 2 to add.
+
+    Args:
+        shard: the group's window.
+
+    Returns:
+        True where the kernels run.
+    """
+    return bool(shard.params) and LIB.usable(shard.params, shard.grads,
+                                             *shard.states.values())
+
+
+def native_squares(shard: ShardTensors, kernel: str, tensor_lists: list[list[torch.Tensor]],
+                   hyper: list[float]) -> torch.Tensor:
+    """Run ``kernel`` on each piece and gather the two sums of squares it returns per piece
+    into ``[2, num_params]``, as ``partial_squares`` does (but each sum in double, in
+    fixed-order chunks, where ``partial_squares`` squares fp32 norms).
+
+    Args:
+        shard: the group's window (``native(shard)`` was true).
+        kernel: a two-output kernel of _trust_ratio.c (``zk_lamb_direction``,
+            ``zk_lars_squares``).
+        tensor_lists: the kernel's tensors, as parallel lists (params, grads, states).
+        hyper: its hyperparameters, the same for every piece.
+
+    Returns:
+        float64 ``[2, num_params]``: this rank's sums per param.
+    """
+    sums = LIB.each(kernel, tensor_lists, hyper, outputs=2)
+    return torch.stack([shard.per_param(torch.tensor([s[k] for s in sums], dtype=torch.float64))
+                        for k in range(2)])
 
 
 def excluded(group: dict, shard: ShardTensors) -> torch.Tensor:
