@@ -9,6 +9,11 @@ The norms are of the whole param, across ranks (see trust_ratio.py). Phase 1 add
 decay into the gradient shard (which step() consumes) and sums the squares; phase 2 applies
 the ratio. pytorch-optimizer's LARS differs: its denominator is ||g|| + wd ||w||, and it
 never adapts 1-D params (tests/test_trust_ratio.py compares with it).
+
+On the CPU each phase is one pass of C per piece (zeroopt/kernels/_trust_ratio.c), with the
+torch._foreach_ path's arithmetic op for op, bit for bit: phase 1 only reads (it sums w^2 and
+(g + wd w)^2, leaving the gradients as they are), and phase 2 recomputes g + wd w from the w
+and g it reads anyway. Elsewhere the torch._foreach_ code below runs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ def _validate(group: dict) -> None:
 
 
 def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.Tensor:
+    if trust_ratio.native(shard):  # the same answer in phase 2, which adds the weight decay
+        return trust_ratio.native_squares(shard, "zk_lars_squares",
+                                          [shard.params, shard.grads], [group["weight_decay"]])
     if shard.params:
         torch._foreach_add_(shard.grads, shard.params, alpha=group["weight_decay"])
     return trust_ratio.partial_squares(shard, shard.params, shard.grads)
@@ -32,11 +40,18 @@ def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.T
 
 def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats) -> None:
     lr, velocity = group["lr"], shard.states["momentum_buffer"]
+    if stats is not None:
+        trust = trust_ratio.ratios(stats[0], stats[1], group["eta"],
+                                   trust_ratio.excluded(group, shard))
+    if trust_ratio.native(shard):
+        scales = [lr] * len(shard.params) if stats is None else shard.per_piece(lr * trust)
+        for param, grad, buffer, scale in zip(shard.params, shard.grads, velocity, scales):
+            trust_ratio.LIB.run("zk_lars_step", [param, grad, buffer],
+                                [group["weight_decay"], scale, group["momentum"]])
+        return
     if stats is None:  # no weight decay: trust 1
         scaled = torch._foreach_mul(shard.grads, lr)
     else:
-        trust = trust_ratio.ratios(stats[0], stats[1], group["eta"],
-                                   trust_ratio.excluded(group, shard))
         scaled = torch._foreach_mul(shard.grads, shard.per_piece(lr * trust))
     torch._foreach_mul_(velocity, group["momentum"])
     torch._foreach_add_(velocity, scaled)
