@@ -10,6 +10,9 @@ bit for bit: a sign taken of a momentum that rounds differently could flip a who
 ``cautious=True`` keeps the update only where it agrees in sign with the gradient, rescaled by
 numel / (kept + 1) per whole param (see variants.py). ``adopt`` and ``grams`` are Adam options:
 Lion's update is a sign already.
+
+On the CPU (contiguous fp32) each step is one pass over memory in C (zeroopt/kernels/_lion.c),
+with the torch path's arithmetic op for op; elsewhere the torch._foreach_* path runs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import torch
 
 from . import sources, variants
 from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative
+from ..kernels.library import Library
+
+LIB = Library("_lion.c")
 
 
 def _validate(group: dict) -> None:
@@ -29,6 +35,14 @@ def _validate(group: dict) -> None:
         if group.get(name):
             raise ValueError(f"{name}=True is an Adam option; Lion's update is a sign already. "
                              "Use optimizer='adamw' with it, or cautious=True with Lion")
+
+
+def _hyper(group: dict) -> list[float]:
+    """The kernels' h: beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr wd, -lr, maximize."""
+    lr, wd = float(group["lr"]), group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    return [beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * wd if wd != 0 else 1.0, -lr,
+            float(group["maximize"])]
 
 
 def _signed_update(group: dict, shard: ShardTensors) -> list[torch.Tensor]:
@@ -49,6 +63,11 @@ def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.T
     """Phase 1 of cautious: the masked update, stashed over the gradients."""
     if not shard.params:
         return torch.zeros(1, shard.num_params, dtype=torch.float64)
+    if LIB.usable(shard.grads, shard.states["exp_avg"]):
+        # The kernel keeps only the agreeing elements itself, so those are exactly the
+        # nonzero ones: keep_agreeing of the stash against itself counts them (u u > 0).
+        LIB.each("zk_lion_cautious", [shard.grads, shard.states["exp_avg"]], _hyper(group))
+        return variants.keep_agreeing(shard.grads, shard.grads, shard)
     update = _signed_update(group, shard)
     kept = variants.keep_agreeing(update, shard.grads, shard)
     torch._foreach_copy_(shard.grads, update)
@@ -57,6 +76,16 @@ def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.T
 
 def _fused(group: dict, shard: ShardTensors, step_count: torch.Tensor, stats=None) -> None:
     lr, wd = float(group["lr"]), group["weight_decay"]
+    if LIB.usable(shard.params, shard.grads, shard.states["exp_avg"]):
+        if stats is None:
+            LIB.each("zk_lion_step", [shard.params, shard.grads, shard.states["exp_avg"]],
+                     _hyper(group))
+        else:
+            decay, neg_lr = _hyper(group)[4:6]
+            for p, u, scale in zip(shard.params, shard.grads,
+                                   variants.cautious_scale(stats, shard)):
+                LIB.run("zk_lion_apply", [p, u], [scale, decay, neg_lr])
+        return
     if stats is None:
         update = _signed_update(group, shard)
     else:
