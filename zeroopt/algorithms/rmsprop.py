@@ -1,4 +1,9 @@
-"""RMSprop (torch.optim.RMSprop semantics, with its centered and momentum options)."""
+"""RMSprop (torch.optim.RMSprop semantics, with its centered and momentum options).
+
+On the CPU (contiguous fp32) the step is one pass over memory in C (zeroopt/kernels/
+_rmsprop.c), with the torch path's arithmetic op for op; elsewhere the torch._foreach_* path
+runs.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,10 @@ import torch
 
 from . import sources
 from .base import ShardTensors, UpdateRule, check_nonnegative
+from ..kernels import sqrt_check
+from ..kernels.library import Library
+
+LIB = Library("_rmsprop.c")
 
 
 def _validate(group: dict) -> None:
@@ -19,6 +28,17 @@ def _states(group: dict) -> tuple[str, ...]:
 
 
 def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats=None) -> None:
+    states = [shard.states[name] for name in _states(group)[1:]]  # momentum, then grad_avg
+    lists = [shard.params, shard.grads, shard.states["square_avg"], *states]
+    # (a tensor lr: the torch path, whose arithmetic on it the kernel does not repeat)
+    if (not isinstance(group["lr"], torch.Tensor) and LIB.usable(*lists)
+            and sqrt_check.matches_torch(LIB)):
+        alpha = group["alpha"]
+        LIB.each("zk_rmsprop_step", lists,
+                 [alpha, 1 - alpha, group["weight_decay"], group["eps"], group["momentum"],
+                  -group["lr"], float(group["maximize"]), float(group["centered"]),
+                  float(group["momentum"] > 0)])
+        return
     alpha, grads, params = group["alpha"], shard.grads, shard.params
     if group["maximize"]:
         torch._foreach_neg_(grads)  # the gradient shard is consumed by step()
