@@ -89,6 +89,9 @@ def _cautious_statistics(decoupled: bool):
     def statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.Tensor:
         if adamw_options.any_option(group):
             return adamw_options.statistics(group, shard, step, decoupled)
+        kept = variants.native_cautious(group, shard, int(step.item()), decoupled)
+        if kept is not None:  # one pass: the kernels did all of the below
+            return kept
         direction = (variants.adam_direction(group, shard, int(step.item()), decoupled)
                      if shard.params else None)
         if direction is None:  # nothing here, or ADOPT's first step
@@ -108,10 +111,10 @@ def _variant_step(group: dict, shard: ShardTensors, step: torch.Tensor, stats,
             variants.adam_direction(group, shard, t, decoupled)  # initialises v
         return
     if group["cautious"]:  # phase 1 left the masked direction in the gradients
-        torch._foreach_mul_(shard.grads, variants.cautious_scale(stats, shard))
-        direction = shard.grads
-    else:
-        direction = variants.adam_direction(group, shard, t, decoupled)
+        return variants.apply_cautious(group, shard, stats, decoupled)
+    if variants.native_step(group, shard, t, decoupled):  # one pass per tensor
+        return
+    direction = variants.adam_direction(group, shard, t, decoupled)
     torch._foreach_add_(shard.params, direction, alpha=-group["lr"])
 
 

@@ -9,7 +9,10 @@
   agrees in sign with the gradient, and rescaled by numel / (kept + 1), counted over the whole
   param across ranks (an all-reduced statistic, as the trust ratios are).
 
-With any of them Adam(W) runs this multi-tensor path instead of torch's fused kernel.
+With any of them Adam(W) runs this path instead of torch's fused kernel: on CPU fp32 shards,
+C kernels (zeroopt/kernels/_adam_variants.c) that go over memory once per tensor (once per
+phase with cautious) with the arithmetic of the torch._foreach_* path below, bit for bit;
+elsewhere (other devices, ``ZEROOPT_NATIVE=0``, no compiler) that torch path.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ import math
 
 import torch
 
+from ..kernels import sqrt_check
+from ..kernels.library import Library
 from .base import ShardTensors, adam_denominator
 
 OPTIONS = ("cautious", "adopt", "grams")
+
+_LIB = Library("_adam_variants.c")
 
 
 def any_option(group: dict) -> bool:
@@ -35,11 +42,117 @@ def any_option(group: dict) -> bool:
     return any(group.get(name) for name in OPTIONS)
 
 
+def native(group: dict, shard: ShardTensors) -> bool:
+    """Whether the C kernels take this shard: CPU fp32 contiguous tensors (params, gradients,
+    exp_avg, exp_avg_sq), a float lr, the kernels built (``Library.usable``) and their square
+    root torch's (``sqrt_check``).
+
+    Args:
+        group: the param group.
+        shard: this rank's part of the group.
+
+    Returns:
+        True if ``native_step``, ``native_cautious`` and the native paths of
+        ``adam_direction``, ``keep_agreeing`` and ``apply_cautious`` run.
+    """
+    if not shard.params or isinstance(group["lr"], torch.Tensor):
+        return False
+    return _LIB.usable(shard.params, shard.grads, shard.states["exp_avg"],
+                       shard.states["exp_avg_sq"]) and sqrt_check.matches_torch(_LIB)
+
+
+def _hyper(group: dict, t: int, decoupled: bool, write_grads: bool = False) -> list[float]:
+    """The kernels' hyperparameters (_adam_variants.c's h), each the expression the torch
+    path below computes."""
+    beta1, beta2 = group["betas"]
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    l2, decay = wd != 0 and not decoupled, wd != 0 and decoupled
+    return [-1.0 if group["maximize"] else 1.0, wd if l2 else 0.0, 1 - lr * wd if decay else 1.0,
+            1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), eps, 1 / (1 - beta1**t),
+            (t - 1) ** 0.25, -lr, l2, bool(group["adopt"]), bool(group["grams"]), decay,
+            write_grads]
+
+
+def native_step(group: dict, shard: ShardTensors, t: int, decoupled: bool) -> bool:
+    """The whole step without cautious, one pass per tensor, if ``native``: what
+    ``adam_direction`` then ``params += -lr direction`` do (ADOPT's first step: v only).
+
+    Args:
+        group: the param group (adopt, grams, maximize, weight_decay...).
+        shard: this rank's part; params and states updated in place.
+        t: the step count, from 1.
+        decoupled: AdamW's decay (else Adam's L2 term).
+
+    Returns:
+        False (nothing done) where the kernels do not take the shard.
+    """
+    if not native(group, shard):
+        return False
+    hyper = _hyper(group, t, decoupled)
+    if group["adopt"] and t == 1:
+        _LIB.each("zk_adopt_init", [shard.params, shard.grads, shard.states["exp_avg_sq"]],
+                  hyper)
+    else:
+        _LIB.each("zk_adam_variant_step", [shard.params, shard.grads, shard.states["exp_avg"],
+                                           shard.states["exp_avg_sq"]], hyper)
+    return True
+
+
+def native_cautious(group: dict, shard: ShardTensors, t: int, decoupled: bool):
+    """Cautious's phase 1 in one pass per tensor, if ``native``: moments, the direction
+    masked by ``keep_agreeing`` and written over the gradients. AdamW's decay of the params
+    is left to ``apply_cautious`` (which then reads and writes them in any case).
+
+    Returns:
+        The kept counts ``[1, num_params]`` (float64; zeros on ADOPT's first step, which
+        only initialises v), or None (nothing done) where the kernels do not take the shard.
+    """
+    if not native(group, shard):
+        return None
+    hyper = _hyper(group, t, decoupled)
+    if group["adopt"] and t == 1:
+        _LIB.each("zk_adopt_init", [shard.params, shard.grads, shard.states["exp_avg_sq"]],
+                  hyper)
+        return torch.zeros(1, shard.num_params, dtype=torch.float64)
+    kept = _LIB.each("zk_adam_variant_cautious", [shard.params, shard.grads,
+                                                  shard.states["exp_avg"],
+                                                  shard.states["exp_avg_sq"]], hyper, outputs=1)
+    return shard.per_param(torch.tensor([k[0] for k in kept], dtype=torch.float64))[None]
+
+
+def apply_cautious(group: dict, shard: ShardTensors, kept: torch.Tensor,
+                   decoupled: bool) -> None:
+    """Cautious's phase 2: ``params += -lr * scale * direction`` with the direction that
+    phase 1 left in the gradients and ``cautious_scale(kept)``. Where ``native`` (phase 1
+    ran ``native_cautious``) one pass that also decays the params (AdamW), else the torch ops
+    (which scale the gradients in place; phase 1 decayed the params).
+
+    Args:
+        group: the param group (the same as phase 1's).
+        shard: this rank's part.
+        kept: the all-reduced kept counts, ``[1, num_params]``.
+        decoupled: AdamW's decay (else Adam's L2 term, which phase 1 took).
+    """
+    scale = cautious_scale(kept, shard)
+    lr, wd = group["lr"], group["weight_decay"]
+    if native(group, shard):  # the same test as phase 1's: it left the decay to here
+        decay = 1 - lr * wd if decoupled and wd != 0 else 1.0
+        for p, d, s in zip(shard.params, shard.grads, scale):
+            _LIB.run("zk_cautious_apply", [p, d], [s, -lr, decay])
+        return
+    torch._foreach_mul_(shard.grads, scale)
+    torch._foreach_add_(shard.params, shard.grads, alpha=-lr)
+
+
 def adam_direction(group: dict, shard: ShardTensors, t: int, decoupled: bool,
                    tam_cos: list[float] | None = None):
     """Weight decay and moments; returns the update direction (new tensors), or None on
     ADOPT's first step, which only initialises v. ``tam_cos``: per piece, the cosine of
-    Torque-Aware Momentum (adamw_options.py), which damps the gradient's weight in m."""
+    Torque-Aware Momentum (adamw_options.py), which damps the gradient's weight in m. The
+    gradients are left as the moments saw them (negated with maximize, plus Adam's L2 term).
+    One pass per tensor where ``native`` (and no ``tam_cos``)."""
+    if tam_cos is None and native(group, shard):
+        return _native_direction(group, shard, t, decoupled)
     beta1, beta2 = group["betas"]
     lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
     params, grads = shard.params, shard.grads
@@ -86,6 +199,18 @@ def adam_direction(group: dict, shard: ShardTensors, t: int, decoupled: bool,
     return direction
 
 
+def _native_direction(group: dict, shard: ShardTensors, t: int, decoupled: bool):
+    """``adam_direction`` by the kernels."""
+    params, grads, v = shard.params, shard.grads, shard.states["exp_avg_sq"]
+    if group["adopt"] and t == 1:
+        _LIB.each("zk_adopt_init", [params, grads, v], _hyper(group, t, decoupled, True))
+        return None
+    direction = [torch.empty_like(g) for g in grads]
+    _LIB.each("zk_adam_variant_direction", [params, grads, shard.states["exp_avg"], v,
+                                            direction], _hyper(group, t, decoupled))
+    return direction
+
+
 def _first_moment(m: list[torch.Tensor], new: list[torch.Tensor], beta1: float,
                   damping: list[torch.Tensor] | None) -> None:
     """m <- b1 m + (1 - b1) new, the new term damped element-wise by ``damping`` (TAM)."""
@@ -99,7 +224,10 @@ def _first_moment(m: list[torch.Tensor], new: list[torch.Tensor], beta1: float,
 def keep_agreeing(direction: list[torch.Tensor], grads: list[torch.Tensor],
                   shard: ShardTensors) -> torch.Tensor:
     """Zero the direction where it disagrees in sign with the gradient; this rank's count of
-    kept elements per param, ``[1, num_params]``."""
+    kept elements per param, ``[1, num_params]`` (one pass per tensor on CPU fp32)."""
+    if direction and _LIB.usable(direction, grads):
+        counts = _LIB.each("zk_keep_agreeing", [direction, grads], outputs=1)
+        return shard.per_param(torch.tensor([c[0] for c in counts], dtype=torch.float64))[None]
     kept = []
     for d, g in zip(direction, grads):
         mask = (d * g) > 0
