@@ -65,9 +65,15 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import sqrt_check
+from ..kernels.library import Library
 from . import sources
 from .base import (ShardTensors, UpdateRule, adam_arguments, check_betas, check_nonnegative,
                    check_number)
+
+# On CPU fp32 shards each phase is one pass of a C kernel with the torch path's arithmetic
+# (zeroopt/kernels/_stable_adamw.c); the torch path below runs everywhere else.
+_LIB = Library("_stable_adamw.c")
 
 
 def debias_beta(beta: float, t: int) -> float:
@@ -116,6 +122,10 @@ def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.T
     beta1, beta2 = group["betas"]
     b1, b2 = debias_beta(beta1, t), debias_beta(beta2, t)
     m, v, grads = shard.states["exp_avg"], shard.states["exp_avg_sq"], shard.grads
+    if _LIB.usable(grads, m, v) and sqrt_check.matches_torch(_LIB):  # the below in one pass
+        sums = _LIB.each("zk_stable_adamw_statistics", [grads, m, v],
+                         [1 - b1, b2, 1 - b2, group["eps"] ** 2, group["eps"]], outputs=1)
+        return shard.per_param(torch.tensor([s[0] for s in sums], dtype=torch.float64))[None]
     torch._foreach_lerp_(m, grads, 1 - b1)
     torch._foreach_mul_(v, b2)
     torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
@@ -137,9 +147,18 @@ def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats) -> None:
     rms = (stats[0] / shard.param_numel.to(stats.device)).sqrt()
     lr = group["lr"] / rms.clamp_min(1.0)  # fp64, as optimi's lr / max(1, rms.item())
     wd = group["weight_decay"]
+    decay = None
     if wd != 0:
         scale = lr / _max_lr(group) if group["decouple_lr"] else lr
-        torch._foreach_mul_(shard.params, shard.per_piece(1 - scale * wd))
+        decay = shard.per_piece(1 - scale * wd)
+    if _LIB.usable(shard.params, shard.grads):  # decay and step in one pass
+        for k, (p, d, neg_lr) in enumerate(zip(shard.params, shard.grads,
+                                               shard.per_piece(-lr))):
+            _LIB.run("zk_stable_adamw_step", [p, d],
+                     [1.0 if decay is None else decay[k], decay is not None, neg_lr])
+        return
+    if decay is not None:
+        torch._foreach_mul_(shard.params, decay)
     torch._foreach_mul_(shard.grads, shard.per_piece(-lr))
     torch._foreach_add_(shard.params, shard.grads)
 
