@@ -67,8 +67,14 @@ import math
 
 import torch
 
+from ..kernels import sqrt_check
+from ..kernels.library import Library
 from . import sources
 from .base import ShardTensors, UpdateRule, check_betas, check_nonnegative, check_number
+
+# On CPU fp32 shards the step is one pass of a C kernel with the torch path's arithmetic
+# (zeroopt/kernels/_grokadamw.c); the torch path in _fused runs everywhere else.
+_LIB = Library("_grokadamw.c")
 
 _SIGNAL_KEYS = ("train_loss", "eval_loss")
 
@@ -112,7 +118,11 @@ def _per_tensor(group: dict) -> bool:
 def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.Tensor:
     """Per param: this rank's sum of squared gradients, and its number of pieces (> 0 on some
     rank: the param has a gradient this step)."""
-    norms = torch._foreach_norm(shard.grads, 2, dtype=torch.float64) if shard.grads else []
+    if shard.grads and _LIB.usable(shard.grads):  # the sums in one pass, each in fp64
+        sums = _LIB.each("zk_grokadamw_sum_squares", [shard.grads], outputs=1)
+        norms = list(torch.tensor([s[0] for s in sums], dtype=torch.float64).sqrt())
+    else:
+        norms = torch._foreach_norm(shard.grads, 2, dtype=torch.float64) if shard.grads else []
     squares = shard.per_param([n.square() for n in norms])
     pieces = shard.per_param(torch.ones(len(shard.params), dtype=torch.float64))
     return torch.stack([squares, pieces])
@@ -124,17 +134,29 @@ def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats) -> None:
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
     grads, params = shard.grads, shard.params
     m, v, ema = shard.states["exp_avg"], shard.states["exp_avg_sq"], shard.states["grok_ema"]
+    coefs = None  # the clipping's factor per piece
     if stats is None:  # gamma = 0, no clipping: b1 (1 - 0)^i = b1 for every param
         beta1s = [beta1] * len(params)
     else:
         if group["gradient_clipping"] > 0:  # in fp32, as clip_grad_norm_ on each param
             norm = stats[0].sqrt().float()
             coef = (group["gradient_clipping"] / (norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, shard.per_piece(coef))
+            coefs = shard.per_piece(coef)
         position = (torch.cumsum(stats[1] > 0, 0) - 1).tolist()
         beta1s = shard.per_piece(torch.tensor(
             [beta1 * (1 - group["gamma"]) ** i for i in position], dtype=torch.float64))
     alpha = _ema_decay(group)
+    step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+    if _LIB.usable(params, grads, m, v, ema) and sqrt_check.matches_torch(_LIB):  # one pass
+        decay = 1 - lr * wd if wd != 0 else 1.0  # x 1.0 is exact: as no decay
+        for k, tensors in enumerate(zip(params, grads, m, v, ema)):
+            b = beta1s[k]
+            _LIB.run("zk_grokadamw_step", tensors,
+                     [1.0 if coefs is None else coefs[k], alpha, 1 - alpha, group["lamb"], b,
+                      1 - b, beta2, 1 - beta2, decay, eps, -step_size])
+        return
+    if coefs is not None:
+        torch._foreach_mul_(grads, coefs)
     torch._foreach_mul_(ema, alpha)
     torch._foreach_add_(ema, grads, alpha=1 - alpha)
     torch._foreach_add_(grads, torch._foreach_mul(ema, group["lamb"]))  # the amplified gradient
@@ -146,7 +168,6 @@ def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats) -> None:
         torch._foreach_add_([m[k] for k in ks], [grads[k] for k in ks], alpha=1 - b)
     torch._foreach_mul_(v, beta2)
     torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-    step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
     if wd != 0:
         torch._foreach_mul_(params, 1 - lr * wd)
     denom = torch._foreach_sqrt(v)
