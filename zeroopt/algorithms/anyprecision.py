@@ -66,8 +66,15 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import sqrt_check
+from ..kernels.library import Library
 from ..states import kinds
 from .base import ShardTensors, UpdateRule, adam_arguments, check_betas, check_nonnegative
+
+# On CPU fp32 shards whose states are computed in float32 or bfloat16, the step is one pass
+# of a C kernel with the torch path's arithmetic (zeroopt/kernels/_anyprecision.c).
+_LIB = Library("_anyprecision.c")
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 _STATE_DTYPES = {"momentum_dtype": "exp_avg", "variance_dtype": "exp_avg_sq"}
 # The dtypes a state may be computed in: zeroopt stores states in at most 32 bits.
@@ -148,6 +155,16 @@ def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats=None) -> 
     (the master of a 16-bit one) directly: no compensation buffer (see the module docstring)."""
     step_size, denom_correction = _corrections(group, int(step.item()))
     momentum, variance = dtype_of(group, "momentum_dtype"), dtype_of(group, "variance_dtype")
+    lists = [shard.params, shard.grads, shard.states["exp_avg"], shard.states["exp_avg_sq"]]
+    if momentum in _NATIVE_DTYPES and variance in _NATIVE_DTYPES and _LIB.usable(*lists) \
+            and not isinstance(group["lr"], torch.Tensor) and sqrt_check.matches_torch(_LIB):
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
+        _LIB.each("zk_anyprecision_step", lists, [
+            1 - group["lr"] * wd if wd else 1.0, beta1, 1 - beta1, beta2, 1 - beta2,
+            float(denom_correction), group["eps"], float(-step_size),
+            momentum == torch.bfloat16, variance == torch.bfloat16])
+        return
     for param, grad, m, v in zip(shard.params, shard.grads, shard.states["exp_avg"],
                                  shard.states["exp_avg_sq"]):
         exp_avg, exp_avg_sq = m.to(momentum), v.to(variance)
