@@ -7,6 +7,10 @@ mixed, over Adam's denominator:
 
 alpha_t grows linearly from 0 over ``alpha_warmup`` steps; beta3_t grows from beta1 to beta3
 over ``beta3_warmup`` steps, linearly in the half-life (apple's linear_hl_warmup_scheduler).
+
+On the CPU (contiguous fp32) the step is one pass over memory in C (zeroopt/kernels/
+_ademamix.c), with the torch path's arithmetic op for op; elsewhere the torch._foreach_* path
+runs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import torch
 from . import sources
 from .base import (ShardTensors, UpdateRule, adam_denominator, check_betas, check_nonnegative,
                    update_moments_)
+from ..kernels import sqrt_check
+from ..kernels.library import Library
+
+LIB = Library("_ademamix.c")
 
 
 def alpha_at(t: int, alpha: float, warmup: int | None) -> float:
@@ -76,6 +84,15 @@ def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats=None) -> 
     alpha, beta3 = _schedule(group, t)
     params, grads = shard.params, shard.grads
     m1, m2, nu = (shard.states[n] for n in ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq"))
+    # (a tensor lr: the torch path, whose arithmetic on it the kernel does not repeat)
+    if (not isinstance(group["lr"], torch.Tensor) and LIB.usable(params, grads, m1, m2, nu)
+            and sqrt_check.matches_torch(LIB)):
+        wd = group["weight_decay"]
+        LIB.each("zk_ademamix_step", [params, grads, m1, m2, nu],
+                 [beta1, 1 - beta1, beta2, 1 - beta2, beta3, 1 - beta3,
+                  math.sqrt(1 - beta2**t), group["eps"], 1 / (1 - beta1**t), alpha,
+                  1 - group["lr"] * wd if wd != 0 else 1.0, -group["lr"]])
+        return
     if group["weight_decay"] != 0:
         torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
     update_moments_(m1, nu, grads, beta1, beta2)
