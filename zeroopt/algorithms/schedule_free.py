@@ -21,6 +21,10 @@ the interpolation beta, beta2 the second moment's decay), eps (1e-8, added outsi
 weight_decay (0: an L2 term added to the direction, at y), warmup_steps (0: the lr rises
 linearly over that many steps), r (0: the average's weights grow as (k+1)^r), weight_lr_power
 (2: and as lr_max^power, so that warmup steps weigh less).
+
+On the CPU (contiguous fp32) the step of AdamW and RAdam is one pass over memory in C
+(zeroopt/kernels/_schedule_free.c, ``native_step``), with the torch path's arithmetic op for
+op; elsewhere the torch._foreach_* path runs.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ import torch
 
 from . import sources
 from .base import ShardTensors, UpdateRule, adam_arguments, check_betas, check_nonnegative
+from ..kernels import sqrt_check
+from ..kernels.library import Library
+
+LIB = Library("_schedule_free.c")
 
 # The group's bookkeeping (as the package keeps it there): the step count, the largest lr so
 # far, the sum of the average's weights, this step's lr and its interpolation weight c, and the
@@ -47,7 +55,8 @@ def check_schedule(group: dict) -> None:
 
 def check_foreach(group: dict) -> None:
     """Check ``foreach`` (True, False or None): the packages' choice of implementation, which
-    zeroopt accepts for their signature and ignores (it always runs the foreach kernels)."""
+    zeroopt accepts for their signature and ignores (it runs its own: the foreach kernels, or
+    one pass in C on the CPU, with the same arithmetic)."""
     if group["foreach"] not in (None, True, False):
         raise ValueError(f"foreach must be True, False or None, got {group['foreach']!r}")
 
@@ -109,6 +118,33 @@ def reference_y_and_z(group: dict, param: torch.Tensor, direction: torch.Tensor,
     z.sub_(direction, alpha=lr)
 
 
+def native_step(group: dict, shard: ShardTensors, beta: float, normalise: bool) -> bool:
+    """The whole step of schedule-free AdamW or RAdam on a shard in one pass, where the C
+    kernel takes the tensors (contiguous fp32 on the CPU, a number for lr): what
+    ``second_moment_``, ``adam_normalise_`` (if ``normalise``) and ``step_y_and_z`` do, bit
+    for bit. The gradients are left as they are.
+
+    Args:
+        group: the param group, its bookkeeping advanced for this step (k, scheduled_lr, ckp1).
+        shard: params (y), grads and the states ``z`` and ``exp_avg_sq``.
+        beta: the interpolation beta (betas[0]).
+        normalise: divide the gradient by Adam's denominator (False: RAdam's SGD phase).
+
+    Returns:
+        True if the step was taken; False (nothing done) where the torch path must run.
+    """
+    y, z, v = shard.params, shard.states["z"], shard.states["exp_avg_sq"]
+    if (isinstance(group["lr"], torch.Tensor) or not LIB.usable(y, shard.grads, z, v)
+            or not sqrt_check.matches_torch(LIB)):
+        return False
+    beta2 = group["betas"][1]
+    lr, ckp1 = group["scheduled_lr"], group["ckp1"]
+    LIB.each("zk_schedule_free_step", [y, shard.grads, z, v],
+             [beta2, 1 - beta2, 1 - beta2 ** group["k"], group["eps"], group["weight_decay"],
+              ckp1, lr * (beta * (1 - ckp1) - 1), -lr, float(normalise)])
+    return True
+
+
 def mode_switches(beta: Callable[[dict], float]):
     """A rule's ``to_eval`` and ``to_train``, for its interpolation ``beta(group)``: eval sets
     the params to x = lerp(y, z, 1 - 1/beta), train back to y = lerp(x, z, 1 - beta)."""
@@ -148,6 +184,8 @@ def _before_step(group: dict) -> None:
 
 def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats=None) -> None:
     beta1, beta2 = group["betas"]
+    if native_step(group, shard, beta1, normalise=True):
+        return
     grads, v = shard.grads, shard.states["exp_avg_sq"]  # the gradients are consumed
     second_moment_(v, grads, beta2)
     adam_normalise_(grads, v, beta2, group["k"], group["eps"])

@@ -26,7 +26,8 @@ Hyperparameters, as RAdamScheduleFree's: lr (0.0025), betas ((0.9, 0.999): beta1
 y between x and z, beta2 is the second moment's decay, which also sets the rectification),
 eps (1e-8, added outside the root), weight_decay (0: an L2 term at y), r (0: the average's
 weights grow as t^r), weight_lr_power (2: and as lr_max^power), foreach (accepted for the
-package's signature; zeroopt always runs the foreach kernels, with the same arithmetic),
+package's signature; zeroopt runs the foreach kernels or, on the CPU, one pass in C, with
+the same arithmetic),
 silent_sgd_phase (True). There is no warmup_steps: the rectification is the warmup
 (Transformers' handler passes none either).
 """
@@ -38,8 +39,8 @@ import torch
 from . import sources
 from .base import ShardTensors, UpdateRule, adam_arguments, check_betas, check_nonnegative
 from .schedule_free import (BOOKKEEPING, TRANSFORMERS_OPTIM_ARGS, adam_normalise_, advance,
-                            check_foreach, check_schedule, mode_switches, reference_y_and_z,
-                            second_moment_, step_y_and_z)
+                            check_foreach, check_schedule, mode_switches, native_step,
+                            reference_y_and_z, second_moment_, step_y_and_z)
 
 
 def rectification(beta2: float, t: int) -> tuple[float, float | None]:
@@ -74,9 +75,12 @@ def _before_step(group: dict) -> None:
 
 def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats=None) -> None:
     beta1, beta2 = group["betas"]
+    adam_phase = rectification(beta2, group["k"])[1] is not None  # k: this step's number
+    if native_step(group, shard, beta1, normalise=adam_phase):  # one pass on the CPU
+        return
     grads, v = shard.grads, shard.states["exp_avg_sq"]  # the gradients are consumed
     second_moment_(v, grads, beta2)
-    if rectification(beta2, group["k"])[1] is not None:  # k: this step's number
+    if adam_phase:
         adam_normalise_(grads, v, beta2, group["k"], group["eps"])
     step_y_and_z(group, shard, grads, beta1)
 
