@@ -11,7 +11,7 @@ are ~10x slower); test_threads_change_nothing runs the kernels' OpenMP split aga
 import pytest
 import torch
 
-from zeroopt.algorithms import ShardTensors, get_rule
+from zeroopt.algorithms import ShardTensors, get_rule, rmsprop
 from zeroopt.kernels import sqrt_check
 from zeroopt.kernels.library import Library
 
@@ -119,9 +119,21 @@ def check_rule(monkeypatch, name: str, threads: int = 0, steps: int = STEPS,
 
 
 def test_kernels_are_built_and_roots_are_torchs():
-    lib = Library("_rmsprop.c")
-    assert lib.available(), "no native kernels: the tests below would compare torch to torch"
-    assert sqrt_check.matches_torch(lib)
+    assert rmsprop.LIB.available(), "no kernels: the tests below would compare torch to torch"
+    assert sqrt_check.matches_torch(rmsprop.LIB)
+
+
+def test_inline_root_is_torchs_on_every_kind_of_float():
+    """_torch_sqrt.h's inline MKL arithmetic, where sqrt_check chose it (the first it tries),
+    on random bit patterns: every binade, subnormals, negatives, infinities and NaNs."""
+    if sqrt_check.way(rmsprop.LIB) != sqrt_check.MKL_SSE:
+        pytest.skip("MKL runs another kernel on this CPU (or none): the inline root is unused")
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randint(-2**31, 2**31 - 1, (1_000_003,), dtype=torch.int32,
+                      generator=generator).view(torch.float32)
+    out = torch.empty_like(x)
+    rmsprop.LIB.run("zk_torch_sqrt", [out, x], [sqrt_check.MKL_SSE])
+    assert torch.equal(bits(out), bits(torch.sqrt(x)))
 
 
 @pytest.mark.parametrize("options", [
