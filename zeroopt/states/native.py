@@ -60,7 +60,9 @@ def _openmp(predefined: str) -> list[str]:
 
 def _compile(cc: str, flags: list[str], predefined: str) -> Path:
     """The shared library for these flags, from the cache or compiled into it."""
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, predefined]).encode())
+    headers = [h.read_text() for h in sorted(SOURCE.parent.glob("*.h"))]  # blockwise.h
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *headers, *flags,
+                                       predefined]).encode())
     cache = Path(os.environ.get("ZEROOPT_CACHE_DIR") or Path.home() / ".cache" / "zeroopt")
     path = cache / f"_blockwise-{digest.hexdigest()[:16]}.so"
     if path.exists():
