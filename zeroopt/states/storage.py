@@ -114,6 +114,19 @@ class RegionStates:
         if saved_form is not None:  # still held (FusedOptimizer's state): keep it current
             self.load(name, lo, saved_form[lo:lo + values.numel()])
 
+    def blocks(self, name: str, lo: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored codes and absmax of 8-bit state ``name`` over region range
+        [lo, lo + numel) (whole blocks), live: for kernels that decode, step and encode in
+        place (``adam8bit``).
+
+        Raises:
+            ValueError: the states are not 8-bit.
+        """
+        if self.kind.precision != "8bit":
+            raise ValueError(f"blocks() of {self.kind.precision} states: 8-bit only")
+        codes, absmax = self._encoded(name, lo, numel)
+        return codes, absmax
+
     def prefetch(self, lo: int, numel: int) -> None:
         """Ask for the pages of region range [lo, lo + numel) ahead of use."""
         if self._mapped:
