@@ -10,6 +10,10 @@ state) never exceeds the window:
 
 A window holds ``window_numel`` elements at most, cut on 256-element boundaries (8-bit blocks
 never split). For tensor-wise rules every entry is one param's piece (``ShardTensors``).
+
+Plain Adam and AdamW with 8-bit states on the CPU take one C call per window instead: it decodes,
+steps and encodes (``states/adam8bit.py``), with the same results bit for bit. ``run`` takes it
+per window where ``one_pass_adam`` offers it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from .algorithms import ShardTensors
+from .algorithms import ShardTensors, adam, adamw_options, variants
+from .states import adam8bit
 from .states.storage import RegionStates
 
 
@@ -47,6 +52,9 @@ class Window:
     io: list[list[int]] = field(default_factory=list)
     scratch: dict[str, torch.Tensor] = field(default_factory=dict)
     numel: int = 0
+    # one_pass_adam's plan, computed at its first use: per stretch of io, its region and
+    # scratch offsets, length and entries [first, last); False where the window does not qualify
+    _one_pass: list | bool | None = field(default=None, repr=False)
 
     def prefetch(self) -> None:
         """Ask for the pages of this window's states ahead of use (paged states:
@@ -78,6 +86,48 @@ class Window:
             for lo, _, n in self.io:
                 self.region.release(lo, n)
 
+    def step_8bit_adam(self, hyperparameters) -> bool:
+        """Step this window with the one-call 8-bit Adam(W) kernel, from and into its region's
+        stored codes (the scratch is its working space), if it qualifies: 8-bit CPU states
+        ``exp_avg`` (signed) and ``exp_avg_sq`` (non-negative), contiguous fp32 CPU params,
+        gradients and scratch.
+
+        Args:
+            hyperparameters: ``adam8bit.hyper(...)`` of the window's group and step.
+
+        Returns:
+            Whether it stepped the window (False: nothing was touched).
+        """
+        if self._one_pass is None:
+            self._one_pass = self._one_pass_plan()
+        if not self._one_pass or not adam8bit.available():  # built at the first 8-bit window
+            return False
+        region, params, grads = self.region, self.shard.params, self.shard.grads
+        m_scratch, v_scratch = (self.scratch[name] for name in adam8bit.STATES)
+        for lo, at, n, first, last in self._one_pass:
+            m, v = region.blocks("exp_avg", lo, n), region.blocks("exp_avg_sq", lo, n)
+            adam8bit.step_(params[first:last], grads[first:last], (m[0], v[0]), (m[1], v[1]),
+                           (m_scratch[at:at + n], v_scratch[at:at + n]), hyperparameters)
+        return True
+
+    def _one_pass_plan(self) -> list | bool:
+        region = self.region
+        if (region is None or region.kind.precision != "8bit" or region.device.type != "cpu"
+                or tuple(self.shard.states) != adam8bit.STATES
+                or region.signed != {"exp_avg": True, "exp_avg_sq": False}):
+            return False
+        if not all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
+                   for t in (*self.shard.params, *self.shard.grads, *self.scratch.values())):
+            return False
+        starts = [0]
+        for param in self.shard.params:
+            starts.append(starts[-1] + param.numel())
+        plan = []
+        for lo, at, n in self.io:  # whole entries: add() never splits one across stretches
+            first, last = starts.index(at), starts.index(at + n)
+            plan.append((lo, at, n, first, last))
+        return plan
+
     def add(self, param: torch.Tensor, grad: torch.Tensor, region_lo: int,
             direct: dict[str, torch.Tensor] | None) -> None:
         """Append one stretch: its params and gradients, and its states (``direct`` views for
@@ -97,21 +147,62 @@ class Window:
 
 
 def run(windows: list[Window], fn: Callable[[ShardTensors], object], *, load: bool,
-        store: bool) -> list:
+        store: bool, direct: Callable[[Window], bool] | None = None) -> list:
     """``fn`` over every window, decoding states first if ``load`` and encoding them after if
-    ``store``; the next window's pages are requested while this one is stepped."""
+    ``store``; the next window's pages are requested while this one is stepped.
+
+    Args:
+        windows: the windows (``build_windows``).
+        fn: the step of one window's ``ShardTensors``; its results are returned.
+        load, store: decode the states before ``fn``, encode them after it.
+        direct: with ``load`` and ``store``, tried first on each window: a step straight from
+            the stored states, True if it stepped the window (then no decoding, ``fn`` or
+            encoding, and None is its result): ``one_pass_adam``'s. None (default): none.
+
+    Returns:
+        Per window, what ``fn`` returned (None where ``direct`` stepped it).
+    """
     results = []
+    direct = direct if load and store else None
     for i, window in enumerate(windows):
         if load and i + 1 < len(windows):
             windows[i + 1].prefetch()
-        if load:
-            window.load()
-        results.append(fn(window.shard))
-        if store:
-            window.store()
+        if direct is not None and direct(window):
+            results.append(None)
+        else:
+            if load:
+                window.load()
+            results.append(fn(window.shard))
+            if store:
+                window.store()
         if load or store:
             window.release()
     return results
+
+
+def one_pass_adam(rule, group: dict, step: torch.Tensor,
+                  stats=None) -> Callable[[Window], bool] | None:
+    """``run``'s ``direct`` for a group whose step is plain Adam or AdamW (torch's fused kernel:
+    no option of variants.py or adamw_options.py, no statistics): each window with 8-bit CPU
+    states is stepped in one kernel call (``Window.step_8bit_adam``), the others as usual.
+
+    Args:
+        rule: the optimizer's ``UpdateRule``.
+        group: the param group.
+        step: the class's step count, already advanced (0-d tensor).
+        stats: the statistics phase's result, if any (then None is returned).
+
+    Returns:
+        The per-window step, or None where it does not apply. (A window it cannot take, or
+        every window where the kernel is unavailable (``adam8bit.available``: ZEROOPT_NATIVE=0,
+        no compiler, or no match with torch here), it leaves to the usual path.)
+    """
+    if stats is not None or rule.fused_step not in (adam.ADAMW.fused_step, adam.ADAM.fused_step):
+        return None
+    if adamw_options.any_option(group) or variants.any_option(group):
+        return None
+    hyperparameters = adam8bit.hyper(group, step, rule.fused_step is adam.ADAMW.fused_step)
+    return lambda window: window.step_8bit_adam(hyperparameters)
 
 
 def window_numel_for(window_numel: int | None, device: torch.device) -> int:
