@@ -250,3 +250,19 @@ def test_builds_for_other_cpus(flags, monkeypatch, tmp_path):
         train(a, three_passes, group, decoupled, [1, 2])
         train(b, one_pass, group, decoupled, [1, 2])
         assert_same(a, b)
+
+
+@needs_kernel
+def test_replaced_state_tensors_are_followed():
+    """A window keeps its kernel arguments between steps; if the region's stored tensors are
+    replaced (not copied into), it takes the new ones."""
+    group = group_of(True)
+    a, b = Setup(7), Setup(7)
+    train(a, three_passes, group, True, [1])
+    train(b, one_pass, group, True, [1])
+    for setup in (a, b):
+        for name, tensor in list(setup.region.tensors.items()):
+            setup.region.tensors[name] = tensor.clone()
+    train(a, three_passes, group, True, [2])
+    train(b, one_pass, group, True, [2])
+    assert_same(a, b)

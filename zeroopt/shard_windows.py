@@ -52,9 +52,9 @@ class Window:
     io: list[list[int]] = field(default_factory=list)
     scratch: dict[str, torch.Tensor] = field(default_factory=dict)
     numel: int = 0
-    # one_pass_adam's plan, computed at its first use: per stretch of io, its region and
-    # scratch offsets, length and entries [first, last); False where the window does not qualify
-    _one_pass: list | bool | None = field(default=None, repr=False)
+    # one_pass_adam's plan, made at its first use: the ids of the region's stored tensors and
+    # an adam8bit.Stretch per stretch of io; False where the window does not qualify
+    _one_pass: tuple | bool | None = field(default=None, repr=False)
 
     def prefetch(self) -> None:
         """Ask for the pages of this window's states ahead of use (paged states:
@@ -98,19 +98,19 @@ class Window:
         Returns:
             Whether it stepped the window (False: nothing was touched).
         """
-        if self._one_pass is None:
-            self._one_pass = self._one_pass_plan()
-        if not self._one_pass or not adam8bit.available():  # built at the first 8-bit window
+        # the stored tensors by identity (the plan keeps them alive, so no id is reused)
+        stored = tuple(map(id, self.region.tensors.values())) if self.region else ()
+        if self._one_pass is None or (self._one_pass and self._one_pass[0] != stored):
+            self._one_pass = self._one_pass_plan(stored)  # first use, or states replaced
+        if not self._one_pass:
             return False
-        region, params, grads = self.region, self.shard.params, self.shard.grads
-        m_scratch, v_scratch = (self.scratch[name] for name in adam8bit.STATES)
-        for lo, at, n, first, last in self._one_pass:
-            m, v = region.blocks("exp_avg", lo, n), region.blocks("exp_avg_sq", lo, n)
-            adam8bit.step_(params[first:last], grads[first:last], (m[0], v[0]), (m[1], v[1]),
-                           (m_scratch[at:at + n], v_scratch[at:at + n]), hyperparameters)
+        for stretch in self._one_pass[1]:
+            stretch.step(hyperparameters)
         return True
 
-    def _one_pass_plan(self) -> list | bool:
+    def _one_pass_plan(self, stored: tuple[int, ...]) -> tuple | bool:
+        """(``stored``: the ids of the region's stored tensors, one ``adam8bit.Stretch`` per
+        stretch of io), or False where the window does not qualify."""
         region = self.region
         if (region is None or region.kind.precision != "8bit" or region.device.type != "cpu"
                 or tuple(self.shard.states) != adam8bit.STATES
@@ -119,14 +119,21 @@ class Window:
         if not all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
                    for t in (*self.shard.params, *self.shard.grads, *self.scratch.values())):
             return False
+        if not adam8bit.available():  # built at the first 8-bit window
+            return False
         starts = [0]
         for param in self.shard.params:
             starts.append(starts[-1] + param.numel())
-        plan = []
+        stretches = []
+        m_scratch, v_scratch = (self.scratch[name] for name in adam8bit.STATES)
         for lo, at, n in self.io:  # whole entries: add() never splits one across stretches
             first, last = starts.index(at), starts.index(at + n)
-            plan.append((lo, at, n, first, last))
-        return plan
+            (m, m_absmax), (v, v_absmax) = (region.blocks(name, lo, n)
+                                            for name in adam8bit.STATES)
+            stretches.append(adam8bit.Stretch(
+                self.shard.params[first:last], self.shard.grads[first:last], (m, v),
+                (m_absmax, v_absmax), (m_scratch[at:at + n], v_scratch[at:at + n])))
+        return stored, stretches
 
     def add(self, param: torch.Tensor, grad: torch.Tensor, region_lo: int,
             direct: dict[str, torch.Tensor] | None) -> None:

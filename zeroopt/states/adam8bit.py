@@ -92,47 +92,82 @@ def hyper(group: dict, step: torch.Tensor, decoupled: bool) -> ctypes.Array:
     return (ctypes.c_double * 8)(*map(float, values))
 
 
-def step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-          codes: Sequence[torch.Tensor], absmax: Sequence[torch.Tensor],
-          scratch: Sequence[torch.Tensor], hyperparameters: ctypes.Array) -> None:
-    """One Adam(W) step of a stretch of whole 8-bit blocks, in place: m's and v's codes and
-    absmax are decoded, stepped with ``params``/``grads`` and encoded back.
+class Stretch:
+    """A stretch of whole 8-bit blocks and the tensors that step it, checked once and kept as
+    the kernel's raw arguments, so that a step costs one call (a window is stepped every step
+    with the same tensors).
 
     Args:
         params, grads: the stretch's tensors in order (contiguous fp32 CPU, the same length
             each), as torch._fused_adam(w)_ would get them: each one's last elements take its
             tail arithmetic. Together a multiple of 256 elements, n.
-        codes: m's and v's uint8 codes (n elements each).
+        codes: m's and v's uint8 codes (n elements each, contiguous, CPU).
         absmax: m's and v's fp32 absmax (n / 256 each).
         scratch: two fp32 tensors of n elements the kernel may overwrite (the decoded states).
-        hyperparameters: ``hyper(...)``.
 
     Raises:
-        RuntimeError: the kernel is unavailable (call ``available()`` first).
-        ValueError: the lengths disagree. (Callers check dtypes and devices: a raw pointer into
-            the wrong memory would not raise.)
+        ValueError: the lengths disagree.
+        TypeError: a tensor is not a contiguous CPU tensor of its dtype.
     """
+
+    def __init__(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                 codes: Sequence[torch.Tensor], absmax: Sequence[torch.Tensor],
+                 scratch: Sequence[torch.Tensor]):
+        offsets = [0]
+        for p, g in zip(params, grads, strict=True):
+            if p.numel() != g.numel():
+                raise ValueError(f"a param of {p.numel()} elements with a grad of {g.numel()}")
+            offsets.append(offsets[-1] + p.numel())
+        n = offsets[-1]
+        if (n % 256 or len(codes) != 2 or len(absmax) != 2 or len(scratch) != 2
+                or any(t.numel() != n for t in (*codes, *scratch))
+                or any(a.numel() != n // 256 for a in absmax)):
+            raise ValueError(f"8-bit Adam step: {n} elements (a multiple of 256 needed), codes "
+                             f"of {[c.numel() for c in codes]}, absmax of "
+                             f"{[a.numel() for a in absmax]}, scratch of "
+                             f"{[t.numel() for t in scratch]}")
+        for t, dtype in [*((t, torch.float32) for t in (*params, *grads, *absmax, *scratch)),
+                         *((c, torch.uint8) for c in codes)]:
+            if not (t.dtype is dtype and t.is_cpu and t.is_contiguous()):
+                raise TypeError(f"8-bit Adam step: a {t.dtype} tensor on {t.device} "
+                                f"(contiguous: {t.is_contiguous()}) where a contiguous CPU "
+                                f"{dtype} tensor is needed")
+        k = len(params)
+        # the tensors themselves are kept: the pointers stay valid while this object lives
+        self.tensors = (*params, *grads, *codes, *absmax, *scratch)
+        self.numel = n
+        self._arguments = (
+            n, k, (ctypes.c_int64 * (k + 1))(*offsets), (_P * k)(*(p.data_ptr() for p in params)),
+            (_P * k)(*(g.data_ptr() for g in grads)), codes[0].data_ptr(),
+            absmax[0].data_ptr(), codes[1].data_ptr(), absmax[1].data_ptr(),
+            scratch[0].data_ptr(), scratch[1].data_ptr(), _map(True).data_ptr(),
+            _map(False).data_ptr(), native.table(True).data_ptr(),
+            native.table(False).data_ptr())
+
+    def step(self, hyperparameters: ctypes.Array) -> None:
+        """One Adam(W) step of the stretch, in place: m's and v's codes and absmax are
+        decoded, stepped with the params and gradients, and encoded back.
+
+        Args:
+            hyperparameters: ``hyper(...)``.
+
+        Raises:
+            RuntimeError: the kernel is unavailable (call ``available()`` first).
+        """
+        if _lib is None:
+            raise RuntimeError("the one-call 8-bit Adam kernel is unavailable")
+        _lib.zq_adam8bit_step(*self._arguments, hyperparameters, _config[0], _config[1],
+                              torch.get_num_threads())
+
+
+def step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+          codes: Sequence[torch.Tensor], absmax: Sequence[torch.Tensor],
+          scratch: Sequence[torch.Tensor], hyperparameters: ctypes.Array) -> None:
+    """``Stretch(params, grads, codes, absmax, scratch).step(hyperparameters)``: one step of a
+    stretch whose tensors are not kept (see ``Stretch`` for the arguments and errors)."""
     if not available():
         raise RuntimeError("the one-call 8-bit Adam kernel is unavailable")
-    offsets = [0]
-    for p, g in zip(params, grads, strict=True):
-        if p.numel() != g.numel():
-            raise ValueError(f"a param of {p.numel()} elements with a grad of {g.numel()}")
-        offsets.append(offsets[-1] + p.numel())
-    n = offsets[-1]
-    if (n % 256 or any(t.numel() != n for t in (*codes, *scratch))
-            or any(a.numel() != n // 256 for a in absmax)):
-        raise ValueError(f"8-bit Adam step: {n} elements (a multiple of 256 needed), codes of "
-                         f"{[c.numel() for c in codes]}, absmax of {[a.numel() for a in absmax]}, "
-                         f"scratch of {[t.numel() for t in scratch]}")
-    k = len(params)
-    _lib.zq_adam8bit_step(
-        n, k, (ctypes.c_int64 * (k + 1))(*offsets), (_P * k)(*(p.data_ptr() for p in params)),
-        (_P * k)(*(g.data_ptr() for g in grads)), codes[0].data_ptr(), absmax[0].data_ptr(),
-        codes[1].data_ptr(), absmax[1].data_ptr(), scratch[0].data_ptr(),
-        scratch[1].data_ptr(), _map(True).data_ptr(), _map(False).data_ptr(),
-        native.table(True).data_ptr(), native.table(False).data_ptr(), hyperparameters,
-        _config[0], _config[1], torch.get_num_threads())
+    Stretch(params, grads, codes, absmax, scratch).step(hyperparameters)
 
 
 def _map(signed: bool) -> torch.Tensor:
