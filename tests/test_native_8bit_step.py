@@ -130,6 +130,22 @@ def test_late_bias_corrections_and_nonfinite_gradients(decoupled):
 
 
 @needs_kernel
+@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam"])
+def test_nan_gradients_with_maximize(decoupled):
+    """With maximize=True a NaN gradient's param may come out with the other NaN sign than
+    torch's (_adam8bit.c says why); every code, absmax and other param bit is the same."""
+    group = group_of(decoupled, weight_decay=0.05, maximize=True)
+    a, b = Setup(1), Setup(1)
+    train(a, three_passes, group, decoupled, [1, 2, 3], nonfinite=True)
+    train(b, one_pass, group, decoupled, [1, 2, 3], nonfinite=True)
+    for x, y in zip(a.state()[1:], b.state()[1:], strict=True):
+        assert torch.equal(bits(x), bits(y))
+    nan = a.params.isnan()
+    assert nan.any() and torch.equal(nan, b.params.isnan())
+    assert torch.equal(bits(a.params[~nan]), bits(b.params[~nan]))
+
+
+@needs_kernel
 def test_threads_split_the_blocks_without_changing_results():
     before = torch.get_num_threads()
     group = group_of(True, weight_decay=0.01)

@@ -16,6 +16,12 @@
  * mode bits: 0-1 the body's v (V_*), 2-3 the tail's, 4 the body's Adam weight decay as an FMA
  * (g + p * wd), 5 the tail's.
  *
+ * One thing is not reproduced: the sign bit of a NaN. Which of two NaN operands an instruction
+ * returns, and whether a negation survives (the compiler rewrites ATen's -g * -g as g * g),
+ * depends on how ATen's build ordered and folded them. With maximize=True and NaN gradients a
+ * NaN param can come out as -NaN here where torch gives +NaN (or the reverse); its state codes
+ * and absmax do not depend on it (a NaN's code is NaN's code, a NaN absmax the default NaN).
+ *
  * Each thread decodes its run of blocks into fp32 scratch, steps it, and encodes it: three
  * phases over the run, not one pass per 256-element block. Per block (decode, step, encode in
  * L1) measured slower on Zen 4, 24 against 20 ms on 12.6M elements: the step's streams of

@@ -8,7 +8,8 @@ three-pass path bit for bit: the update is ATen's CPU kernel operation for opera
 which multiply-adds that kernel's build fused into FMAs (in its vector body and in the scalar
 tail it runs over each tensor's last elements) is found at first use by comparing the kernel
 with torch's on random data (``calibrate``). Where no candidate matches (another torch build,
-another CPU), ``available()`` is False and the three-pass path runs.
+another CPU), ``available()`` is False and the three-pass path runs. (One bit is not matched:
+with maximize=True and NaN gradients, the sign of a NaN param; see _adam8bit.c.)
 
 The library is compiled at first use with zeroopt.kernels.build (cached like every zeroopt
 kernel); ``ZEROOPT_NATIVE=0`` turns it off. It uses torch.get_num_threads() threads.
