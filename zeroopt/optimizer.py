@@ -288,7 +288,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     if shard.params:
                         self.rule.fused_step(group, shard, step, stats)
 
-                shard_windows.run(windows, update, load=uses, store=uses)
+                # 8-bit plain Adam(W) windows: decoded, stepped and encoded in one call
+                shard_windows.run(windows, update, load=uses, store=uses,
+                                  direct=shard_windows.one_pass_adam(self.rule, group, step,
+                                                                     stats))
         self.shard.whole.step({self.layout.slots[k].index for k in inputs.active})
         self.grads.consume()  # a rule may have overwritten them (as DeepSpeed zeroes them)
         self.publish_params(wait=False)
