@@ -1,16 +1,11 @@
 """The native CPU path of 8-bit blockwise quantization (``_blockwise.c``), loaded with ctypes.
 
-The C file is compiled at first use with the system's C compiler (no torch or Python headers,
-so it builds in half a second) into a cache directory: ``$ZEROOPT_CACHE_DIR``, else
-``~/.cache/zeroopt``. The file name is a hash of the source, the flags and what the compiler
-makes of them on this machine (its predefined macros: its version, the architecture and the
-CPU features ``-march=native`` turns on), so a shared home directory on a mixed cluster, or a
-compiler upgrade, gets a new build instead of a wrong one. Each process compiles into its own
-temporary file and renames it into place atomically: ranks starting together may all compile,
-but none ever loads a half-written file.
+The C file is compiled at first use with the system's C compiler into the kernels' cache
+(zeroopt/kernels/build.py says how: keyed by the source, its headers, the flags and the
+compiler's view of this CPU; written atomically).
 
 The kernels use torch.get_num_threads() threads (OpenMP, in torch's own thread pool; see
-``_openmp``); one thread when torch has one.
+``build.openmp_flags``); one thread when torch has one.
 
 ``ZEROOPT_NATIVE=0`` turns them off. If the build fails, ``available()`` is False, one warning
 says why, and blockwise.py uses its torch implementation (exact too, slower).
@@ -19,78 +14,34 @@ says why, and blockwise.py uses its torch implementation (exact too, slower).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from ..kernels import build
+
 log = logging.getLogger("zeroopt")
 
 SOURCE = Path(__file__).with_name("_blockwise.c")
-# No -ffast-math: the results must match torch's bit for bit. -ffp-contract=off keeps the
-# compiler from fusing a multiply and an add into an FMA (one rounding instead of two).
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"]
+FLAGS = build.FLAGS  # the kernels' (kernels/build.py): no -ffast-math, no FMA contraction
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _openmp(predefined: str) -> list[str]:
-    """``-fopenmp`` where the kernels then share torch's OpenMP runtime: GCC's libgomp, which
-    torch's Linux wheels load (the same soname, so the kernels bind to torch's copy and its
-    threads). Beside another runtime (Intel's or LLVM's), two thread pools would fight over the
-    cores: there the kernels stay single-threaded."""
-    try:
-        with open("/proc/self/maps") as maps:
-            names = {Path(line.split()[-1]).name for line in maps if "omp" in line}
-    except OSError:
-        return []
-    runtimes = {name.split(".")[0] for name in names
-                if name.startswith(("libgomp", "libiomp", "libomp"))}
-    return ["-fopenmp"] if runtimes == {"libgomp"} and "__clang__" not in predefined else []
-
-
 def _compile(cc: str, flags: list[str], predefined: str) -> Path:
     """The shared library for these flags, from the cache or compiled into it."""
-    headers = [h.read_text() for h in sorted(SOURCE.parent.glob("*.h"))]  # blockwise.h
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *headers, *flags,
-                                       predefined]).encode())
-    cache = Path(os.environ.get("ZEROOPT_CACHE_DIR") or Path.home() / ".cache" / "zeroopt")
-    path = cache / f"_blockwise-{digest.hexdigest()[:16]}.so"
-    if path.exists():
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=path.stem + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True,
-                              text=True)
-        if done.returncode:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()}")
-        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep others sharing the cache out
-        os.replace(tmp, path)  # atomic: another process sees no file or a whole one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return build.compile_source(SOURCE, cc, flags, predefined)
 
 
 def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise RuntimeError("no C compiler (gcc/cc) found")
-    # what the compiler predefines under these flags: its version and the CPU's features
-    predefined = subprocess.run([cc, *FLAGS[:3], "-dM", "-E", "-x", "c", os.devnull],
-                                capture_output=True, text=True, check=True).stdout
-    openmp = _openmp(predefined)
+    cc = build.compiler()
+    predefined = build.predefined_macros(cc)
+    openmp = build.openmp_flags(predefined)
     try:
         path = _compile(cc, FLAGS + openmp, predefined)
     except RuntimeError:
@@ -114,7 +65,7 @@ def available() -> bool:
     global _lib, _tried
     if not _tried:
         with _lock:
-            if not _tried and os.environ.get("ZEROOPT_NATIVE", "1") != "0":
+            if not _tried and build.enabled():
                 try:
                     _lib = _build()
                 except Exception as error:  # noqa: BLE001 - any failure means: torch path
