@@ -1,0 +1,277 @@
+/* AdamW's fine-tuning options with whole-param statistics (zeroopt/algorithms/
+ * adamw_options.py): agr, orthograd, tam (one round of sums) and spd (with or without
+ * cautious), each phase of a flat step in one pass over memory per piece.
+ *
+ * Phase 1 returns a piece's float64 sums, taken in ZK_CHUNK chunks added in chunk order, each
+ * chunk as ZK_LANES running sums (element i into lane i % ZK_LANES from the chunk's start):
+ * independent of the thread count. They are not the torch path's float64 sums bit for bit
+ * (torch.dot and .sum add in their own order); every product of two fp32 numbers is exact in
+ * double, so the two differ only in the order of float64 additions (relative ~n 2^-53 at
+ * worst, far below the fp32 ulp the sums feed).
+ *
+ * Everything element-wise repeats the arithmetic of the module's torch._foreach_ path, op for
+ * op and rounding for rounding (ATen on the CPU; tests/test_native_rules_d.py):
+ *
+ *   lerp_(m, x, w)              w < 0.5 ? fmaf(w, x - m, m) : fmaf(w - 1, x - m, x)
+ *   addcmul_(v, a, b, value=s)  fmaf(s * a, b, v)
+ *   add_(a, b, alpha=s)         fmaf(s, b, a)       (no alpha: a + b)
+ *   mul_ / add_ of a scalar     one rounding, by the scalar cast to float
+ *   sqrt                        zk_sqrt_block (MKL's where ATen's is: _torch_sqrt.h)
+ *
+ * Tensors go through in blocks of BLOCK elements: each option is one short loop over the
+ * block (vectorized, the block in L1), so memory is still read and written once.
+ */
+#include "kernels.h"
+#include "_torch_sqrt.h"
+
+#define BLOCK 256  /* a multiple of ZK_LANES; ZK_CHUNK is a multiple of it */
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* Adam's part of a step. h[0..12) in every kernel below:
+ *   0 beta1   1 1 - beta1   2 beta2   3 1 - beta2   4 sqrt(1 - beta2^t)   5 eps
+ *   6 1 / (1 - beta1^t)   7 ADOPT's clip (t - 1)^0.25   8 -lr   9 adopt   10 grams
+ *   11 decay (1 - lr wd, AdamW's; 1: none, x * 1 is exact) */
+typedef struct {
+    float b1, omb1, b2, omb2, c2, eps, bc1, clip, neg_lr, decay, lerp_coef;
+    int lerp_from_m, adopt, grams;
+} adam_hyper;
+
+static adam_hyper read_adam(const double *h) {
+    adam_hyper a;
+    a.b1 = (float)h[0]; a.omb1 = (float)h[1]; a.b2 = (float)h[2]; a.omb2 = (float)h[3];
+    a.c2 = (float)h[4]; a.eps = (float)h[5]; a.bc1 = (float)h[6]; a.clip = (float)h[7];
+    a.neg_lr = (float)h[8]; a.adopt = h[9] != 0; a.grams = h[10] != 0; a.decay = (float)h[11];
+    a.lerp_from_m = a.omb1 < 0.5f;
+    a.lerp_coef = a.lerp_from_m ? a.omb1 : a.omb1 - 1.0f;
+    return a;
+}
+
+/* The direction of n <= BLOCK elements from the gradient the moments see (gs), updating m
+ * and v; damp: TAM's per-element damping, or NULL (then m is lerped). Written to dir. */
+static inline void adam_direction(const adam_hyper *a, int64_t n, const float *restrict gs,
+                                  const float *restrict damp, float *restrict m,
+                                  float *restrict v, float *restrict dir, zk_vml_sqrt root) {
+    float nw[BLOCK], den[BLOCK];
+    const float *in = gs;
+    if (a->adopt) {  /* the previous v normalises the gradient, clipped */
+        for (int64_t i = 0; i < n; i++) den[i] = v[i];
+        zk_sqrt_block(n, den, root);
+        for (int64_t i = 0; i < n; i++) {
+            float s = den[i] < a->eps ? a->eps : den[i];
+            float d = gs[i] / s;
+            d = d < -a->clip ? -a->clip : d;
+            nw[i] = d > a->clip ? a->clip : d;
+        }
+        in = nw;
+    }
+    if (damp) {  /* m.mul_(b1).add_(damp * new, alpha=1 - b1) */
+        for (int64_t i = 0; i < n; i++) m[i] = fmaf(a->omb1, damp[i] * in[i], m[i] * a->b1);
+    } else if (a->lerp_from_m) {
+        for (int64_t i = 0; i < n; i++) m[i] = fmaf(a->lerp_coef, in[i] - m[i], m[i]);
+    } else {
+        for (int64_t i = 0; i < n; i++) m[i] = fmaf(a->lerp_coef, in[i] - m[i], in[i]);
+    }
+    for (int64_t i = 0; i < n; i++) v[i] = fmaf(a->omb2 * gs[i], gs[i], v[i] * a->b2);
+    if (a->adopt) {
+        for (int64_t i = 0; i < n; i++) dir[i] = m[i];
+    } else {
+        for (int64_t i = 0; i < n; i++) den[i] = v[i];
+        zk_sqrt_block(n, den, root);
+        for (int64_t i = 0; i < n; i++) dir[i] = (1.0f / (den[i] / a->c2 + a->eps)) * m[i] * a->bc1;
+    }
+    if (a->grams)
+        for (int64_t i = 0; i < n; i++)
+            dir[i] = fabsf(dir[i]) * ((float)(gs[i] > 0.0f) - (float)(gs[i] < 0.0f));
+}
+
+/* --- agr, orthograd, tam ---------------------------------------------------------------- */
+
+enum { T_ABS, T_XG, T_XGA, T_XX, T_GG, T_A3, T_G4, T_MG, T_MGA, T_MX, T_MM, T_ROWS };
+
+static void transform_sums_chunk(int64_t lo, int64_t hi, float *const *t, float sign,
+                                 double *partial) {
+    float *restrict g = t[0];
+    const float *restrict x = t[1], *restrict m = t[2];
+    double l[T_ROWS][ZK_LANES] = {{0}};
+    for (int64_t b = lo; b < hi; b += ZK_LANES) {
+        int64_t k = min64(ZK_LANES, hi - b);
+        for (int64_t j = 0; j < k; j++) {
+            float gf = g[b + j] * sign;
+            double gd = gf, xd = x[b + j], md = m[b + j], a = fabs(gd), ga = gd * a;
+            l[T_ABS][j] += a;
+            l[T_XG][j] += xd * gd;
+            l[T_XGA][j] += xd * ga;
+            l[T_XX][j] += xd * xd;
+            l[T_GG][j] += gd * gd;
+            l[T_A3][j] += ga * gd;
+            l[T_G4][j] += ga * ga;
+            l[T_MG][j] += md * gd;
+            l[T_MGA][j] += md * ga;
+            l[T_MX][j] += md * xd;
+            l[T_MM][j] += md * md;
+        }
+        if (sign != 1.0f)
+            for (int64_t j = 0; j < k; j++) g[b + j] = g[b + j] * sign;
+    }
+    for (int r = 0; r < T_ROWS; r++) partial[r] = zk_sum_lanes(l[r]);
+}
+
+/* Phase 1: t = [grads, params, m (exp_avg; the params where tam is off)], h[0] = sign (-1
+ * with maximize: the gradients are negated in place, as the torch path's _foreach_neg_).
+ * out[0..11): sum|g|, <x,g>, <x,g|g|>, <x,x>, <g,g>, sum|g|^3, sum g^4, <m,g>, <m,g|g|>,
+ * <m,x>, <m,m> (adamw_options._transform_sums' rows). */
+void zk_options_transform_sums(int64_t n, float *const *t, const double *h, double *out,
+                               int threads) {
+    const int64_t chunks = zk_chunks(n);
+    const float sign = (float)h[0];
+    double *partial = malloc((size_t)(chunks > 0 ? chunks : 1) * T_ROWS * sizeof(double));
+    if (!partial) {  /* out of memory: the same additions, one chunk at a time */
+        double one[T_ROWS];
+        for (int r = 0; r < T_ROWS; r++) out[r] = 0.0;
+        for (int64_t c = 0; c < chunks; c++) {
+            transform_sums_chunk(c * ZK_CHUNK, min64(n, (c + 1) * ZK_CHUNK), t, sign, one);
+            for (int r = 0; r < T_ROWS; r++) out[r] += one[r];
+        }
+        return;
+    }
+    ZK_PARALLEL_FOR
+    for (int64_t c = 0; c < chunks; c++)
+        transform_sums_chunk(c * ZK_CHUNK, min64(n, (c + 1) * ZK_CHUNK), t, sign,
+                             partial + c * T_ROWS);
+    zk_add_partials(partial, chunks, T_ROWS, out);
+    free(partial);
+}
+
+/* Phase 2: t = [params, grads, exp_avg, exp_avg_sq, tam_s (with tam)]; h[0..12) Adam's (see
+ * read_adam), then 12 agr (and S > 0), 13 S = sum|g|, 14 1/S, 15 orthograd, 16 -p, 17 c,
+ * 18 tam, 19 gamma, 20 (1 - gamma) cos, 21 l2 (Adam's coupled decay), 22 wd, 23 ADOPT's first
+ * step (v += g g only). The gradients are read, not written (the torch path leaves them
+ * transformed; nothing reads them after the step). */
+void zk_options_transform_step(int64_t n, float *const *t, const double *h, double *out,
+                               int threads) {
+    float *p = t[0], *g = t[1], *m = t[2], *v = t[3], *s = h[18] != 0 ? t[4] : 0;
+    const adam_hyper a = read_adam(h);
+    const int agr = h[12] != 0, ortho = h[15] != 0, l2 = h[21] != 0, first = h[23] != 0;
+    const float S = (float)h[13], inv_s = (float)h[14], neg_p = (float)h[16], c = (float)h[17];
+    const float gamma = (float)h[19], k = (float)h[20], wd = (float)h[22];
+    const zk_vml_sqrt root = zk_torch_sqrt_function();
+    (void)out;
+    ZK_PARALLEL_FOR
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        const int64_t e = min64(BLOCK, n - b);
+        float *restrict x = p + b, *restrict mb = m + b, *restrict vb = v + b;
+        float gs[BLOCK], damp[BLOCK], dir[BLOCK];
+        for (int64_t i = 0; i < e; i++) gs[i] = g[b + i];
+        if (agr)  /* g.mul_(g.abs().neg_().add_(S).mul_(1 / S)) */
+            for (int64_t i = 0; i < e; i++) gs[i] = gs[i] * ((-fabsf(gs[i]) + S) * inv_s);
+        if (ortho)  /* g.add_(x, alpha=-p).mul_(c) */
+            for (int64_t i = 0; i < e; i++) gs[i] = fmaf(neg_p, x[i], gs[i]) * c;
+        if (l2)
+            for (int64_t i = 0; i < e; i++) gs[i] = fmaf(wd, x[i], gs[i]);
+        if (first) {  /* ADOPT's first step: addcmul_(v, g, g, value=1) */
+            for (int64_t i = 0; i < e; i++) vb[i] = fmaf(gs[i], gs[i], vb[i]);
+            continue;
+        }
+        for (int64_t i = 0; i < e; i++) x[i] = x[i] * a.decay;
+        if (s) {  /* s <- gamma s + (1 - gamma) cos; damping (s + 1) / 2 + eps */
+            float *restrict sb = s + b;
+            for (int64_t i = 0; i < e; i++) {
+                float si = sb[i] * gamma + k;
+                sb[i] = si;
+                damp[i] = (si + 1.0f) * 0.5f + a.eps;
+            }
+        }
+        adam_direction(&a, e, gs, s ? damp : 0, mb, vb, dir, root);
+        for (int64_t i = 0; i < e; i++) x[i] = fmaf(a.neg_lr, dir[i], x[i]);
+    }
+}
+
+/* --- spd (and cautious) ----------------------------------------------------------------- */
+
+enum { P_KEPT, P_GD, P_DD, P_UD, P_UU, P_ROWS };
+
+static void projection_chunk(int64_t lo, int64_t hi, float *const *t, const double *h,
+                             double *partial, zk_vml_sqrt root) {
+    const float *restrict x = t[0], *restrict x0 = t[4];
+    float *restrict g = t[1], *restrict m = t[2], *restrict v = t[3];
+    const adam_hyper a = read_adam(h);
+    const float sign = (float)h[12];
+    const int cautious = h[13] != 0;
+    double l[P_ROWS][ZK_LANES] = {{0}};
+    for (int64_t b = lo; b < hi; b += BLOCK) {
+        const int64_t e = min64(BLOCK, hi - b);
+        float gs[BLOCK], d[BLOCK], u[BLOCK], keep[BLOCK];
+        for (int64_t i = 0; i < e; i++) gs[i] = g[b + i] * sign;
+        for (int64_t i = 0; i < e; i++) d[i] = x[b + i] - x0[b + i];
+        adam_direction(&a, e, gs, 0, m + b, v + b, u, root);
+        if (cautious)  /* keep_agreeing: u * (u g > 0) */
+            for (int64_t i = 0; i < e; i++) {
+                keep[i] = (float)(u[i] * gs[i] > 0.0f);
+                u[i] = u[i] * keep[i];
+            }
+        for (int64_t i = 0; i < e; i += ZK_LANES) {  /* BLOCK is a multiple of ZK_LANES */
+            const int64_t k = min64(ZK_LANES, e - i);
+            for (int64_t j = 0; j < k; j++) {
+                const double dd = d[i + j], ud = u[i + j];
+                if (cautious) l[P_KEPT][j] += keep[i + j];
+                l[P_GD][j] += (double)gs[i + j] * dd;
+                l[P_DD][j] += dd * dd;
+                l[P_UD][j] += ud * dd;
+                l[P_UU][j] += ud * ud;
+            }
+        }
+        for (int64_t i = 0; i < e; i++) g[b + i] = u[i];
+    }
+    for (int r = 0; r < P_ROWS; r++) partial[r] = zk_sum_lanes(l[r]);
+}
+
+/* Phase 1 of spd and cautious: t = [params, grads, exp_avg, exp_avg_sq, initial_param]; h[0..12) Adam's (no decay: 1), 12 sign (-1 with maximize),
+ * 13 cautious. Updates the moments and writes the direction (masked, with cautious)
+ * over the gradients. out: kept count, <g,d>, <d,d>, <u,d>, <u,u> (d = x - x0),
+ * adamw_options._projection_sums' rows. */
+void zk_options_projection_sums(int64_t n, float *const *t, const double *h, double *out,
+                                int threads) {
+    const int64_t chunks = zk_chunks(n);
+    const zk_vml_sqrt root = zk_torch_sqrt_function();
+    double *partial = malloc((size_t)(chunks > 0 ? chunks : 1) * P_ROWS * sizeof(double));
+    if (!partial) {
+        double one[P_ROWS];
+        for (int r = 0; r < P_ROWS; r++) out[r] = 0.0;
+        for (int64_t c = 0; c < chunks; c++) {
+            projection_chunk(c * ZK_CHUNK, min64(n, (c + 1) * ZK_CHUNK), t, h, one, root);
+            for (int r = 0; r < P_ROWS; r++) out[r] += one[r];
+        }
+        return;
+    }
+    ZK_PARALLEL_FOR
+    for (int64_t c = 0; c < chunks; c++)
+        projection_chunk(c * ZK_CHUNK, min64(n, (c + 1) * ZK_CHUNK), t, h,
+                         partial + c * P_ROWS, root);
+    zk_add_partials(partial, chunks, P_ROWS, out);
+    free(partial);
+}
+
+/* Phase 2: t = [params, direction (the gradients), initial_param (with a pull)];
+ * h = [-lr scale, pull, k]: x <- x + u (-lr scale) (grads.mul_, params.add_), then
+ * x.lerp_(x0, k) where pull. */
+void zk_options_projection_apply(int64_t n, float *const *t, const double *h, double *out,
+                                 int threads) {
+    float *restrict p = t[0];
+    const float *restrict u = t[1];
+    const float step = (float)h[0], w = (float)h[2];
+    (void)out;
+    if (h[1] == 0) {
+        ZK_PARALLEL_FOR
+        for (int64_t i = 0; i < n; i++) p[i] = p[i] + u[i] * step;
+        return;
+    }
+    const float *restrict x0 = t[2];
+    const int from_x = w < 0.5f;
+    const float coef = from_x ? w : w - 1.0f;
+    ZK_PARALLEL_FOR
+    for (int64_t i = 0; i < n; i++) {
+        float xi = p[i] + u[i] * step;
+        p[i] = fmaf(coef, x0[i] - xi, from_x ? xi : x0[i]);
+    }
+}
