@@ -2,11 +2,9 @@
 paths, in process: both phases, several steps, pieces of awkward sizes at odd offsets of one
 flat buffer (as a shard's windows are), a param split over two pieces, exclusion by name.
 
-The element-wise results must be equal bit for bit. One op is not ATen's: torch's CPU sqrt is
-MKL's vsSqrt (within 1 ulp, not correctly rounded), the kernel's is correctly rounded, so the
-torch path here takes a correctly rounded sqrt too (``torch_path``); ``test_lamb_against_mkl_
-sqrt`` bounds the difference against torch's own. The norms' sums are in double (torch's are
-fp32 norms, squared): they are held to exact float64 sums instead.
+The element-wise results must be equal bit for bit, LAMB's square roots included (the kernel
+takes torch's own, _torch_sqrt.h). The norms' sums are in double (torch's are fp32 norms,
+squared): they are held to exact float64 sums instead.
 """
 
 import contextlib
@@ -74,14 +72,10 @@ def _copy(shard: ShardTensors) -> ShardTensors:
 
 
 @contextlib.contextmanager
-def torch_path(monkeypatch, exact_sqrt=True):
-    """The rules' torch._foreach_ path (the kernels switched off), with a correctly rounded
-    sqrt unless ``exact_sqrt`` is False (then MKL's, where torch has it)."""
+def torch_path(monkeypatch):
+    """The rules' torch._foreach_ path (the kernels switched off)."""
     with monkeypatch.context() as m:
-        m.setattr(trust_ratio, "native", lambda shard: False)
-        if exact_sqrt:
-            m.setattr(torch, "_foreach_sqrt",
-                      lambda ts: [t.double().sqrt().float() for t in ts])
+        m.setattr(trust_ratio, "native", lambda shard, root=False: False)
         yield
 
 
@@ -99,24 +93,24 @@ def _assert_equal(native: ShardTensors, reference: ShardTensors, what: str) -> N
                                        (a - b).abs().max().item())
 
 
-def _step_both(rule, group, native, reference, t, monkeypatch, exact_sqrt=True):
+def _step_both(rule, group, native, reference, t, monkeypatch):
     """One step of each: the native phase 1, the torch phase 1 (checked against each other),
     then both phase 2s from the native statistics (so that they get the same ratios)."""
     step = torch.tensor(float(t))
     stats = None
     if rule.per_tensor(group):
         stats = rule.statistics(group, native, step)
-        with torch_path(monkeypatch, exact_sqrt):
+        with torch_path(monkeypatch):
             torch_stats = rule.statistics(group, reference, step)
         # the torch path's grads now hold what the second norm is of (LAMB's u, LARS' g + wd w)
         exact = _exact_sums(reference, reference.grads)
         assert torch.allclose(stats, exact, rtol=1e-12, atol=0), (stats, exact)
         assert torch.allclose(stats, torch_stats, rtol=1e-4, atol=0)  # fp32 norms, squared
-        if rule is lamb.LAMB and exact_sqrt:
+        if rule is lamb.LAMB:
             for i, (a, b) in enumerate(zip(native.grads, reference.grads)):
                 assert torch.equal(a, b), ("u", i, (a != b).sum().item())
     rule.fused_step(group, native, step, stats)
-    with torch_path(monkeypatch, exact_sqrt):
+    with torch_path(monkeypatch):
         rule.fused_step(group, reference, step, stats)
 
 
@@ -132,33 +126,6 @@ def test_native_equals_foreach(rule, group, monkeypatch):
                 mine.copy_(g)
         _step_both(rule, group, native, reference, t, monkeypatch)
         _assert_equal(native, reference, f"step {t}")
-
-
-def test_lamb_against_mkl_sqrt(monkeypatch):
-    """Against torch's own sqrt (MKL's, where torch is built with it): the moments are
-    equal bit for bit; r = m_hat / (sqrt(v_hat) + eps) within 4 of its ulps (one sqrt ulp
-    moves each rounding after it by about one; 2.7 measured), so u = r + wd x within
-    4 * 2^-23 (|u| + wd |x|); the params within 1e-6 of the step."""
-    rule, group = lamb.LAMB, LAMB_GROUPS[0]
-    generator = torch.Generator().manual_seed(1)
-    native = _shard(rule, generator)
-    reference = _copy(native)
-    before = [p.clone() for p in native.params]
-    step = torch.tensor(1.0)
-    stats = rule.statistics(group, native, step)
-    with torch_path(monkeypatch, exact_sqrt=False):
-        rule.statistics(group, reference, step)
-    for x, a, b in zip(native.params, native.grads, reference.grads):
-        bound = 4 * 2.0**-23 * (b.abs() + group["weight_decay"] * x.abs())
-        assert ((a - b).abs() <= bound).all(), ((a - b).abs() / bound).max()
-    rule.fused_step(group, native, step, stats)
-    with torch_path(monkeypatch, exact_sqrt=False):
-        rule.fused_step(group, reference, step, stats)
-    for name in native.states:
-        assert all(torch.equal(a, b) for a, b in zip(native.states[name],
-                                                     reference.states[name]))
-    for a, b, x in zip(native.params, reference.params, before):
-        assert (a - b).abs().max() <= 1e-6 * (b - x).abs().max() + 1e-12
 
 
 @pytest.mark.parametrize("kernel, count", [("zk_lamb_direction", 4), ("zk_lars_squares", 2)])

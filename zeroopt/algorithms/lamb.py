@@ -61,7 +61,7 @@ def _tensors(shard: ShardTensors) -> list[list[torch.Tensor]]:
 
 
 def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.Tensor:
-    if trust_ratio.native(shard):
+    if trust_ratio.native(shard, root=True):
         return trust_ratio.native_squares(shard, "zk_lamb_direction", _tensors(shard),
                                           _kernel_hyper(group, step) + [group["weight_decay"]])
     if shard.params:
@@ -70,7 +70,7 @@ def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.T
 
 
 def _fused(group: dict, shard: ShardTensors, step: torch.Tensor, stats) -> None:
-    native = trust_ratio.native(shard)
+    native = trust_ratio.native(shard, root=True)
     if stats is None:  # no weight decay: ratio 1, no statistics were needed
         if native:
             trust_ratio.LIB.each("zk_lamb_step", _tensors(shard),

@@ -16,6 +16,7 @@ import re
 
 import torch
 
+from ..kernels import sqrt_check
 from ..kernels.library import Library
 from .base import ShardTensors
 
@@ -31,9 +32,11 @@ def partial_squares(shard: ShardTensors, *tensor_lists: list[torch.Tensor]) -> t
     return torch.stack(rows)
 
 
-def native(shard: ShardTensors) -> bool:
+def native(shard: ShardTensors, root: bool = False) -> bool:
     """Whether a LAMB or LARS shard runs as the C kernels: it has pieces, and its params,
-    gradients and states are all contiguous fp32 CPU tensors (``Library.usable``).
+    gradients and states are all contiguous fp32 CPU tensors (``Library.usable``), and, for a
+    rule that takes square roots (``root``: LAMB), the kernels' roots are torch.sqrt's
+    (``sqrt_check.matches_torch``), so the kernels give the torch path's result bit for bit.
 
     The answer is the same in both phases of a step (the same tensors, and the library's
     availability is settled once per process), which LARS relies on: its native phase 1
@@ -41,12 +44,13 @@ def native(shard: ShardTensors) -> bool:
 
     Args:
         shard: the group's window.
+        root: whether the rule's kernels take square roots (default False).
 
     Returns:
         True where the kernels run.
     """
-    return bool(shard.params) and LIB.usable(shard.params, shard.grads,
-                                             *shard.states.values())
+    return (bool(shard.params) and LIB.usable(shard.params, shard.grads, *shard.states.values())
+            and (not root or sqrt_check.matches_torch(LIB)))
 
 
 def native_squares(shard: ShardTensors, kernel: str, tensor_lists: list[list[torch.Tensor]],

@@ -11,9 +11,8 @@
  *   t.addcmul_(a, b, value=s)   fmaf((float)s * a, b, t)
  *   t.div_(s), reciprocal_, mul_(b), add_(s)   one IEEE division, product or sum each
  *
- * except the square root: ATen's sqrt on a CPU float tensor is MKL's vsSqrt where torch is
- * built with MKL, which is within 1 ulp but not correctly rounded (~17% of values on the
- * CPU measured); here it is sqrtf, correctly rounded (tests/test_native_rules_c.py).
+ * and the square root is torch's own (_torch_sqrt.h: MKL's vsSqrt where torch is built with
+ * MKL, within 1 ulp but not correctly rounded), so phase 1 is bit for bit the torch path.
  *
  * The sums of squares are in double, in ZK_CHUNK chunks added in order, each
  * chunk's as LANES running sums (element i into lane i % LANES from the chunk's start) added
@@ -21,6 +20,7 @@
  * exact in double, so fma(x, x, sum) is sum + x * x with one op instead of two.
  */
 #include "kernels.h"
+#include "_torch_sqrt.h"
 
 #ifdef ZK_LANES
 #define LANES ZK_LANES
@@ -81,27 +81,11 @@ static inline lamb_hyper lamb_read(const double *h) {
     return k;
 }
 
-/* x[i] = sqrt(x[i]), correctly rounded. The vector instructions by hand: GCC vectorizes no
- * sqrtf while errno may be set (build.py has no -fno-math-errno); every one of them rounds as
- * sqrtf does, so the result does not depend on which of them runs. */
-static inline void sqrt_block(float *x, int64_t n) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_sqrt_ps(_mm512_loadu_ps(x + i)));
-#elif defined(__AVX__)
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
-#elif defined(__SSE2__)
-    for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
-#elif defined(__aarch64__)
-    for (; i + 4 <= n; i += 4) vst1q_f32(x + i, vsqrtq_f32(vld1q_f32(x + i)));
-#endif
-    for (; i < n; i++) x[i] = sqrtf(x[i]);
-}
-
 /* The moments of elements [0, n) (n <= BLOCK), as update_moments_ computes them, and
  * s = sqrt(v) into s[]. */
 static inline void lamb_moments(int64_t n, const float *restrict g, float *restrict m,
-                                float *restrict v, lamb_hyper k, float *restrict s) {
+                                float *restrict v, lamb_hyper k, float *restrict s,
+                                zk_vml_sqrt root) {
     for (int64_t i = 0; i < n; i++) {
         float mm = fmaf(k.ob1, g[i], m[i] * k.b1);
         float vv = fmaf(k.ob2 * g[i], g[i], v[i] * k.b2);
@@ -109,7 +93,7 @@ static inline void lamb_moments(int64_t n, const float *restrict g, float *restr
         v[i] = vv;
         s[i] = vv;
     }
-    sqrt_block(s, n);
+    zk_sqrt_block(n, s, root);
 }
 
 /* r = m_hat / (sqrt(v_hat) + eps) from s = sqrt(v), as lamb.py's _direction computes it:
@@ -134,7 +118,7 @@ static void lamb_direction_chunk(int64_t lo, int64_t hi, float *const *t, const 
     double lp[LANES] = {0}, lu[LANES] = {0};
     for (int64_t b = lo; b < hi; b += BLOCK) {  /* BLOCK is a multiple of LANES */
         int64_t e = min64(hi, b + BLOCK), i = b;
-        lamb_moments(e - b, g + b, m + b, v + b, k, s);
+        lamb_moments(e - b, g + b, m + b, v + b, k, s, zk_torch_sqrt_function());
         for (; i + LANES <= e; i += LANES)
             for (int j = 0; j < LANES; j++) {
                 float x = p[i + j], u = lamb_u(s[i - b + j], m[i + j], x, wd, decay, k);
@@ -174,7 +158,7 @@ void zk_lamb_step(int64_t n, float *const *t, const double *h, double *out, int 
     for (int64_t c = 0; c < blocks; c++) {
         int64_t b = c * BLOCK, e = min64(n, b + BLOCK);
         float s[BLOCK];
-        lamb_moments(e - b, g + b, m + b, v + b, k, s);
+        lamb_moments(e - b, g + b, m + b, v + b, k, s, zk_torch_sqrt_function());
         for (int64_t i = b; i < e; i++) p[i] = fmaf(step, lamb_r(s[i - b], m[i], k), p[i]);
     }
 }
