@@ -6,8 +6,9 @@
  * chunk as ZK_LANES running sums (element i into lane i % ZK_LANES from the chunk's start):
  * independent of the thread count. They are not the torch path's float64 sums bit for bit
  * (torch.dot and .sum add in their own order); every product of two fp32 numbers is exact in
- * double, so the two differ only in the order of float64 additions (relative ~n 2^-53 at
- * worst, far below the fp32 ulp the sums feed).
+ * double (the kernels fuse it into its add: the same), so the two differ in the order of the
+ * float64 additions (and the rounding of the few products with g|g|, 72 bits): relative
+ * ~n 2^-53 at worst, far below the fp32 ulp the scalars made of them are cast to.
  *
  * Everything element-wise repeats the arithmetic of the module's torch._foreach_ path, op for
  * op and rounding for rounding (ATen on the CPU; tests/test_native_rules_d.py):
@@ -89,32 +90,51 @@ static inline void adam_direction(const adam_hyper *a, int64_t n, const float *r
 
 enum { T_ABS, T_XG, T_XGA, T_XX, T_GG, T_A3, T_G4, T_MG, T_MGA, T_MX, T_MM, T_ROWS };
 
-static void transform_sums_chunk(int64_t lo, int64_t hi, float *const *t, float sign,
-                                 double *partial) {
+/* One element's 11 sums into lane j. A product of two floats is exact in double, so fma is
+ * the product then the add; the products with g|g| (exact itself) round once, in the fma. */
+#define TRANSFORM_TERMS(j, gf, xf, mf)                                                     \
+    do {                                                                                   \
+        const double gd = (gf), xd = (xf), md = (mf), a = fabs(gd), ga = gd * a;           \
+        l[T_ABS][j] += a;                                                                  \
+        l[T_XG][j] = fma(xd, gd, l[T_XG][j]);                                              \
+        l[T_XGA][j] = fma(xd, ga, l[T_XGA][j]);                                            \
+        l[T_XX][j] = fma(xd, xd, l[T_XX][j]);                                              \
+        l[T_GG][j] = fma(gd, gd, l[T_GG][j]);                                              \
+        l[T_A3][j] = fma(ga, gd, l[T_A3][j]);                                              \
+        l[T_G4][j] = fma(ga, ga, l[T_G4][j]);                                              \
+        l[T_MG][j] = fma(md, gd, l[T_MG][j]);                                              \
+        l[T_MGA][j] = fma(md, ga, l[T_MGA][j]);                                            \
+        l[T_MX][j] = fma(md, xd, l[T_MX][j]);                                              \
+        l[T_MM][j] = fma(md, md, l[T_MM][j]);                                              \
+    } while (0)
+
+/* NEG (a constant at each call): maximize, the gradient negated (g * -1 is torch's neg). */
+static inline __attribute__((always_inline)) void transform_sums_body(
+        int64_t lo, int64_t hi, float *const *t, const int NEG, double *partial) {
     float *restrict g = t[0];
     const float *restrict x = t[1], *restrict m = t[2];
     double l[T_ROWS][ZK_LANES] = {{0}};
-    for (int64_t b = lo; b < hi; b += ZK_LANES) {
-        int64_t k = min64(ZK_LANES, hi - b);
-        for (int64_t j = 0; j < k; j++) {
-            float gf = g[b + j] * sign;
-            double gd = gf, xd = x[b + j], md = m[b + j], a = fabs(gd), ga = gd * a;
-            l[T_ABS][j] += a;
-            l[T_XG][j] += xd * gd;
-            l[T_XGA][j] += xd * ga;
-            l[T_XX][j] += xd * xd;
-            l[T_GG][j] += gd * gd;
-            l[T_A3][j] += ga * gd;
-            l[T_G4][j] += ga * ga;
-            l[T_MG][j] += md * gd;
-            l[T_MGA][j] += md * ga;
-            l[T_MX][j] += md * xd;
-            l[T_MM][j] += md * md;
+    int64_t i = lo;
+    for (; i + ZK_LANES <= hi; i += ZK_LANES)
+        for (int j = 0; j < ZK_LANES; j++) {
+            const float gf = NEG ? g[i + j] * -1.0f : g[i + j];
+            if (NEG) g[i + j] = gf;
+            TRANSFORM_TERMS(j, gf, x[i + j], m[i + j]);
         }
-        if (sign != 1.0f)
-            for (int64_t j = 0; j < k; j++) g[b + j] = g[b + j] * sign;
+    for (int j = 0; i < hi; i++, j++) {
+        const float gf = NEG ? g[i] * -1.0f : g[i];
+        if (NEG) g[i] = gf;
+        TRANSFORM_TERMS(j, gf, x[i], m[i]);
     }
     for (int r = 0; r < T_ROWS; r++) partial[r] = zk_sum_lanes(l[r]);
+}
+
+static void transform_sums_chunk(int64_t lo, int64_t hi, float *const *t, float sign,
+                                 double *partial) {
+    if (sign != 1.0f)
+        transform_sums_body(lo, hi, t, 1, partial);
+    else
+        transform_sums_body(lo, hi, t, 0, partial);
 }
 
 /* Phase 1: t = [grads, params, m (exp_avg; the params where tam is off)], h[0] = sign (-1
@@ -141,6 +161,53 @@ void zk_options_transform_sums(int64_t n, float *const *t, const double *h, doub
                              partial + c * T_ROWS);
     zk_add_partials(partial, chunks, T_ROWS, out);
     free(partial);
+}
+
+/* The step of e <= BLOCK elements without ADOPT: one loop to the root, one after it. Its own
+ * function, every scalar a local: in the OpenMP region GCC reloads them each iteration (they
+ * might alias the stores) and does not vectorize. */
+static void transform_block(const adam_hyper a, const int agr, const float S, const float inv_s,
+                            const int ortho, const float neg_p, const float c, const float gamma,
+                            const float k, const int l2, const float wd, int64_t e,
+                            float *restrict x, const float *restrict gb, float *restrict mb,
+                            float *restrict vb, float *restrict sb, zk_vml_sqrt root) {
+    float gs[BLOCK], dir[BLOCK];
+#define FIRST_LOOP(TAM)                                                                    \
+    for (int64_t i = 0; i < e; i++) {                                                      \
+        float gi = gb[i], xi = x[i], mi = mb[i];                                           \
+        /* computed, then selected: -ftrapping-math forbids converting a branch */         \
+        const float g1 = gi * ((-fabsf(gi) + S) * inv_s);                                  \
+        gi = agr ? g1 : gi;                                                                \
+        const float g2 = fmaf(neg_p, xi, gi) * c;                                          \
+        gi = ortho ? g2 : gi;                                                              \
+        const float g3 = fmaf(wd, xi, gi);                                                 \
+        gi = l2 ? g3 : gi;                                                                 \
+        gs[i] = gi;                                                                        \
+        x[i] = xi * a.decay;  /* 1 without decay: exact */                                 \
+        if (TAM) {                                                                         \
+            const float si = sb[i] * gamma + k;                                            \
+            sb[i] = si;                                                                    \
+            mi = fmaf(a.omb1, (((si + 1.0f) * 0.5f) + a.eps) * gi, mi * a.b1);             \
+        } else {                                                                           \
+            mi = fmaf(a.lerp_coef, gi - mi, a.lerp_from_m ? mi : gi);                      \
+        }                                                                                  \
+        mb[i] = mi;                                                                        \
+        const float vi = fmaf(a.omb2 * gi, gi, vb[i] * a.b2);                              \
+        vb[i] = vi;                                                                        \
+        dir[i] = vi;                                                                       \
+    }
+    if (sb) {
+        FIRST_LOOP(1)
+    } else {
+        FIRST_LOOP(0)
+    }
+#undef FIRST_LOOP
+    zk_sqrt_block(e, dir, root);
+    for (int64_t i = 0; i < e; i++) {
+        float d = (1.0f / (dir[i] / a.c2 + a.eps)) * mb[i] * a.bc1;
+        const float signed_d = fabsf(d) * ((float)(gs[i] > 0.0f) - (float)(gs[i] < 0.0f));
+        x[i] = fmaf(a.neg_lr, a.grams ? signed_d : d, x[i]);
+    }
 }
 
 /* Phase 2: t = [params, grads, exp_avg, exp_avg_sq, tam_s (with tam)]; h[0..12) Adam's (see
@@ -171,6 +238,11 @@ void zk_options_transform_step(int64_t n, float *const *t, const double *h, doub
             for (int64_t i = 0; i < e; i++) gs[i] = fmaf(wd, x[i], gs[i]);
         if (first) {  /* ADOPT's first step: addcmul_(v, g, g, value=1) */
             for (int64_t i = 0; i < e; i++) vb[i] = fmaf(gs[i], gs[i], vb[i]);
+            continue;
+        }
+        if (!a.adopt) {
+            transform_block(a, agr, S, inv_s, ortho, neg_p, c, gamma, k, l2, wd, e, x, g + b,
+                            mb, vb, s ? s + b : 0, root);
             continue;
         }
         for (int64_t i = 0; i < e; i++) x[i] = x[i] * a.decay;
