@@ -73,9 +73,8 @@ import re
 
 import torch
 
+from . import adamw_options_native as native_kernels
 from . import variants
-from ..kernels import sqrt_check
-from ..kernels.library import Library
 from .base import ShardTensors, check_number
 
 OPTIONS = ("spd", "orthograd", "agr", "tam", "alora", "dynamic_weight_decay")
@@ -86,7 +85,6 @@ TRANSFORMS = ("agr", "orthograd", "tam")  # change the gradient / momentum from 
 _STATISTICS = ("spd", *TRANSFORMS)
 _LORA = re.compile(r"^lora_(embedding_)?([AB])$")
 _FP32_EPS = torch.finfo(torch.float32).eps
-_LIB = Library("_adamw_options.c")
 
 
 def any_option(group: dict) -> bool:
@@ -248,9 +246,14 @@ def statistics(group: dict, shard: ShardTensors, step: torch.Tensor,
     param, ``[rows, num_params]`` (float64)."""
     if not shard.params:
         return torch.zeros(_rows(group), shard.num_params, dtype=torch.float64)
-    sums = _native_sums(group, shard, int(step.item()))
-    if sums is not None:
-        return sums
+    t = int(step.item())
+    rows = None
+    if _on(group, TRANSFORMS) and native(group, shard):
+        rows = native_kernels.transform_sums(group, shard, _TRANSFORM_ROWS)
+    elif group["spd"] and not (group["adopt"] and t == 1) and native(group, shard):
+        rows = native_kernels.projection_sums(group, shard, t, _PROJECTION_ROWS)
+    if rows is not None:  # one pass per piece (maximize's negation included)
+        return _per_param(shard, list(torch.tensor(rows, dtype=torch.float64)), len(rows[0]))
     if group["maximize"]:
         torch._foreach_neg_(shard.grads)  # consumed; phase 2 takes them as they are
     if _on(group, TRANSFORMS):
@@ -367,8 +370,8 @@ def _transform_step(group: dict, shard: ShardTensors, t: int, totals: torch.Tens
     inv_s, p, c, cos = (shard.per_piece(scalars[k]) for k in ("inv_s", "p", "c", "cos"))
     sums = shard.per_piece(totals[0])
     if native(group, shard):
-        return _native_transform_step(group, shard, t, wd, decoupled,
-                                      dict(inv_s=inv_s, p=p, c=c, cos=cos, sums=sums))
+        return native_kernels.transform_step(group, shard, t, wd, decoupled,
+                                             dict(inv_s=inv_s, p=p, c=c, cos=cos, sums=sums))
     grads, params = shard.grads, shard.params  # maximize was applied in phase 1
     for i, (x, g) in enumerate(zip(params, grads)):
         if group["agr"] and inv_s[i]:  # g (S - |g|) / S: exactly 0 for a lone element
@@ -405,9 +408,7 @@ def _projection_step(group: dict, shard: ShardTensors, t: int, totals: torch.Ten
     pull = shard.per_piece(spd_scalars(totals, lr, scale, effective_weight_decay(group, t))) \
         if group["spd"] else [0.0] * len(steps)
     anchors = shard.states["initial_param"] if group["spd"] else shard.params
-    if _LIB.usable(shard.params, shard.grads, anchors):  # one pass: the ops below
-        for x, u, x0, step, k in zip(shard.params, shard.grads, anchors, steps, pull):
-            _LIB.run("zk_options_projection_apply", [x, u, x0], [step, k != 0, k])
+    if native_kernels.projection_apply(shard, anchors, steps, pull):  # the ops below
         return
     torch._foreach_mul_(shard.grads, steps)
     torch._foreach_add_(shard.params, shard.grads)
@@ -417,71 +418,9 @@ def _projection_step(group: dict, shard: ShardTensors, t: int, totals: torch.Ten
                 x.lerp_(x0, k)
 
 
-# --- one pass per piece and phase on the CPU (zeroopt/kernels/_adamw_options.c) ------------
-
-
 def native(group: dict, shard: ShardTensors) -> bool:
-    """Whether the C kernels take this flat shard: a float lr, every tensor the options read
-    (params, gradients, moments, and ``initial_param`` / ``tam_s`` where on) contiguous fp32 on
-    the CPU, the kernels built and their square root torch's (``sqrt_check``).
-
-    Args:
-        group: the param group.
-        shard: this rank's part of it.
-
-    Returns:
-        True if ``statistics`` and ``fused_step`` run the kernels (their results are the torch
-        path's bit for bit, but for the float64 sums of phase 1: see _adamw_options.c).
-    """
-    if not shard.params or isinstance(group["lr"], torch.Tensor):
-        return False
-    extra = [shard.states[k] for k in ("initial_param", "tam_s") if k in shard.states]
-    return _LIB.usable(shard.params, shard.grads, shard.states["exp_avg"],
-                       shard.states["exp_avg_sq"], *extra) and sqrt_check.matches_torch(_LIB)
-
-
-def _adam_hyper(group: dict, t: int, decay: float) -> list[float]:
-    """_adamw_options.c's read_adam: the torch path's scalars, the same expressions."""
-    beta1, beta2 = group["betas"]
-    return [beta1, 1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), group["eps"],
-            1 / (1 - beta1**t), (t - 1) ** 0.25, -group["lr"], bool(group["adopt"]),
-            bool(group["grams"]), decay]
-
-
-def _native_sums(group: dict, shard: ShardTensors, t: int) -> torch.Tensor | None:
-    """Phase 1 in one pass per piece (maximize's negation included), or None where the torch
-    path runs: the kernels do not take the shard, spd is off (cautious with only the dynamic
-    decay: adam_direction's decay and L2), or ADOPT's first step under spd."""
-    sign = -1.0 if group["maximize"] else 1.0
-    if _on(group, TRANSFORMS) and native(group, shard):
-        moments = shard.states["exp_avg"] if group["tam"] else shard.params
-        rows = _LIB.each("zk_options_transform_sums", [shard.grads, shard.params, moments],
-                         [sign], outputs=_TRANSFORM_ROWS)
-    elif group["spd"] and not (group["adopt"] and t == 1) and native(group, shard):
-        rows = _LIB.each("zk_options_projection_sums",
-                         [shard.params, shard.grads, shard.states["exp_avg"],
-                          shard.states["exp_avg_sq"], shard.states["initial_param"]],
-                         _adam_hyper(group, t, 1.0) + [sign, bool(group["cautious"])],
-                         outputs=_PROJECTION_ROWS)
-    else:
-        return None
-    return _per_param(shard, list(torch.tensor(rows, dtype=torch.float64)), len(rows[0]))
-
-
-def _native_transform_step(group: dict, shard: ShardTensors, t: int, wd: float,
-                           decoupled: bool, scalars: dict) -> None:
-    """agr, orthograd, tam and Adam's step in one pass per piece (``scalars``: per piece)."""
-    decay = 1 - group["lr"] * wd if wd != 0 and decoupled else 1.0
-    base = _adam_hyper(group, t, decay)
-    gamma, first = group["tam_decay_rate"], bool(group["adopt"] and t == 1)
-    tam = shard.states["tam_s"] if group["tam"] else shard.params
-    for i, tensors in enumerate(zip(shard.params, shard.grads, shard.states["exp_avg"],
-                                    shard.states["exp_avg_sq"], tam)):
-        inv_s = scalars["inv_s"][i]
-        _LIB.run("zk_options_transform_step", tensors, base + [
-            bool(group["agr"] and inv_s), scalars["sums"][i], inv_s, bool(group["orthograd"]),
-            -scalars["p"][i], scalars["c"][i], bool(group["tam"]), gamma,
-            (1 - gamma) * scalars["cos"][i], wd != 0 and not decoupled, wd, first])
+    """Whether the C kernels take this group's shard (``adamw_options_native.usable``)."""
+    return native_kernels.usable(group, shard)
 
 
 def placement_cost(shape: torch.Size) -> int:
