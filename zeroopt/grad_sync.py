@@ -39,7 +39,7 @@ import torch
 from .comm import Collectives, Handle
 from .kernels import harvest
 from .layout import Bucket, Layout, ParamSlot
-from .step_inputs import local_norm_part
+from .shard_sums import ShardSums
 
 
 class BucketedReducer:
@@ -97,11 +97,9 @@ class BucketedReducer:
         self._arrived = [0] * n  # gradients seen in the current backward pass
         self._work: list[Handle | None] = [None] * n
         self._shard_filled = [False] * n
-        # Sums of squares of what the shard holds, per bucket chunk (and, in place, per slot,
-        # from the staging copies); None where unknown (squared_norm then reads the chunk).
-        self._bucket_sumsq: list[float | None] = [None] * n
-        self._slot_sumsq: list[float | None] = [None] * len(layout.slots)
-        self._position = {slot: k for k, slot in enumerate(layout.slots)}
+        # Sums of squares of what the shard holds, as the harvest (or, in place, the staging
+        # copy) writes it: the global norm's partial (squared_norm).
+        self._sums = ShardSums(layout)
         self._next_launch = 0
         self._pool: list[torch.Tensor] = []  # stage 2: free staging buffers
         self._largest_bucket = max(bucket.numel for bucket in layout.buckets)
@@ -154,7 +152,7 @@ class BucketedReducer:
             sumsq = harvest.copy_into(view, grad.reshape(-1))
         self._written[b].add(slot)
         if self.in_place:
-            self._slot_sumsq[position] = sumsq
+            self._sums.set_slot(slot, sumsq)
         slot.param.grad = None
         self._used[position] = self._had[position] = 1
 
@@ -221,7 +219,7 @@ class BucketedReducer:
             if self.in_place:
                 for slot in bucket.slots:
                     if slot not in self._written[b]:
-                        self._slot_sumsq[self._position[slot]] = 0.0
+                        self._sums.set_slot(slot, 0.0)
         self._written[b] = set()
         self._work[b] = self.comm.reduce_bucket(staging)
         self._next_launch = b + 1
@@ -254,17 +252,16 @@ class BucketedReducer:
         self._wait(b)
         bucket = self.layout.buckets[b]
         if self.in_place:  # staged where the shard is: nothing to move
-            slots = [self._slot_sumsq[self._position[slot]] for slot in bucket.slots]
-            self._bucket_sumsq[b] = None if None in slots else sum(slots)
+            self._sums.bucket_from_slots(b, bucket)
             self._shard_filled[b] = True
         else:
             mine = bucket_chunk(self._staging[b], self.comm)
             dst = self.shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel]
             scale = 1.0 / self.comm.data_parallel_size
             if self._shard_filled[b]:
-                self._bucket_sumsq[b] = harvest.scale_add_into(dst, mine, scale)
+                self._sums.set_bucket(b, harvest.scale_add_into(dst, mine, scale))
             else:
-                self._bucket_sumsq[b] = harvest.scale_into(dst, mine, scale)
+                self._sums.set_bucket(b, harvest.scale_into(dst, mine, scale))
                 self._shard_filled[b] = True
         if not (self.keep_staging or self.in_place):
             self._pool.append(self._staging[b]._base)
@@ -313,28 +310,14 @@ class BucketedReducer:
                 bucket = self.layout.buckets[b]
                 self.shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk_numel].zero_()
                 self._shard_filled[b] = True
-                self._bucket_sumsq[b] = 0.0
+                self._sums.set_bucket(b, 0.0)
 
     def squared_norm(self) -> torch.Tensor:
         """This rank's part of the squared global 2-norm: the sum of squares of the shard, as
         a 1-element fp64 tensor, from the sums the harvest took (a bucket whose sum is unknown
         is read once here). Call after ``complete``. The sums are used once: anything that
         changes the shard afterwards (clipping) is read again at the next call."""
-        known = [sumsq for sumsq in self._bucket_sumsq if sumsq is not None]
-        if not known:  # no kernel ran (an accelerator): one reduction over the whole shard
-            total = local_norm_part(self.shard, 2.0)
-        else:
-            total = torch.tensor([sum(known)], dtype=torch.float64, device=self.shard.device)
-            for b, bucket in enumerate(self.layout.buckets):
-                if self._bucket_sumsq[b] is None:
-                    lo = bucket.shard_offset
-                    total += local_norm_part(self.shard[lo:lo + bucket.chunk_numel], 2.0)
-        self._forget_sums()
-        return total
-
-    def _forget_sums(self) -> None:
-        self._bucket_sumsq = [None] * len(self._bucket_sumsq)
-        self._slot_sumsq = [None] * len(self._slot_sumsq)
+        return self._sums.total(self.shard)
 
     def carry_over(self, old: "BucketedReducer") -> None:
         """Take over this step from ``old``, the reducer of this layout before it grew (params
@@ -393,7 +376,7 @@ class BucketedReducer:
                 self._wait(b)
         self._written = [set() for _ in self._written]
         self._shard_filled = [False] * len(self._shard_filled)
-        self._forget_sums()
+        self._sums.forget()
         self._used[:] = bytes(len(self._used))
 
     @contextmanager
