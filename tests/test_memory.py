@@ -51,3 +51,23 @@ def test_parts_add_up_to_the_two_totals(case):
         assert parts.scratch == 2 * 4 * WINDOW  # each moment's fp32 decode window
         assert opt.device_state_bytes() > opt.state_bytes() or case == "paged_8bit"
     assert padded >= PARAMS
+
+
+def test_a_dropped_optimizer_is_freed_and_its_hooks_removed():
+    """Nothing the library keeps (its hooks' finalizer, the layout) holds a ZeroOptimizer
+    alive: once the user drops it, its states and buffers are freed (over shared memory,
+    ~params/W bytes of /dev/shm each: a loop that rebuilds optimizers ran out of memory), and
+    the model's params take their gradients as plain tensors again."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 80))
+    opt = zeroopt.ZeroOptimizer(model.parameters(), "adamw")
+    model(torch.randn(4, 64)).pow(2).mean().backward()
+    opt.step()
+    dropped, grads = weakref.ref(opt), weakref.ref(opt.grads)
+    del opt
+    gc.collect()
+    assert dropped() is None and grads() is None
+    model(torch.randn(4, 64)).pow(2).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())  # no hook took them

@@ -187,11 +187,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if grad_compression is not None:
             self.comm = compressed(self.comm, grad_compression)
 
+        # The closure holds the groups and the rule, not self: the layout outlives a dropped
+        # optimizer only as long as its gradient hooks do (then nothing keeps self alive).
+        groups, rule = self.param_groups, self.rule
         self.layout = Layout(trainable, self.comm.world_size, self.comm.rank, bucket_numel,
                              kind_of=lambda g, p: kinds.kind_of(
-                                 self.param_groups[g], p.numel(),
-                                 self.rule.whole_tensors(self.param_groups[g])),
-                             placement_cost=self.rule.placement_cost)
+                                 groups[g], p.numel(), rule.whole_tensors(groups[g])),
+                             placement_cost=rule.placement_cost)
         self.layout.allocate_param_buffers(allocate=self.comm.allocate)
         for buffer in self.layout.buffers:  # every rank starts from rank 0's params, as DDP does
             self.comm.broadcast(buffer.data, src=0)
