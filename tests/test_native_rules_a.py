@@ -136,6 +136,22 @@ def test_inline_root_is_torchs_on_every_kind_of_float():
     assert torch.equal(bits(out), bits(torch.sqrt(x)))
 
 
+def test_inline_root_hands_runs_of_tiny_values_to_mkl_in_one_call():
+    """A second moment decayed toward zero makes whole blocks tiny (under 2^-102, MKL's own
+    path): every such lane is gathered, rooted by MKL once per block, and put back in place,
+    mixed with ordinary lanes and in a tail shorter than a vector."""
+    if sqrt_check.way(rmsprop.LIB) != sqrt_check.MKL_SSE:
+        pytest.skip("MKL runs another kernel on this CPU (or none): the inline root is unused")
+    generator = torch.Generator().manual_seed(2)
+    tiny = torch.rand(1537, generator=generator) * 2.0**-110
+    tiny[::7] = torch.rand(tiny[::7].shape, generator=generator)  # ordinary lanes among them
+    tiny[100:120] = torch.randint(1, 1 << 23, (20,), generator=generator,
+                                  dtype=torch.int32).view(torch.float32)  # subnormals
+    out = torch.empty_like(tiny)
+    rmsprop.LIB.run("zk_torch_sqrt", [out, tiny], [sqrt_check.MKL_SSE])
+    assert torch.equal(bits(out), bits(torch.sqrt(tiny)))
+
+
 @pytest.mark.parametrize("options", [
     {}, dict(weight_decay=0.1), dict(maximize=True, weight_decay=0.01),
     dict(cautious=True), dict(cautious=True, maximize=True, weight_decay=0.1),

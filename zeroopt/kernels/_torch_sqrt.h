@@ -88,31 +88,46 @@ static inline __m256 zk_mkl_sse_sqrt8(__m256 x) {
 /* 8 roots in place (x[0..8)), as MKL computes them. Lanes from 2^-102 to 0x7f7ff000 (MKL's
  * own range stops there; the low end is raised so that no intermediate is subnormal, where a
  * flush-to-zero mode would change it) take the arithmetic above; zeros are themselves; every
- * other lane is MKL's own. */
-static inline void zk_mkl_sse_sqrt_lanes(float *x, zk_vml_sqrt fn) {
+ * other lane is MKL's own: its input and position (x's index ``at``) are appended to
+ * ``vals``/``where`` for one call of MKL per block (zk_sqrt_mkl_sse), since a state that
+ * decays toward zero (v of a param without gradients) can make every lane tiny, and a call
+ * per lane cost 25x the step. Returns the new count. */
+static inline int zk_mkl_sse_sqrt_lanes(float *x, int at, float *vals, int *where, int count) {
     const __m256 v = _mm256_loadu_ps(x);
     const __m256 lo = _mm256_set1_ps(0x1p-102f), hi = _mm256_set1_ps(0x1.ffep127f);
     const __m256 normal = _mm256_and_ps(_mm256_cmp_ps(v, lo, _CMP_GE_OQ),
                                         _mm256_cmp_ps(v, hi, _CMP_LE_OQ));
     const __m256 zero = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ);
-    float out[8];
-    _mm256_storeu_ps(out, _mm256_blendv_ps(v, zk_mkl_sse_sqrt8(v), normal));
     for (unsigned rest = ~(unsigned)_mm256_movemask_ps(_mm256_or_ps(normal, zero)) & 0xffu;
          rest; rest &= rest - 1) {
         const int j = __builtin_ctz(rest);
-        fn(1, x + j, out + j, ZK_VML_MODE);
+        vals[count] = x[j];
+        where[count++] = at + j;
     }
-    memcpy(x, out, sizeof out);
+    _mm256_storeu_ps(x, _mm256_blendv_ps(v, zk_mkl_sse_sqrt8(v), normal));
+    return count;
 }
 
+#define ZK_MKL_BATCH 512  /* elements whose special lanes go to MKL in one call */
+
 static void zk_sqrt_mkl_sse(int64_t n, float *x, zk_vml_sqrt fn) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) zk_mkl_sse_sqrt_lanes(x + i, fn);
-    if (i < n) {  /* the tail, padded with ones */
-        float pad[8] = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
-        memcpy(pad, x + i, (size_t)(n - i) * sizeof(float));
-        zk_mkl_sse_sqrt_lanes(pad, fn);
-        memcpy(x + i, pad, (size_t)(n - i) * sizeof(float));
+    float vals[ZK_MKL_BATCH], roots[ZK_MKL_BATCH];
+    int where[ZK_MKL_BATCH];
+    for (int64_t lo = 0; lo < n; lo += ZK_MKL_BATCH) {
+        const int m = (int)(n - lo < ZK_MKL_BATCH ? n - lo : ZK_MKL_BATCH);
+        float *xs = x + lo;
+        int i = 0, count = 0;
+        for (; i + 8 <= m; i += 8) count = zk_mkl_sse_sqrt_lanes(xs + i, i, vals, where, count);
+        if (i < m) {  /* the tail, padded with ones (never special) */
+            float pad[8] = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
+            memcpy(pad, xs + i, (size_t)(m - i) * sizeof(float));
+            count = zk_mkl_sse_sqrt_lanes(pad, i, vals, where, count);
+            memcpy(xs + i, pad, (size_t)(m - i) * sizeof(float));
+        }
+        if (count) {
+            fn(count, vals, roots, ZK_VML_MODE);
+            for (int k = 0; k < count; k++) xs[where[k]] = roots[k];
+        }
     }
 }
 #endif
