@@ -100,7 +100,7 @@ def _bench_rule(name: str, options: dict, args) -> dict:
             step_times.append(time.perf_counter() - start)
             update_times.append(update_time[0])
         opt.zero_grad()
-    label = name + "".join(f" {k}" for k in options)
+    label = _label(name, options)
     one_pass = 12 * opt.layout.shard_numel + 2 * opt.state_bytes()
     return dict(rule=label, step=statistics.median(step_times),
                 update=statistics.median(update_times), bytes=one_pass)
@@ -113,15 +113,29 @@ def _copy_bandwidth(numel: int) -> float:
     return 8 * numel / _median_time(lambda: dst.copy_(src), 10)
 
 
+def _label(name: str, options: dict) -> str:
+    return name + "".join(f" {k}" for k in options)
+
+
+def _selected(only: str) -> list:
+    """RULES, or those whose labels ``only`` lists (comma-separated), AdamW always first (the
+    ratios' base)."""
+    if not only:
+        return RULES
+    wanted = {label.strip() for label in only.split(",")}
+    return [RULES[0]] + [rule for rule in RULES[1:] if _label(*rule) in wanted]
+
+
 def _worker(rank: int, args, port: int, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
     shard = sum(p.numel() for p in build_model(args.layers, args.width).parameters())
     copy = _copy_bandwidth(shard // args.ranks)
-    rows = [_bench_rule(name, options, args) for name, options in RULES]
+    rules = _selected(args.only)
+    rows = [_bench_rule(name, options, args) for name, options in rules]
     for _ in range(args.rounds - 1):  # round-robin: each rule keeps its lowest medians
-        for row, (name, options) in zip(rows, RULES):
+        for row, (name, options) in zip(rows, rules):
             again = _bench_rule(name, options, args)
             row.update(step=min(row["step"], again["step"]),
                        update=min(row["update"], again["update"]))
@@ -143,8 +157,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated rule labels (AdamW is "
+                        "always run); with it nothing is written unless --out is given")
     parser.add_argument("--out", default="docs/BENCHMARKS.md")
     args = parser.parse_args()
+    if args.only and "--out" not in sys.argv:
+        args.out = ""
 
     import socket
     import tempfile
