@@ -25,6 +25,8 @@
 #include "kernels.h"
 #include "_torch_sqrt.h"
 
+#include <string.h>
+
 #define BLOCK 256  /* a multiple of ZK_LANES; ZK_CHUNK is a multiple of it */
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -263,6 +265,83 @@ void zk_options_transform_step(int64_t n, float *const *t, const double *h, doub
 
 enum { P_KEPT, P_GD, P_DD, P_UD, P_UU, P_ROWS };
 
+/* Eight lanes of a chunk's float64 sums, in registers (GCC's vector extension; a lane's
+ * additions are the scalar code's, in the same order). */
+typedef double lanes8 __attribute__((vector_size(64)));
+typedef float floats8 __attribute__((vector_size(32)));
+
+static inline floats8 load8(const float *p) {
+    floats8 f;
+    memcpy(&f, p, sizeof f);
+    return f;
+}
+
+/* projection_chunk without ADOPT: per block, one loop to the root (moments), one after it
+ * (direction, cautious mask), then the sums, ZK_LANES lanes at a time in registers (in
+ * memory they were a chain through the stack: half the kernel's time). The same lanes and
+ * additions as the general path. Its own function, the scalars locals, so that GCC
+ * vectorizes. */
+static void projection_chunk_plain(const adam_hyper a, const float sign, const int cautious,
+                                   int64_t n, const float *restrict x,
+                                   const float *restrict x0, float *restrict g,
+                                   float *restrict m, float *restrict v, double *partial,
+                                   zk_vml_sqrt root) {
+    const int unmasked = !cautious;
+    const double count = cautious ? 1.0 : 0.0;
+    lanes8 acc[P_ROWS][2] = {{{0}}};
+    float gs[BLOCK], den[BLOCK], keep[BLOCK];
+    int64_t e = 0, b = 0;
+    for (; b < n; b += BLOCK) {
+        e = min64(BLOCK, n - b);
+        float *restrict gb = g + b, *restrict mb = m + b, *restrict vb = v + b;
+        for (int64_t i = 0; i < e; i++) {
+            const float gi = gb[i] * sign, mi = mb[i];
+            gs[i] = gi;
+            mb[i] = fmaf(a.lerp_coef, gi - mi, a.lerp_from_m ? mi : gi);
+            const float vi = fmaf(a.omb2 * gi, gi, vb[i] * a.b2);
+            vb[i] = vi;
+            den[i] = vi;
+        }
+        zk_sqrt_block(e, den, root);
+        for (int64_t i = 0; i < e; i++) {  /* the direction, over the root */
+            const float gi = gs[i], ui = (1.0f / (den[i] / a.c2 + a.eps)) * mb[i] * a.bc1;
+            const float signed_u = fabsf(ui) * ((float)(gi > 0.0f) - (float)(gi < 0.0f));
+            float u = a.grams ? signed_u : ui;
+            const int agree = u * gi > 0.0f;
+            keep[i] = (float)agree;
+            u = u * (float)(agree | unmasked);  /* u * 1 == u exactly: cautious off */
+            den[i] = u;
+            gb[i] = u;
+        }
+        const float *restrict xb = x + b, *restrict x0b = x0 + b;
+        for (int64_t i = 0; i + ZK_LANES <= e; i += ZK_LANES)
+            for (int h = 0; h < 2; h++) {
+                const int64_t k = i + 8 * h;
+                const lanes8 dd = __builtin_convertvector(load8(xb + k) - load8(x0b + k), lanes8);
+                const lanes8 ud = __builtin_convertvector(load8(den + k), lanes8);
+                acc[P_KEPT][h] += __builtin_convertvector(load8(keep + k), lanes8) * count;
+                acc[P_GD][h] += __builtin_convertvector(load8(gs + k), lanes8) * dd;
+                acc[P_DD][h] += dd * dd;
+                acc[P_UD][h] += ud * dd;
+                acc[P_UU][h] += ud * ud;
+            }
+    }
+    double l[P_ROWS][ZK_LANES];
+    for (int r = 0; r < P_ROWS; r++) memcpy(l[r], acc[r], sizeof l[r]);
+    if (n > 0) {  /* the last block's partial group of lanes */
+        const float *xb = x + b - BLOCK, *x0b = x0 + b - BLOCK;
+        for (int64_t i = e - e % ZK_LANES, j = 0; i < e; i++, j++) {
+            const double dd = xb[i] - x0b[i], ud = den[i];
+            l[P_KEPT][j] += (double)keep[i] * count;
+            l[P_GD][j] += (double)gs[i] * dd;
+            l[P_DD][j] += dd * dd;
+            l[P_UD][j] += ud * dd;
+            l[P_UU][j] += ud * ud;
+        }
+    }
+    for (int r = 0; r < P_ROWS; r++) partial[r] = zk_sum_lanes(l[r]);
+}
+
 static void projection_chunk(int64_t lo, int64_t hi, float *const *t, const double *h,
                              double *partial, zk_vml_sqrt root) {
     const float *restrict x = t[0], *restrict x0 = t[4];
@@ -270,6 +349,11 @@ static void projection_chunk(int64_t lo, int64_t hi, float *const *t, const doub
     const adam_hyper a = read_adam(h);
     const float sign = (float)h[12];
     const int cautious = h[13] != 0;
+    if (!a.adopt) {
+        projection_chunk_plain(a, sign, cautious, hi - lo, x + lo, x0 + lo, g + lo, m + lo,
+                               v + lo, partial, root);
+        return;
+    }
     double l[P_ROWS][ZK_LANES] = {{0}};
     for (int64_t b = lo; b < hi; b += BLOCK) {
         const int64_t e = min64(BLOCK, hi - b);
@@ -298,8 +382,8 @@ static void projection_chunk(int64_t lo, int64_t hi, float *const *t, const doub
     for (int r = 0; r < P_ROWS; r++) partial[r] = zk_sum_lanes(l[r]);
 }
 
-/* Phase 1 of spd and cautious: t = [params, grads, exp_avg, exp_avg_sq, initial_param]; h[0..12) Adam's (no decay: 1), 12 sign (-1 with maximize),
- * 13 cautious. Updates the moments and writes the direction (masked, with cautious)
+/* Phase 1 of spd and cautious: t = [params, grads, exp_avg, exp_avg_sq, initial_param];
+ * h[0..12) Adam's (no decay: 1), 12 sign (-1 with maximize), 13 cautious. Updates the moments and writes the direction (masked, with cautious)
  * over the gradients. out: kept count, <g,d>, <d,d>, <u,d>, <u,u> (d = x - x0),
  * adamw_options._projection_sums' rows. */
 void zk_options_projection_sums(int64_t n, float *const *t, const double *h, double *out,
