@@ -76,15 +76,13 @@ def _statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.T
 
 def _fused(group: dict, shard: ShardTensors, step_count: torch.Tensor, stats=None) -> None:
     lr, wd = float(group["lr"]), group["weight_decay"]
-    if LIB.usable(shard.params, shard.grads, shard.states["exp_avg"]):
-        if stats is None:
-            LIB.each("zk_lion_step", [shard.params, shard.grads, shard.states["exp_avg"]],
-                     _hyper(group))
-        else:
-            decay, neg_lr = _hyper(group)[4:6]
-            for p, u, scale in zip(shard.params, shard.grads,
-                                   variants.cautious_scale(stats, shard)):
-                LIB.run("zk_lion_apply", [p, u], [scale, decay, neg_lr])
+    native = LIB.usable(shard.params, shard.grads, shard.states["exp_avg"])
+    if native and stats is None:
+        LIB.each("zk_lion_step", [shard.params, shard.grads, shard.states["exp_avg"]],
+                 _hyper(group))
+        return
+    if native and variants.scaled_step(shard, variants.cautious_scale(stats, shard), lr,
+                                       _hyper(group)[4]):
         return
     if stats is None:
         update = _signed_update(group, shard)

@@ -120,6 +120,20 @@ def native_cautious(group: dict, shard: ShardTensors, t: int, decoupled: bool):
     return shard.per_param(torch.tensor([k[0] for k in kept], dtype=torch.float64))[None]
 
 
+def scaled_step(shard: ShardTensors, scales: list[float], lr: float, decay: float) -> bool:
+    """x <- x decay - lr (d scale) per piece, one pass each (_adam_variants.c; the torch ops
+    ``p.mul_(decay)``, ``d.mul_(scale)``, ``p.add_(d, alpha=-lr)`` bit for bit): cautious
+    phase 2 of Adam(W) and Lion, the direction d in ``shard.grads``.
+
+    Returns:
+        False, doing nothing, where the kernels do not take the tensors."""
+    if not _LIB.usable(shard.params, shard.grads):
+        return False
+    for p, d, s in zip(shard.params, shard.grads, scales):
+        _LIB.run("zk_cautious_apply", [p, d], [s, -lr, decay])
+    return True
+
+
 def apply_cautious(group: dict, shard: ShardTensors, kept: torch.Tensor,
                    decoupled: bool) -> None:
     """Cautious's phase 2: ``params += -lr * scale * direction`` with the direction that
@@ -136,9 +150,7 @@ def apply_cautious(group: dict, shard: ShardTensors, kept: torch.Tensor,
     scale = cautious_scale(kept, shard)
     lr, wd = group["lr"], group["weight_decay"]
     if native(group, shard):  # the same test as phase 1's: it left the decay to here
-        decay = 1 - lr * wd if decoupled and wd != 0 else 1.0
-        for p, d, s in zip(shard.params, shard.grads, scale):
-            _LIB.run("zk_cautious_apply", [p, d], [s, -lr, decay])
+        scaled_step(shard, scale, lr, 1 - lr * wd if decoupled and wd != 0 else 1.0)
         return
     torch._foreach_mul_(shard.grads, scale)
     torch._foreach_add_(shard.params, shard.grads, alpha=-lr)

@@ -60,14 +60,3 @@ void zk_lion_cautious(int64_t n, float *const *t, const double *h, double *out, 
         g[i] = u * (float)(u * gi > 0.0f);
     }
 }
-
-/* Cautious Lion, phase 2: t = [params, update]; h = [scale, decay, -lr]:
- *   x <- x decay + (-lr) (u scale) */
-void zk_lion_apply(int64_t n, float *const *t, const double *h, double *out, int threads) {
-    float *p = t[0];
-    const float *u = t[1];
-    const float scale = (float)h[0], decay = (float)h[1], neg_lr = (float)h[2];
-    (void)out;
-    ZK_PARALLEL_FOR
-    for (int64_t i = 0; i < n; i++) p[i] = fmaf(neg_lr, u[i] * scale, p[i] * decay);
-}
