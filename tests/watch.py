@@ -29,7 +29,10 @@ from collections import deque
 
 STALL_S = float(os.environ.get("ZEROOPT_TEST_STALL_S", "60"))
 SAFETY_S = 1800.0  # an upper bound for runs that keep using CPU; see the module docstring
-IDLE_SHARE = 0.01  # of one core, over the window: below it the tree is waiting, not working
+# Of one core, over the window: below it the tree is waiting, not working. A rank waiting on
+# a shared-memory peer polls every 10 ms (~2% of a core: 0.01 let a deadlocked DeepSpeed
+# DataLoader worker hang CI for the 30-minute safety bound); working ranks use most of one.
+IDLE_SHARE = 0.05
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
