@@ -146,13 +146,15 @@ class BucketedReducer:
         bucket = self.layout.buckets[b]
         view = staging[slot.start - bucket.start:slot.end - bucket.start]
         # In place, a filled chunk is the shard's accumulated gradient: add to it.
-        if slot in self._written[b] or (self.in_place and self._shard_filled[b]):
-            sumsq = harvest.add_into(view, grad.reshape(-1))
+        add = slot in self._written[b] or (self.in_place and self._shard_filled[b])
+        if self.in_place:  # the staged gradient is the shard's: take its norm on the way
+            self._sums.set_slot(slot, (harvest.add_into if add else harvest.copy_into)(
+                view, grad.reshape(-1)))
+        elif add:
+            view.add_(grad.reshape(-1))
         else:
-            sumsq = harvest.copy_into(view, grad.reshape(-1))
+            view.copy_(grad.reshape(-1))
         self._written[b].add(slot)
-        if self.in_place:
-            self._sums.set_slot(slot, sumsq)
         slot.param.grad = None
         self._used[position] = self._had[position] = 1
 

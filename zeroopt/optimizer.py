@@ -287,6 +287,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             uses = stats is None or not self.rule.statistics_use_states
             for step, windows in classes:
                 def update(shard: ShardTensors) -> None:
+                    """The rule's fused step on one window (an empty one is skipped)."""
                     if shard.params:
                         self.rule.fused_step(group, shard, step, stats)
 

@@ -66,6 +66,8 @@ def _fused(decoupled: bool):
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
 
     def step(group: dict, shard: ShardTensors, step_count: torch.Tensor, stats=None) -> None:
+        """``UpdateRule.fused_step``: torch's fused kernel, or the options' and variants'
+        steps (``stats``: their all-reduced statistics, else None)."""
         if adamw_options.any_option(group):
             if stats is not None:
                 return adamw_options.fused_step(group, shard, step_count, stats, decoupled)
@@ -87,6 +89,7 @@ def _fused(decoupled: bool):
 def _cautious_statistics(decoupled: bool):
     """Phase 1 of cautious: the update direction, masked, stashed over the gradients."""
     def statistics(group: dict, shard: ShardTensors, step: torch.Tensor) -> torch.Tensor:
+        """``UpdateRule.statistics``: this rank's partial sums, ``[k, num_params]`` float64."""
         if adamw_options.any_option(group):
             return adamw_options.statistics(group, shard, step, decoupled)
         kept = variants.native_cautious(group, shard, int(step.item()), decoupled)
@@ -120,6 +123,7 @@ def _variant_step(group: dict, shard: ShardTensors, step: torch.Tensor, stats,
 
 def _reference(decoupled: bool):
     def step(group: dict, param: torch.Tensor, grad: torch.Tensor, state: dict, t: int) -> None:
+        """``UpdateRule.reference_step``: torch.optim.Adam(W)'s update of one whole param."""
         if adamw_options.any_option(group):
             if adamw_options.own_step(group):
                 return variants.reference_with_options(group, param, grad, state, t, decoupled)

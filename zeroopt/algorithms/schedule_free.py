@@ -149,9 +149,11 @@ def mode_switches(beta: Callable[[dict], float]):
     """A rule's ``to_eval`` and ``to_train``, for its interpolation ``beta(group)``: eval sets
     the params to x = lerp(y, z, 1 - 1/beta), train back to y = lerp(x, z, 1 - beta)."""
     def to_eval(group: dict, shard: ShardTensors) -> None:
+        """Params to the evaluation point x (``UpdateRule.to_eval``)."""
         torch._foreach_lerp_(shard.params, shard.states["z"], 1 - 1 / beta(group))
 
     def to_train(group: dict, shard: ShardTensors) -> None:
+        """Params back to the training point y (``UpdateRule.to_train``)."""
         torch._foreach_lerp_(shard.params, shard.states["z"], 1 - beta(group))
 
     return to_eval, to_train

@@ -32,6 +32,7 @@ def _unobserved(method):
 
     @functools.wraps(method)
     def run(*args, **kwargs):
+        """``method(*args, **kwargs)`` with no torch function mode active."""
         with _NO_MODES():
             return method(*args, **kwargs)
     return run

@@ -27,6 +27,14 @@ static lion_hyper read_hyper(const double *h) {
 
 static inline float sign(float x) { return (float)(x > 0.0f) - (float)(x < 0.0f); }
 
+/* u = sign(b1 m + (1 - b1) g) with g negated under maximize; m <- b2 m + (1 - b2) g. */
+static inline float lion_update(const lion_hyper *a, float g, float *m) {
+    const float gi = a->maximize ? -g : g;
+    const float u = sign(fmaf(a->omb1, gi, *m * a->b1));
+    *m = fmaf(a->omb2, gi, *m * a->b2);
+    return u;
+}
+
 /* The plain step: t = [params, grads, exp_avg].
  *   u = sign(b1 m + (1 - b1) g);  m <- b2 m + (1 - b2) g;  x <- x decay + (-lr) u
  * (decay is 1 without weight decay: x * 1 is x exactly, as skipping the multiply is). */
@@ -36,12 +44,8 @@ void zk_lion_step(int64_t n, float *const *t, const double *h, double *out, int 
     const lion_hyper a = read_hyper(h);
     (void)out;
     ZK_PARALLEL_FOR
-    for (int64_t i = 0; i < n; i++) {
-        const float gi = a.maximize ? -g[i] : g[i];
-        const float u = sign(fmaf(a.omb1, gi, m[i] * a.b1));
-        m[i] = fmaf(a.omb2, gi, m[i] * a.b2);
-        p[i] = fmaf(a.neg_lr, u, p[i] * a.decay);
-    }
+    for (int64_t i = 0; i < n; i++) p[i] = fmaf(a.neg_lr, lion_update(&a, g[i], m + i),
+                                                p[i] * a.decay);
 }
 
 /* Cautious Lion, phase 1 (lion._statistics): t = [grads, exp_avg]. The signed update, kept
@@ -55,8 +59,7 @@ void zk_lion_cautious(int64_t n, float *const *t, const double *h, double *out, 
     ZK_PARALLEL_FOR
     for (int64_t i = 0; i < n; i++) {
         const float gi = a.maximize ? -g[i] : g[i];
-        const float u = sign(fmaf(a.omb1, gi, m[i] * a.b1));
-        m[i] = fmaf(a.omb2, gi, m[i] * a.b2);
+        const float u = lion_update(&a, g[i], m + i);
         g[i] = u * (float)(u * gi > 0.0f);
     }
 }

@@ -209,6 +209,7 @@ def calibrate(lib: ctypes.CDLL) -> tuple[int, int] | None:
 
 def _case_data(n: int, generator: torch.Generator) -> list[torch.Tensor]:
     def randn(scale):
+        """``n`` normal values times ``scale``, from the calibration's generator."""
         return torch.randn(n, generator=generator) * scale
 
     return [randn(1.0), randn(0.01), randn(0.01), randn(0.01).square()]  # p, g, m, v
