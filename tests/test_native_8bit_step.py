@@ -145,6 +145,29 @@ def test_nan_gradients_with_maximize(decoupled):
     assert torch.equal(bits(a.params[~nan]), bits(b.params[~nan]))
 
 
+# Windows whose tensors straddle the kernel's chunks (16384 elements: _adam8bit.c's CHUNK) at
+# odd places, one of them with a tail right at a chunk's end, and a window of many chunks.
+CHUNKED = [[16383, 16386, 3, 32768 + 256 - 16383 - 16386 - 3 + 32768],
+           [16384 - 5, 5, 16384 * 3 + 256 * 7 - 1, 1], [1000, 200000, 2 * 256 * 512 - 201000]]
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunk_boundaries(threads):
+    """Each thread steps its run of blocks a chunk at a time in one reused scratch: tensors
+    cut by chunk and thread boundaries come out as in the three passes."""
+    before = torch.get_num_threads()
+    group = group_of(True, weight_decay=0.01)
+    try:
+        torch.set_num_threads(threads)
+        a, b = Setup(8, CHUNKED), Setup(8, CHUNKED)
+        train(a, three_passes, group, True, [1, 2, 3])
+        train(b, one_pass, group, True, [1, 2, 3])
+        assert_same(a, b)
+    finally:
+        torch.set_num_threads(before)
+
+
 @needs_kernel
 def test_threads_split_the_blocks_without_changing_results():
     before = torch.get_num_threads()
