@@ -145,9 +145,9 @@ def test_nan_gradients_with_maximize(decoupled):
     assert torch.equal(bits(a.params[~nan]), bits(b.params[~nan]))
 
 
-# Windows whose tensors straddle the kernel's chunks (16384 elements: _adam8bit.c's CHUNK) at
+# Windows whose tensors straddle the kernel's chunks (8192 elements: _adam8bit.c's CHUNK) at
 # odd places, one of them with a tail right at a chunk's end, and a window of many chunks.
-CHUNKED = [[16383, 16386, 3, 32768 + 256 - 16383 - 16386 - 3 + 32768],
+CHUNKED = [[8191, 8194, 3, 16384 + 256 - 8191 - 8194 - 3 + 16384],
            [16384 - 5, 5, 16384 * 3 + 256 * 7 - 1, 1], [1000, 200000, 2 * 256 * 512 - 201000]]
 
 

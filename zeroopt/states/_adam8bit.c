@@ -29,7 +29,7 @@
  * encoding's table lookups (36 KB of tables) evict each other when they alternate every
  * block; each phase alone keeps its own working set. Phases over the whole run instead send
  * the scratch (8 bytes an element, written, read and written, read) to memory and back: the
- * chunk's 128 KB stay in L2, the same scratch for every chunk (27 against 24 ms, 1 thread).
+ * chunk's 64 KB stay in L2, the same scratch for every chunk (27 against 25 ms, 1 thread).
  */
 #include <math.h>
 #ifdef _OPENMP
@@ -197,13 +197,41 @@ typedef struct {
     int mode, vec;
 } job_t;
 
-#define CHUNK 16384 /* elements (whole blocks): 2 x 64 KB of scratch, which L2 keeps */
+#define CHUNK 8192 /* elements (whole blocks): 2 x 32 KB of scratch, which L2 keeps */
 
-/* Elements [lo, hi) (whole blocks, at most CHUNK): decode both states into the scratch at
- * base[0] and base[1], step every segment over its part, encode. *seg: a segment that does not
- * end before lo (the first one that reaches past lo on return). */
+/* Where the prefetch of the next chunk's params and gradients has got to: segment s, element
+ * at (of the n), up to end. */
+typedef struct {
+    int64_t s, at, end;
+} ahead_t;
+
+/* Prefetches the params and gradients of the next count elements from a->at (not past
+ * a->end), a cache line at a time, and advances a. */
+static inline void prefetch_ahead(const job_t *job, ahead_t *a, int64_t count) {
+    const int64_t stop = a->at + count < a->end ? a->at + count : a->end;
+    while (a->at < stop) {
+        while (job->offsets[a->s + 1] <= a->at) a->s++;
+        const int64_t start = job->offsets[a->s];
+        const int64_t end = job->offsets[a->s + 1] < stop ? job->offsets[a->s + 1] : stop;
+        const float *p = job->params[a->s] + (a->at - start),
+                    *g = job->grads[a->s] + (a->at - start);
+        for (int64_t i = 0; i < end - a->at; i += 16) {
+            __builtin_prefetch(p + i, 1, 2); /* to be written */
+            __builtin_prefetch(g + i, 0, 2);
+        }
+        a->at = end;
+    }
+}
+
+/* Elements [lo, hi) (whole blocks, at most CHUNK) of a run that ends at run_hi: decode both
+ * states into the scratch at base[0] and base[1], step every segment over its part, encode.
+ * *seg: a segment that does not end before lo (the first one that reaches past lo on return).
+ *
+ * The encoding is compute bound and the step memory bound: while it encodes, the next chunk's
+ * params, gradients and codes are prefetched, so that its step finds them in cache (21 against
+ * 25 ms on 12.6M elements, 1 thread, Zen 4). */
 static void step_chunk(const job_t *job, int64_t lo, int64_t hi, float *const *base,
-                       int64_t *seg) {
+                       int64_t *seg, int64_t run_hi) {
     for (int j = 0; j < 2; j++)
         for (int64_t at = lo; at < hi; at += BLOCK)
             dequantize_block(job->codes[j] + at, job->absmax[j][at / BLOCK], &job->map[j],
@@ -219,10 +247,18 @@ static void step_chunk(const job_t *job, int64_t lo, int64_t hi, float *const *b
                    base[1] + (start + from - lo), from, to, len - len % job->vec, &job->k,
                    job->mode);
     }
+    ahead_t ahead = {*seg, hi, hi + CHUNK < run_hi ? hi + CHUNK : run_hi};
     for (int j = 0; j < 2; j++)
-        for (int64_t at = lo; at < hi; at += BLOCK)
+        for (int64_t at = lo; at < hi; at += BLOCK) {
+            /* per block: half a block of params and gradients (the two states' loops cover
+             * the next chunk), and the other state's codes of the block a chunk ahead */
+            prefetch_ahead(job, &ahead, BLOCK / 2);
+            if (at + CHUNK + BLOCK <= run_hi)
+                for (int line = 0; line < BLOCK; line += 64)
+                    __builtin_prefetch(job->codes[1 - j] + at + CHUNK + line, 0, 2);
             job->absmax[j][at / BLOCK] = quantize_block(base[j] + (at - lo), job->table[j],
                                                         job->codes[j] + at);
+        }
 }
 
 /* Elements [lo, hi) (whole blocks), a chunk at a time, in the scratch from lo on. */
@@ -235,7 +271,7 @@ static void step_run(const job_t *job, int64_t lo, int64_t hi) {
     }
     float *const base[2] = {job->scratch[0] + lo, job->scratch[1] + lo};
     for (int64_t at = lo; at < hi; at += CHUNK)
-        step_chunk(job, at, hi - at < CHUNK ? hi : at + CHUNK, base, &s);
+        step_chunk(job, at, hi - at < CHUNK ? hi : at + CHUNK, base, &s, hi);
 }
 
 /* Steps n elements (n a multiple of 256) whose states are 8-bit blocks, in place.
