@@ -138,3 +138,36 @@ def test_whole_native_step_within_ulps_of_torch_path(monkeypatch, case):
     for (name, xs), (_, ys) in zip(_states(native), _states(other)):
         for x, y in zip(xs, ys):
             assert _ulps(x, y) <= 4, name
+
+
+@pytest.mark.parametrize("case", ["all3", "all3_grams", "tam", "spd", "spd_cautious",
+                                  "spd_adopt_grams", "spd_grams"])
+def test_native_roots_of_tiny_and_zero_moments(monkeypatch, case):
+    """Second moments that are zero, subnormal or tiny (below 2^-102, the lanes MKL roots
+    itself) in runs and scattered, next to ordinary ones: the kernels' roots are torch's, so
+    phase 2 (and spd's phase 1) stay bit for bit."""
+    group = _group(dict(spd=True, grams=True) if case == "spd_grams" else CASES[case], False, 0.1)
+    group["eps"] = 1e-30  # below the tiny roots, so that each one shows in the step
+    native = _shard(group, (1000, 70001, 17001, 7), 3)
+    other = _clone(native)
+    for k in range(1, 4):
+        step = torch.tensor(float(k))
+        for which in (native, other):
+            _gradients(which, 300 + k)
+            for grad in which.grads:
+                grad[: grad.numel() // 2].mul_(1e-21)  # v ~ 1e-45..1e-40: subnormal, tiny
+                grad[::5] = 0.0
+                grad[1::97].mul_(1e-16)  # v ~ 1e-35: normal, below 2^-102
+        stats = ao.statistics(group, native, step, True)
+        with _torch_path(monkeypatch):
+            want = ao.statistics(group, other, step, True)
+        torch.testing.assert_close(stats, want, rtol=1e-12, atol=1e-300)
+        for a, b in zip(native.grads, other.grads):
+            assert torch.equal(a, b), f"{case}: phase 1's gradients differ"
+        ao.fused_step(group, native, step, want, True)
+        with _torch_path(monkeypatch):
+            ao.fused_step(group, other, step, want, True)
+        for (name, xs), (_, ys) in zip(_states(native), _states(other)):
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                assert torch.equal(x, y), f"{case} step {k}: {name}[{i}] off by " \
+                                          f"{_ulps(x, y)} ulps"

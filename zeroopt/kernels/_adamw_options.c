@@ -17,19 +17,84 @@
  *   addcmul_(v, a, b, value=s)  fmaf(s * a, b, v)
  *   add_(a, b, alpha=s)         fmaf(s, b, a)       (no alpha: a + b)
  *   mul_ / add_ of a scalar     one rounding, by the scalar cast to float
- *   sqrt                        zk_sqrt_block (MKL's where ATen's is: _torch_sqrt.h)
+ *   sqrt                        zk_sqrt_block's (MKL's where ATen's is: _torch_sqrt.h), its
+ *                               MKL_SSE way 16 lanes at a time here (options_roots)
  *
  * Tensors go through in blocks of BLOCK elements: each option is one short loop over the
- * block (vectorized, the block in L1), so memory is still read and written once.
+ * block (vectorized, the block in L1), so memory is still read and written once. The options
+ * are compile-time constants of the loops (one function per combination), so an option that
+ * is off costs nothing; the float64 sums are explicit 8-lane vectors in registers.
  */
 #include "kernels.h"
 #include "_torch_sqrt.h"
 
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define BLOCK 256  /* a multiple of ZK_LANES; ZK_CHUNK is a multiple of it */
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* Square roots of a block as zk_sqrt_block takes them (torch's), with the MKL_SSE way done
+ * sixteen lanes at a time where the target has AVX-512: the same rsqrtps (on each half) and
+ * the same rounded operations as zk_mkl_sse_sqrt8, the lanes MKL roots itself found with two
+ * integer compares (for x >= 0 and NaN, the float order is the bits' unsigned order), rooted
+ * in one MKL call per block as there. Other ways, other targets: zk_sqrt_block itself. */
+#if defined(ZK_HAVE_MKL_SSE) && defined(__AVX512F__)
+#define OPTIONS_FAST_ROOT 1
+static inline __m512 options_sse_root16(__m512 x) {
+    const __m512 half = _mm512_set1_ps(0.5f);
+    const __m256 y_lo = _mm256_rsqrt_ps(_mm512_castps512_ps256(x));
+    const __m256 y_hi = _mm256_rsqrt_ps(
+        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    const __m512 y = _mm512_castpd_ps(_mm512_insertf64x4(
+        _mm512_castps_pd(_mm512_castps256_ps512(y_lo)), _mm256_castps_pd(y_hi), 1));
+    __m512 g = _mm512_mul_ps(x, y), h = _mm512_mul_ps(y, half);
+    const __m512 r = _mm512_sub_ps(half, _mm512_mul_ps(g, h));
+    g = _mm512_add_ps(_mm512_mul_ps(g, r), g);
+    h = _mm512_add_ps(_mm512_mul_ps(r, h), h);
+    const __m512 d = _mm512_sub_ps(x, _mm512_mul_ps(g, g));
+    return _mm512_add_ps(_mm512_mul_ps(d, h), g);
+}
+
+/* x[0..n) <- roots, n <= BLOCK. */
+static void options_sse_roots(int64_t n, float *x, zk_vml_sqrt fn) {
+    const __m512i lo = _mm512_set1_epi32(0x0c800000);  /* 2^-102 */
+    const __m512i span = _mm512_set1_epi32(0x7f7ff000 - 0x0c800000);  /* to 0x1.ffep127 */
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    float vals[BLOCK], roots[BLOCK];
+    int where[BLOCK], count = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 in = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), in, x + i);
+        const __m512i bits = _mm512_castps_si512(v);
+        const __mmask16 normal = _mm512_cmple_epu32_mask(_mm512_sub_epi32(bits, lo), span);
+        const __mmask16 zero = _mm512_testn_epi32_mask(bits, magnitude);
+        _mm512_mask_storeu_ps(x + i, normal & in, options_sse_root16(v));
+        for (unsigned rest = ~(unsigned)(normal | zero) & in; rest; rest &= rest - 1) {
+            const int j = __builtin_ctz(rest);
+            vals[count] = x[i + j];
+            where[count++] = (int)i + j;
+        }
+    }
+    if (count) {
+        fn(count, vals, roots, ZK_VML_MODE);
+        for (int k = 0; k < count; k++) x[where[k]] = roots[k];
+    }
+}
+#endif
+
+static inline void options_roots(int64_t n, float *x, zk_vml_sqrt fn) {
+#ifdef OPTIONS_FAST_ROOT
+    if (fn && __atomic_load_n(&zk_sqrt_mode, __ATOMIC_RELAXED) == ZK_SQRT_MKL_SSE) {
+        options_sse_roots(n, x, fn);
+        return;
+    }
+#endif
+    zk_sqrt_block(n, x, fn);
+}
 
 /* Adam's part of a step. h[0..12) in every kernel below:
  *   0 beta1   1 1 - beta1   2 beta2   3 1 - beta2   4 sqrt(1 - beta2^t)   5 eps
@@ -59,7 +124,7 @@ static inline void adam_direction(const adam_hyper *a, int64_t n, const float *r
     const float *in = gs;
     if (a->adopt) {  /* the previous v normalises the gradient, clipped */
         for (int64_t i = 0; i < n; i++) den[i] = v[i];
-        zk_sqrt_block(n, den, root);
+        options_roots(n, den, root);
         for (int64_t i = 0; i < n; i++) {
             float s = den[i] < a->eps ? a->eps : den[i];
             float d = gs[i] / s;
@@ -80,12 +145,43 @@ static inline void adam_direction(const adam_hyper *a, int64_t n, const float *r
         for (int64_t i = 0; i < n; i++) dir[i] = m[i];
     } else {
         for (int64_t i = 0; i < n; i++) den[i] = v[i];
-        zk_sqrt_block(n, den, root);
+        options_roots(n, den, root);
         for (int64_t i = 0; i < n; i++) dir[i] = (1.0f / (den[i] / a->c2 + a->eps)) * m[i] * a->bc1;
     }
     if (a->grams)
         for (int64_t i = 0; i < n; i++)
             dir[i] = fabsf(dir[i]) * ((float)(gs[i] > 0.0f) - (float)(gs[i] < 0.0f));
+}
+
+/* Eight lanes of a chunk's float64 sums, in registers (GCC's vector extension; a lane's
+ * additions are the scalar code's, in the same order). */
+typedef double lanes8 __attribute__((vector_size(64)));
+typedef float floats8 __attribute__((vector_size(32)));
+
+/* a * b + c lane by lane; the product of two floats widened to double is exact, so the fused
+ * form rounds as the plain one (one op instead of two where the target has it). */
+static inline lanes8 fma8(lanes8 a, lanes8 b, lanes8 c) {
+#ifdef __AVX512F__
+    return (lanes8)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#else
+    return a * b + c;
+#endif
+}
+
+static inline floats8 load8(const float *p) {
+    floats8 f;
+    memcpy(&f, p, sizeof f);
+    return f;
+}
+
+/* Eight floats widened to double: one instruction where AVX-512 has it (GCC splits the
+ * generic conversion into halves under its 256-bit preference). */
+static inline lanes8 widen8(floats8 f) {
+#ifdef __AVX512F__
+    return (lanes8)_mm512_cvtps_pd((__m256)f);
+#else
+    return __builtin_convertvector(f, lanes8);
+#endif
 }
 
 /* --- agr, orthograd, tam ---------------------------------------------------------------- */
@@ -110,19 +206,45 @@ enum { T_ABS, T_XG, T_XGA, T_XX, T_GG, T_A3, T_G4, T_MG, T_MGA, T_MX, T_MM, T_RO
         l[T_MM][j] = fma(md, md, l[T_MM][j]);                                              \
     } while (0)
 
-/* NEG (a constant at each call): maximize, the gradient negated (g * -1 is torch's neg). */
+/* NEG (a constant at each call): maximize, the gradient negated (g * -1 is torch's neg).
+ * Sixteen elements at a time, the sums in registers (two lanes8 a row: lanes 0-7, 8-15),
+ * then the chunk's tail element by element into the same lanes: each lane's operations
+ * are TRANSFORM_TERMS's, in the same order. */
 static inline __attribute__((always_inline)) void transform_sums_body(
         int64_t lo, int64_t hi, float *const *t, const int NEG, double *partial) {
     float *restrict g = t[0];
     const float *restrict x = t[1], *restrict m = t[2];
-    double l[T_ROWS][ZK_LANES] = {{0}};
+    typedef int64_t bits8 __attribute__((vector_size(64)));
+    const bits8 magnitude = (bits8){0} + INT64_MAX;
+    lanes8 acc[T_ROWS][2] = {{{0}}};
     int64_t i = lo;
     for (; i + ZK_LANES <= hi; i += ZK_LANES)
-        for (int j = 0; j < ZK_LANES; j++) {
-            const float gf = NEG ? g[i + j] * -1.0f : g[i + j];
-            if (NEG) g[i + j] = gf;
-            TRANSFORM_TERMS(j, gf, x[i + j], m[i + j]);
+        for (int h = 0; h < 2; h++) {
+            const int64_t k = i + 8 * h;
+            floats8 gf = load8(g + k);
+            if (NEG) {
+                gf = gf * -1.0f;
+                memcpy(g + k, &gf, sizeof gf);
+            }
+            const lanes8 gd = widen8(gf);
+            const lanes8 xd = widen8(load8(x + k));
+            const lanes8 md = widen8(load8(m + k));
+            const lanes8 a = (lanes8)((bits8)gd & magnitude), ga = gd * a;
+            lanes8 *l = acc[0] + h;  /* row r: l[2 r] */
+            l[2 * T_ABS] += a;
+            l[2 * T_XG] = fma8(xd, gd, l[2 * T_XG]);
+            l[2 * T_XGA] = fma8(xd, ga, l[2 * T_XGA]);
+            l[2 * T_XX] = fma8(xd, xd, l[2 * T_XX]);
+            l[2 * T_GG] = fma8(gd, gd, l[2 * T_GG]);
+            l[2 * T_A3] = fma8(ga, gd, l[2 * T_A3]);
+            l[2 * T_G4] = fma8(ga, ga, l[2 * T_G4]);
+            l[2 * T_MG] = fma8(md, gd, l[2 * T_MG]);
+            l[2 * T_MGA] = fma8(md, ga, l[2 * T_MGA]);
+            l[2 * T_MX] = fma8(md, xd, l[2 * T_MX]);
+            l[2 * T_MM] = fma8(md, md, l[2 * T_MM]);
         }
+    double l[T_ROWS][ZK_LANES];
+    for (int r = 0; r < T_ROWS; r++) memcpy(l[r], acc[r], sizeof l[r]);
     for (int j = 0; i < hi; i++, j++) {
         const float gf = NEG ? g[i] * -1.0f : g[i];
         if (NEG) g[i] = gf;
@@ -165,52 +287,80 @@ void zk_options_transform_sums(int64_t n, float *const *t, const double *h, doub
     free(partial);
 }
 
-/* The step of e <= BLOCK elements without ADOPT: one loop to the root, one after it. Its own
- * function, every scalar a local: in the OpenMP region GCC reloads them each iteration (they
- * might alias the stores) and does not vectorize. */
-static void transform_block(const adam_hyper a, const int agr, const float S, const float inv_s,
-                            const int ortho, const float neg_p, const float c, const float gamma,
-                            const float k, const int l2, const float wd, int64_t e,
-                            float *restrict x, const float *restrict gb, float *restrict mb,
-                            float *restrict vb, float *restrict sb, zk_vml_sqrt root) {
+/* The step of e <= BLOCK elements without ADOPT: one loop to the root, one after it. The
+ * options are constants (transform_block_t is inlined into one function per combination,
+ * TRANSFORM_BLOCKS): an option that is off costs nothing, and a select (not a branch:
+ * -ftrapping-math forbids converting one) is not computed on both sides. The scalars are
+ * locals: in the OpenMP region GCC reloads them each iteration (they might alias the
+ * stores) and does not vectorize. */
+typedef struct {
+    adam_hyper a;
+    float S, inv_s, neg_p, c, gamma, k, wd;
+} transform_hyper;
+
+static inline __attribute__((always_inline)) void transform_block_t(
+        const transform_hyper *th, int64_t e, float *restrict x, const float *restrict gb,
+        float *restrict mb, float *restrict vb, float *restrict sb, zk_vml_sqrt root,
+        const int AGR, const int ORTHO, const int L2, const int TAM, const int GRAMS) {
+    const adam_hyper a = th->a;
+    const float S = th->S, inv_s = th->inv_s, neg_p = th->neg_p, c = th->c;
+    const float gamma = th->gamma, k = th->k, wd = th->wd;
     float gs[BLOCK], dir[BLOCK];
-#define FIRST_LOOP(TAM)                                                                    \
-    for (int64_t i = 0; i < e; i++) {                                                      \
-        float gi = gb[i], xi = x[i], mi = mb[i];                                           \
-        /* computed, then selected: -ftrapping-math forbids converting a branch */         \
-        const float g1 = gi * ((-fabsf(gi) + S) * inv_s);                                  \
-        gi = agr ? g1 : gi;                                                                \
-        const float g2 = fmaf(neg_p, xi, gi) * c;                                          \
-        gi = ortho ? g2 : gi;                                                              \
-        const float g3 = fmaf(wd, xi, gi);                                                 \
-        gi = l2 ? g3 : gi;                                                                 \
-        gs[i] = gi;                                                                        \
-        x[i] = xi * a.decay;  /* 1 without decay: exact */                                 \
-        if (TAM) {                                                                         \
-            const float si = sb[i] * gamma + k;                                            \
-            sb[i] = si;                                                                    \
-            mi = fmaf(a.omb1, (((si + 1.0f) * 0.5f) + a.eps) * gi, mi * a.b1);             \
-        } else {                                                                           \
-            mi = fmaf(a.lerp_coef, gi - mi, a.lerp_from_m ? mi : gi);                      \
-        }                                                                                  \
-        mb[i] = mi;                                                                        \
-        const float vi = fmaf(a.omb2 * gi, gi, vb[i] * a.b2);                              \
-        vb[i] = vi;                                                                        \
-        dir[i] = vi;                                                                       \
+    for (int64_t i = 0; i < e; i++) {
+        float gi = gb[i], mi = mb[i];
+        const float xi = x[i];
+        if (AGR) gi = gi * ((-fabsf(gi) + S) * inv_s);  /* g.mul_(g.abs().neg_().add_(S).mul_(1 / S)) */
+        if (ORTHO) gi = fmaf(neg_p, xi, gi) * c;       /* g.add_(x, alpha=-p).mul_(c) */
+        if (L2) gi = fmaf(wd, xi, gi);
+        if (GRAMS) gs[i] = gi;
+        x[i] = xi * a.decay;  /* 1 without decay: exact */
+        if (TAM) {  /* s <- gamma s + (1 - gamma) cos; damping (s + 1) / 2 + eps */
+            const float si = sb[i] * gamma + k;
+            sb[i] = si;
+            mi = fmaf(a.omb1, (((si + 1.0f) * 0.5f) + a.eps) * gi, mi * a.b1);
+        } else {
+            mi = fmaf(a.lerp_coef, gi - mi, a.lerp_from_m ? mi : gi);
+        }
+        mb[i] = mi;
+        const float vi = fmaf(a.omb2 * gi, gi, vb[i] * a.b2);
+        vb[i] = vi;
+        dir[i] = vi;
     }
-    if (sb) {
-        FIRST_LOOP(1)
-    } else {
-        FIRST_LOOP(0)
-    }
-#undef FIRST_LOOP
-    zk_sqrt_block(e, dir, root);
+    options_roots(e, dir, root);
     for (int64_t i = 0; i < e; i++) {
         float d = (1.0f / (dir[i] / a.c2 + a.eps)) * mb[i] * a.bc1;
-        const float signed_d = fabsf(d) * ((float)(gs[i] > 0.0f) - (float)(gs[i] < 0.0f));
-        x[i] = fmaf(a.neg_lr, a.grams ? signed_d : d, x[i]);
+        if (GRAMS) d = fabsf(d) * ((float)(gs[i] > 0.0f) - (float)(gs[i] < 0.0f));
+        x[i] = fmaf(a.neg_lr, d, x[i]);
     }
 }
+
+typedef void (*transform_block_fn)(const transform_hyper *, int64_t, float *, const float *,
+                                   float *, float *, float *, zk_vml_sqrt);
+
+#define TRANSFORM_BLOCK(A, O, L, T, G)                                                      \
+    static void transform_block_##A##O##L##T##G(                                           \
+            const transform_hyper *th, int64_t e, float *restrict x, const float *restrict gb, \
+            float *restrict mb, float *restrict vb, float *restrict sb, zk_vml_sqrt root) { \
+        transform_block_t(th, e, x, gb, mb, vb, sb, root, A, O, L, T, G);                   \
+    }
+#define TRANSFORM_BLOCKS_G(A, O, L, T) TRANSFORM_BLOCK(A, O, L, T, 0) TRANSFORM_BLOCK(A, O, L, T, 1)
+#define TRANSFORM_BLOCKS_T(A, O, L) TRANSFORM_BLOCKS_G(A, O, L, 0) TRANSFORM_BLOCKS_G(A, O, L, 1)
+#define TRANSFORM_BLOCKS_L(A, O) TRANSFORM_BLOCKS_T(A, O, 0) TRANSFORM_BLOCKS_T(A, O, 1)
+#define TRANSFORM_BLOCKS_O(A) TRANSFORM_BLOCKS_L(A, 0) TRANSFORM_BLOCKS_L(A, 1)
+TRANSFORM_BLOCKS_O(0)
+TRANSFORM_BLOCKS_O(1)
+
+/* Indexed by agr | ortho << 1 | l2 << 2 | tam << 3 | grams << 4. */
+static const transform_block_fn TRANSFORM_BLOCKS[32] = {
+    transform_block_00000, transform_block_10000, transform_block_01000, transform_block_11000,
+    transform_block_00100, transform_block_10100, transform_block_01100, transform_block_11100,
+    transform_block_00010, transform_block_10010, transform_block_01010, transform_block_11010,
+    transform_block_00110, transform_block_10110, transform_block_01110, transform_block_11110,
+    transform_block_00001, transform_block_10001, transform_block_01001, transform_block_11001,
+    transform_block_00101, transform_block_10101, transform_block_01101, transform_block_11101,
+    transform_block_00011, transform_block_10011, transform_block_01011, transform_block_11011,
+    transform_block_00111, transform_block_10111, transform_block_01111, transform_block_11111,
+};
 
 /* Phase 2: t = [params, grads, exp_avg, exp_avg_sq, tam_s (with tam)]; h[0..12) Adam's (see
  * read_adam), then 12 agr (and S > 0), 13 S = sum|g|, 14 1/S, 15 orthograd, 16 -p, 17 c,
@@ -226,6 +376,15 @@ void zk_options_transform_step(int64_t n, float *const *t, const double *h, doub
     const float gamma = (float)h[19], k = (float)h[20], wd = (float)h[22];
     const zk_vml_sqrt root = zk_torch_sqrt_function();
     (void)out;
+    if (!a.adopt && !first) {
+        const transform_hyper th = {a, S, inv_s, neg_p, c, gamma, k, wd};
+        const transform_block_fn block =
+            TRANSFORM_BLOCKS[agr | ortho << 1 | l2 << 2 | (s != 0) << 3 | a.grams << 4];
+        ZK_PARALLEL_FOR
+        for (int64_t b = 0; b < n; b += BLOCK)
+            block(&th, min64(BLOCK, n - b), p + b, g + b, m + b, v + b, s ? s + b : 0, root);
+        return;
+    }
     ZK_PARALLEL_FOR
     for (int64_t b = 0; b < n; b += BLOCK) {
         const int64_t e = min64(BLOCK, n - b);
@@ -240,11 +399,6 @@ void zk_options_transform_step(int64_t n, float *const *t, const double *h, doub
             for (int64_t i = 0; i < e; i++) gs[i] = fmaf(wd, x[i], gs[i]);
         if (first) {  /* ADOPT's first step: addcmul_(v, g, g, value=1) */
             for (int64_t i = 0; i < e; i++) vb[i] = fmaf(gs[i], gs[i], vb[i]);
-            continue;
-        }
-        if (!a.adopt) {
-            transform_block(a, agr, S, inv_s, ortho, neg_p, c, gamma, k, l2, wd, e, x, g + b,
-                            mb, vb, s ? s + b : 0, root);
             continue;
         }
         for (int64_t i = 0; i < e; i++) x[i] = x[i] * a.decay;
@@ -265,29 +419,16 @@ void zk_options_transform_step(int64_t n, float *const *t, const double *h, doub
 
 enum { P_KEPT, P_GD, P_DD, P_UD, P_UU, P_ROWS };
 
-/* Eight lanes of a chunk's float64 sums, in registers (GCC's vector extension; a lane's
- * additions are the scalar code's, in the same order). */
-typedef double lanes8 __attribute__((vector_size(64)));
-typedef float floats8 __attribute__((vector_size(32)));
-
-static inline floats8 load8(const float *p) {
-    floats8 f;
-    memcpy(&f, p, sizeof f);
-    return f;
-}
-
 /* projection_chunk without ADOPT: per block, one loop to the root (moments), one after it
  * (direction, cautious mask), then the sums, ZK_LANES lanes at a time in registers (in
  * memory they were a chain through the stack: half the kernel's time). The same lanes and
- * additions as the general path. Its own function, the scalars locals, so that GCC
- * vectorizes. */
-static void projection_chunk_plain(const adam_hyper a, const float sign, const int cautious,
-                                   int64_t n, const float *restrict x,
-                                   const float *restrict x0, float *restrict g,
-                                   float *restrict m, float *restrict v, double *partial,
-                                   zk_vml_sqrt root) {
-    const int unmasked = !cautious;
-    const double count = cautious ? 1.0 : 0.0;
+ * additions as the general path. CAUTIOUS and GRAMS are constants (one function each way,
+ * projection_chunk_plain): without cautious neither the mask nor the kept count (0) is
+ * computed. The scalars are locals, so that GCC vectorizes. */
+static inline __attribute__((always_inline)) void projection_chunk_t(
+        const adam_hyper a, const float sign, int64_t n, const float *restrict x,
+        const float *restrict x0, float *restrict g, float *restrict m, float *restrict v,
+        double *partial, zk_vml_sqrt root, const int CAUTIOUS, const int GRAMS) {
     lanes8 acc[P_ROWS][2] = {{{0}}};
     float gs[BLOCK], den[BLOCK], keep[BLOCK];
     int64_t e = 0, b = 0;
@@ -302,14 +443,16 @@ static void projection_chunk_plain(const adam_hyper a, const float sign, const i
             vb[i] = vi;
             den[i] = vi;
         }
-        zk_sqrt_block(e, den, root);
+        options_roots(e, den, root);
         for (int64_t i = 0; i < e; i++) {  /* the direction, over the root */
-            const float gi = gs[i], ui = (1.0f / (den[i] / a.c2 + a.eps)) * mb[i] * a.bc1;
-            const float signed_u = fabsf(ui) * ((float)(gi > 0.0f) - (float)(gi < 0.0f));
-            float u = a.grams ? signed_u : ui;
-            const int agree = u * gi > 0.0f;
-            keep[i] = (float)agree;
-            u = u * (float)(agree | unmasked);  /* u * 1 == u exactly: cautious off */
+            const float gi = gs[i];
+            float u = (1.0f / (den[i] / a.c2 + a.eps)) * mb[i] * a.bc1;
+            if (GRAMS) u = fabsf(u) * ((float)(gi > 0.0f) - (float)(gi < 0.0f));
+            if (CAUTIOUS) {  /* keep_agreeing: u * (u g > 0) */
+                const float kept = (float)(u * gi > 0.0f);
+                keep[i] = kept;
+                u = u * kept;
+            }
             den[i] = u;
             gb[i] = u;
         }
@@ -317,13 +460,14 @@ static void projection_chunk_plain(const adam_hyper a, const float sign, const i
         for (int64_t i = 0; i + ZK_LANES <= e; i += ZK_LANES)
             for (int h = 0; h < 2; h++) {
                 const int64_t k = i + 8 * h;
-                const lanes8 dd = __builtin_convertvector(load8(xb + k) - load8(x0b + k), lanes8);
-                const lanes8 ud = __builtin_convertvector(load8(den + k), lanes8);
-                acc[P_KEPT][h] += __builtin_convertvector(load8(keep + k), lanes8) * count;
-                acc[P_GD][h] += __builtin_convertvector(load8(gs + k), lanes8) * dd;
-                acc[P_DD][h] += dd * dd;
-                acc[P_UD][h] += ud * dd;
-                acc[P_UU][h] += ud * ud;
+                const lanes8 dd = widen8(load8(xb + k) - load8(x0b + k));
+                const lanes8 ud = widen8(load8(den + k));
+                if (CAUTIOUS) acc[P_KEPT][h] += widen8(load8(keep + k));
+                acc[P_GD][h] = fma8(widen8(load8(gs + k)), dd,
+                                    acc[P_GD][h]);
+                acc[P_DD][h] = fma8(dd, dd, acc[P_DD][h]);
+                acc[P_UD][h] = fma8(ud, dd, acc[P_UD][h]);
+                acc[P_UU][h] = fma8(ud, ud, acc[P_UU][h]);
             }
     }
     double l[P_ROWS][ZK_LANES];
@@ -332,7 +476,7 @@ static void projection_chunk_plain(const adam_hyper a, const float sign, const i
         const float *xb = x + b - BLOCK, *x0b = x0 + b - BLOCK;
         for (int64_t i = e - e % ZK_LANES, j = 0; i < e; i++, j++) {
             const double dd = xb[i] - x0b[i], ud = den[i];
-            l[P_KEPT][j] += (double)keep[i] * count;
+            if (CAUTIOUS) l[P_KEPT][j] += keep[i];
             l[P_GD][j] += (double)gs[i] * dd;
             l[P_DD][j] += dd * dd;
             l[P_UD][j] += ud * dd;
@@ -340,6 +484,19 @@ static void projection_chunk_plain(const adam_hyper a, const float sign, const i
         }
     }
     for (int r = 0; r < P_ROWS; r++) partial[r] = zk_sum_lanes(l[r]);
+}
+
+static void projection_chunk_plain(const adam_hyper a, const float sign, const int cautious,
+                                   int64_t n, const float *x, const float *x0, float *g,
+                                   float *m, float *v, double *partial, zk_vml_sqrt root) {
+    if (cautious && a.grams)
+        projection_chunk_t(a, sign, n, x, x0, g, m, v, partial, root, 1, 1);
+    else if (cautious)
+        projection_chunk_t(a, sign, n, x, x0, g, m, v, partial, root, 1, 0);
+    else if (a.grams)
+        projection_chunk_t(a, sign, n, x, x0, g, m, v, partial, root, 0, 1);
+    else
+        projection_chunk_t(a, sign, n, x, x0, g, m, v, partial, root, 0, 0);
 }
 
 static void projection_chunk(int64_t lo, int64_t hi, float *const *t, const double *h,
