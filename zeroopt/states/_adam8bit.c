@@ -27,9 +27,12 @@
  * pass per 256-element block. Per block (decode, step, encode in L1) measured slower on Zen 4,
  * 24 against 20 ms on 12.6M elements: the step's streams of params and gradients and the
  * encoding's table lookups (36 KB of tables) evict each other when they alternate every
- * block; each phase alone keeps its own working set. Phases over the whole run instead send
- * the scratch (8 bytes an element, written, read and written, read) to memory and back: the
- * chunk's 64 KB stay in L2, the same scratch for every chunk (27 against 25 ms, 1 thread).
+ * block; each phase alone keeps its own working set. Phases over a whole run send the scratch
+ * (8 bytes an element: written, read and written, read) to memory and back once the run
+ * outgrows the caches; a chunk's 64 KB stay in L2, the same scratch for every chunk. With the
+ * prefetch (step_chunk), 12.6M elements on Zen 4, 1 thread: 20-22 ms in windows of 256K (the
+ * default on CPU, where whole-run phases stay in cache: the same within noise), 1M the same,
+ * 4M 20 against 25 ms, one window of 12.6M 20 against 27.
  */
 #include <math.h>
 #ifdef _OPENMP
@@ -228,8 +231,8 @@ static inline void prefetch_ahead(const job_t *job, ahead_t *a, int64_t count) {
  * *seg: a segment that does not end before lo (the first one that reaches past lo on return).
  *
  * The encoding is compute bound and the step memory bound: while it encodes, the next chunk's
- * params, gradients and codes are prefetched, so that its step finds them in cache (21 against
- * 25 ms on 12.6M elements, 1 thread, Zen 4). */
+ * params, gradients and codes are prefetched, so that its step finds them in cache (chunks
+ * without it: 24-25 ms in every case above). */
 static void step_chunk(const job_t *job, int64_t lo, int64_t hi, float *const *base,
                        int64_t *seg, int64_t run_hi) {
     for (int j = 0; j < 2; j++)
