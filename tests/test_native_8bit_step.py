@@ -145,10 +145,12 @@ def test_nan_gradients_with_maximize(decoupled):
     assert torch.equal(bits(a.params[~nan]), bits(b.params[~nan]))
 
 
-# Windows whose tensors straddle the kernel's chunks (8192 elements: _adam8bit.c's CHUNK) at
-# odd places, one of them with a tail right at a chunk's end, and a window of many chunks.
-CHUNKED = [[8191, 8194, 3, 16384 + 256 - 8191 - 8194 - 3 + 16384],
-           [16384 - 5, 5, 16384 * 3 + 256 * 7 - 1, 1], [1000, 200000, 2 * 256 * 512 - 201000]]
+# Windows whose tensors straddle the kernel's chunks at odd places (_adam8bit.c: a thread's
+# run of more than WHOLE = 2**19 elements is stepped CHUNK = 8192 at a time, at 1 and at 2
+# threads here; shorter runs are one chunk), one tensor with its tail right at a chunk's end.
+_BIG = 2 * 2**19 + 8192 * 3 + 256 * 5
+CHUNKED = [[8191, 8194, 3, _BIG - 8191 - 8194 - 3],
+           [16384 - 5, 5, 2**19 + 16384 * 3 + 256 * 7 - 1, 1], [1000, 200000, 2 * 256 * 512 - 201000]]
 
 
 @needs_kernel

@@ -31,8 +31,8 @@
  * (8 bytes an element: written, read and written, read) to memory and back once the run
  * outgrows the caches; a chunk's 64 KB stay in L2, the same scratch for every chunk. With the
  * prefetch (step_chunk), 12.6M elements on Zen 4, 1 thread: 20-22 ms in windows of 256K (the
- * default on CPU, where whole-run phases stay in cache: the same within noise), 1M the same,
- * 4M 20 against 25 ms, one window of 12.6M 20 against 27.
+ * default on CPU, where whole-run phases stay in cache: 1-3% slower, so runs up to WHOLE stay
+ * one chunk), 1M the same, 4M 20 against 25 ms, one window of 12.6M 20 against 27.
  */
 #include <math.h>
 #ifdef _OPENMP
@@ -201,6 +201,7 @@ typedef struct {
 } job_t;
 
 #define CHUNK 8192 /* elements (whole blocks): 2 x 32 KB of scratch, which L2 keeps */
+#define WHOLE (1 << 19) /* elements: runs up to this long (4 MB of scratch) are one chunk */
 
 /* Where the prefetch of the next chunk's params and gradients has got to: segment s, element
  * at (of the n), up to end. */
@@ -226,15 +227,16 @@ static inline void prefetch_ahead(const job_t *job, ahead_t *a, int64_t count) {
     }
 }
 
-/* Elements [lo, hi) (whole blocks, at most CHUNK) of a run that ends at run_hi: decode both
- * states into the scratch at base[0] and base[1], step every segment over its part, encode.
- * *seg: a segment that does not end before lo (the first one that reaches past lo on return).
+/* Elements [lo, hi) (whole blocks): decode both states into the scratch at base[0] and
+ * base[1], step every segment over its part, encode. [hi, next) is the next chunk (no longer
+ * than this one; empty if none). *seg: a segment that does not end before lo (the first one
+ * that reaches past lo on return).
  *
  * The encoding is compute bound and the step memory bound: while it encodes, the next chunk's
  * params, gradients and codes are prefetched, so that its step finds them in cache (chunks
  * without it: 24-25 ms in every case above). */
 static void step_chunk(const job_t *job, int64_t lo, int64_t hi, float *const *base,
-                       int64_t *seg, int64_t run_hi) {
+                       int64_t *seg, int64_t next) {
     for (int j = 0; j < 2; j++)
         for (int64_t at = lo; at < hi; at += BLOCK)
             dequantize_block(job->codes[j] + at, job->absmax[j][at / BLOCK], &job->map[j],
@@ -250,21 +252,23 @@ static void step_chunk(const job_t *job, int64_t lo, int64_t hi, float *const *b
                    base[1] + (start + from - lo), from, to, len - len % job->vec, &job->k,
                    job->mode);
     }
-    ahead_t ahead = {*seg, hi, hi + CHUNK < run_hi ? hi + CHUNK : run_hi};
+    ahead_t ahead = {*seg, hi, next};
     for (int j = 0; j < 2; j++)
         for (int64_t at = lo; at < hi; at += BLOCK) {
             /* per block: half a block of params and gradients (the two states' loops cover
              * the next chunk), and the other state's codes of the block a chunk ahead */
             prefetch_ahead(job, &ahead, BLOCK / 2);
-            if (at + CHUNK + BLOCK <= run_hi)
+            if (at + (hi - lo) + BLOCK <= next)
                 for (int line = 0; line < BLOCK; line += 64)
-                    __builtin_prefetch(job->codes[1 - j] + at + CHUNK + line, 0, 2);
+                    __builtin_prefetch(job->codes[1 - j] + at + (hi - lo) + line, 0, 2);
             job->absmax[j][at / BLOCK] = quantize_block(base[j] + (at - lo), job->table[j],
                                                         job->codes[j] + at);
         }
 }
 
-/* Elements [lo, hi) (whole blocks), a chunk at a time, in the scratch from lo on. */
+/* Elements [lo, hi) (whole blocks), a chunk at a time, in the scratch from lo on: one chunk
+ * up to WHOLE elements (at the default 256K-element windows on CPU; chunks measured 1-3%
+ * slower there), CHUNK elements beyond. */
 static void step_run(const job_t *job, int64_t lo, int64_t hi) {
     int64_t s = 0, top = job->segments - 1;
     while (s < top) { /* the first segment reaching past lo: a binary search */
@@ -273,8 +277,11 @@ static void step_run(const job_t *job, int64_t lo, int64_t hi) {
         else top = mid;
     }
     float *const base[2] = {job->scratch[0] + lo, job->scratch[1] + lo};
-    for (int64_t at = lo; at < hi; at += CHUNK)
-        step_chunk(job, at, hi - at < CHUNK ? hi : at + CHUNK, base, &s, hi);
+    const int64_t chunk = hi - lo <= WHOLE ? hi - lo : CHUNK;
+    for (int64_t at = lo; at < hi; at += chunk) {
+        const int64_t end = hi - at < chunk ? hi : at + chunk;
+        step_chunk(job, at, end, base, &s, hi - end < chunk ? hi : end + chunk);
+    }
 }
 
 /* Steps n elements (n a multiple of 256) whose states are 8-bit blocks, in place.
