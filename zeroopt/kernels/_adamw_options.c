@@ -33,7 +33,8 @@
 #include <immintrin.h>
 #endif
 
-#define BLOCK 256  /* a multiple of ZK_LANES; ZK_CHUNK is a multiple of it */
+#define BLOCK 128  /* a multiple of ZK_LANES; ZK_CHUNK is a multiple of it. 128: 5-7% faster than
+                    * 256 here (five streams and the root between two loops), 64 slower */
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
