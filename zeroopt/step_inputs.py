@@ -70,13 +70,19 @@ def settle(grads, comm, norm_type: float | None, frozen_with_grads: torch.Tensor
                  else [local_norm_part(grads.shard, norm_type)])
     pending, used = grads.pending(), grads.used()
     device = grads.shard.device  # NCCL and XLA reduce device tensors only
-    vector = torch.cat([*norm_part, *(flags.to(device) for flags in
-                                      (pending, used, frozen_with_grads))])
-    comm.all_reduce(vector, op)
-    flags = vector[len(norm_part):].clone()
-    comm.all_reduce_over_replicas(flags, op)
-    pending, used, frozen = flags.cpu().split(
-        [len(pending), len(used), len(frozen_with_grads)])
+    if comm.lazy:  # XLA: the flags in a small graph of their own, the norm in the step's
+        flags = comm.host_all_reduce(torch.cat([pending, used, frozen_with_grads]), device, op)
+        vector = torch.cat(norm_part) if norm_part else None
+        if vector is not None:
+            comm.all_reduce(vector, op)
+    else:
+        vector = torch.cat([*norm_part, *(flags.to(device) for flags in
+                                          (pending, used, frozen_with_grads))])
+        comm.all_reduce(vector, op)
+        flags = vector[len(norm_part):].clone()
+        comm.all_reduce_over_replicas(flags, op)
+        flags = flags.cpu()
+    pending, used, frozen = flags.split([len(pending), len(used), len(frozen_with_grads)])
     late = (pending > 0).nonzero().flatten().tolist()
     if late:  # gradients outside backward
         grads.complete(late)

@@ -135,6 +135,25 @@ class Collectives:
         """
         raise NotImplementedError
 
+    #: True where collectives only trace into a lazy graph (XLA): a host read of a result
+    #: then runs the graph so far, so the step keeps host reads apart (``host_all_reduce``).
+    lazy: bool = False
+
+    def host_all_reduce(self, values: torch.Tensor, device: torch.device,
+                        op: str = "sum") -> torch.Tensor:
+        """``values`` (a small CPU tensor, the same shape on every rank) reduced over every
+        rank of the job (``all_reduce`` then ``all_reduce_over_replicas``, on ``device``, the
+        device this backend reduces), returned on the CPU: the step's agreement on facts only
+        the host knows.
+
+        Raises:
+            ValueError: ``op`` is not "sum", "max" or "min".
+        """
+        reduced = values.to(device)
+        self.all_reduce(reduced, op)
+        self.all_reduce_over_replicas(reduced, op)
+        return reduced.cpu()
+
     def all_reduce_over_replicas(self, tensor: torch.Tensor, op: str = "sum") -> None:
         """Reduce over the ranks that hold the same shard (``hierarchical.py``): what
         ``all_reduce`` left out. A no-op where every rank holds a shard of its own."""

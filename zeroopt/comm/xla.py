@@ -28,15 +28,28 @@ reduce-scatters skip xm's all-reduce token (dropping it at sync blocks with the 
 ``xm.all_reduce`` takes no channel id, so all-reduce is a reduce-scatter plus an all-gather;
 ``xm.rendezvous`` (all-gathers without channel ids) is not used.
 
-Known limit (torch_xla 2.9, CPU thread replicas): a multi-step ZeroOptimizer run still deadlocks
-now and then (one replica never reaches a collective; XLA aborts after 10 s). The collectives
-alone are reliable at W = 2, 3, 4 (tests/xla). ``ZEROOPT_XLA_TRACE=1`` prints every collective's
-channel, per rank, to debug it.
+Thread replicas share one process, one GIL and one PJRT client; four things keep a
+multi-step run from deadlocking there (each seen at W = 3 before it was fixed):
+
+- host reads are graphs of their own (``_host_read``): the step's agreement on which params
+  have gradients is read on the host, and neither the collective chain nor xm's all-reduce token
+  links that small graph to the step's collectives, which would otherwise run in both graphs;
+- ``cpu_replicas_environment`` selects PJRT's synchronous CPU client: with the asynchronous
+  one a replica that drops a tensor whose buffer is not yet written blocks in the release while
+  holding the GIL, and the graph that would write it waits in a collective for a replica that
+  needs the GIL;
+- ``mark_step()`` waits for the graph on thread replicas, so no replica traces ahead while
+  its last graph runs;
+- every ``XlaCollectives`` keeps one live tensor on its device: torch_xla 2.9 makes a sync
+  with no live tensor on a replica's device lock device 0, which replica 0 holds while its
+  graph waits in a collective for this one.
+
+``ZEROOPT_XLA_TRACE=1`` prints every collective's channel, per rank, to debug a stall.
 
 On TPU / GPU each process compiles for all its replicas and the plain ``xm`` collectives work;
 ``channel_ids`` is then off by default (``XlaCollectives(channel_ids=True)`` forces it).
 
-A second limit on CPU: torch_xla runs each replica's graph on its own thread pool, of
+One more limit on CPU: torch_xla runs each replica's graph on its own thread pool, of
 ``XLA_THREAD_POOL_SIZE`` threads (default: the number of CPUs), and a replica blocked in a
 collective holds its thread; with more replicas than threads the last ones never start and the
 others abort in the rendezvous. ``cpu_replicas_environment(n)`` sets the pool to at least ``n``
@@ -49,6 +62,7 @@ missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import threading
@@ -84,6 +98,12 @@ def cpu_replicas_environment(replicas: int, environ=None) -> dict:
         raise ValueError(f"replicas must be positive, got {replicas}")
     environ["PJRT_DEVICE"] = "CPU"
     environ["CPU_NUM_DEVICES"] = str(replicas)
+    # PJRT's asynchronous CPU client hands a graph's outputs back before they are written;
+    # a replica thread that then drops a tensor whose buffer is not yet defined blocks in the
+    # buffer release holding the GIL, while the graph waits in a collective for a replica
+    # that needs the GIL: a deadlock (most runs at W = 3). The synchronous client defines
+    # every output before the launch returns.
+    environ.setdefault("PJRT_CPU_ASYNC_CLIENT", "0")
     pool = int(environ.get("XLA_THREAD_POOL_SIZE") or 0)
     environ["XLA_THREAD_POOL_SIZE"] = str(max(pool, replicas, os.cpu_count() or 1))
     return environ
@@ -112,13 +132,27 @@ def xla_device() -> torch.device:
     return torch_xla.device()
 
 
-def mark_step(wait: bool = False) -> None:
+def mark_step(wait: bool | None = None) -> None:
     """The step boundary: run the traced graph (the whole update, collectives included) and
     start the next one. Put it once after ``opt.step()`` (and ``zero_grad()``) per iteration;
     anything that reads a value on the host (``.item()``, ``bool(t)``, ``.cpu()``) in between
-    cuts the graph there."""
-    torch_xla, _, _ = _import_xla()
+    cuts the graph there.
+
+    Args:
+        wait (bool | None): wait for the graph to finish. Default None: wait only where the
+            replicas are threads of one process (XLA:CPU, see the module notes), so that no
+            replica traces ahead, holding the GIL, while its graph still runs. On TPU/GPU
+            (a process per replica) the graph runs asynchronously.
+    """
+    torch_xla, _, xr = _import_xla()
+    if wait is None:
+        wait = _thread_replicas(xr)
     torch_xla.sync(wait=wait)
+
+
+def _thread_replicas(xr) -> bool:
+    """Whether this process runs several replicas as threads (XLA:CPU, CPU_NUM_DEVICES > 1)."""
+    return xr.device_type() == "CPU" and int(xr.world_size()) > 1
 
 
 def _check_cpu_pool(replicas: int) -> None:
@@ -177,8 +211,13 @@ class XlaCollectives(Collectives):
         if channel_ids is None:  # needed where the replicas are threads of one process
             channel_ids = xr.device_type() == "CPU"
         self.channel_ids = bool(channel_ids)
+        self._mode = threading.local()  # host_read: inside _host_read (per thread)
         if xr.device_type() == "CPU" and self.world_size > 1:
             _check_cpu_pool(self.world_size)
+            # torch_xla 2.9: a sync on a replica with no live tensor on its device locks
+            # device 0 instead of its own; while replica 0 runs a collective waiting for this
+            # one, that is a deadlock. One live tensor on our device keeps every sync here.
+            self._anchor = torch.zeros(1, device=self.device)
 
     # -- the raw collectives ---------------------------------------------------------------
 
@@ -188,6 +227,31 @@ class XlaCollectives(Collectives):
         channel = _channels.take(device, self._xm)
         return dict(groups=[list(range(self.world_size))], channel_id=channel,
                     use_global_device_ids=True)
+
+    @contextlib.contextmanager
+    def _host_read(self):
+        """Collectives whose results the host reads at once, in a small graph of their own.
+
+        A host read runs the graph of the tensor read, and everything it links to runs in
+        that graph; whatever the step's later graph also needs of it runs there again. Two
+        links would pull the step's collectives into such a small graph (and run them twice,
+        on some replicas only when their live tensors differ: a deadlock): the chain of
+        ``_in_order`` and xm's all-reduce token, which every all-gather threads through. So
+        inside this block collectives are not chained, and the token is dropped before (the
+        small graph does not link back) and after (the step's later collectives do not link
+        to it)."""
+        if not self.channel_ids:
+            yield
+            return
+        XLAC = self._torch_xla._XLAC
+        device = XLAC._xla_get_default_device()
+        XLAC._set_all_reduce_token(device, None)
+        self._mode.host_read = True
+        try:
+            yield
+        finally:
+            self._mode.host_read = False
+            XLAC._set_all_reduce_token(device, None)
 
     def _in_order(self, run, tensor: torch.Tensor) -> torch.Tensor:
         """``run(tensor, **channel)``, after this replica's previous collective (CPU replicas).
@@ -201,6 +265,8 @@ class XlaCollectives(Collectives):
         if not self.channel_ids:
             return run(tensor)
         device = self._torch_xla._XLAC._xla_get_default_device()
+        if getattr(self._mode, "host_read", False):  # unchained, and not chained after
+            return run(tensor, **self._channel(device))
         previous = _channels.last.get(device)
         if previous is not None:
             tensor = tensor.clone()
@@ -265,6 +331,17 @@ class XlaCollectives(Collectives):
 
     # -- base.Collectives --------------------------------------------------------------------
 
+    lazy = True
+
+    def host_all_reduce(self, values: torch.Tensor, device: torch.device,
+                        op: str = "sum") -> torch.Tensor:
+        """``values`` (small, CPU) reduced over the replicas and read back, in a graph of its
+        own that holds only this collective (``_host_read``)."""
+        if self.world_size == 1:
+            return values.clone()
+        with self._host_read():
+            return self._all_reduced(values.to(device), op).cpu()
+
     def reduce_bucket(self, bucket: torch.Tensor) -> Handle:
         """A reduce-scatter, copied into chunk ``rank``; returns ``Done()`` (see
         ``Collectives.reduce_bucket``)."""
@@ -312,11 +389,13 @@ class XlaCollectives(Collectives):
             return [obj]
         payload = pickle.dumps(obj)
         size = torch.tensor([len(payload)], dtype=torch.int32, device=self.device)
-        sizes = self._all_gather(size).cpu().tolist()  # runs the graph so far
+        with self._host_read():
+            sizes = self._all_gather(size).cpu().tolist()
         longest = max(sizes)
         data = torch.zeros(longest, dtype=torch.uint8)
         data[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        gathered = self._all_gather(data.to(self.device)).cpu()
+        with self._host_read():
+            gathered = self._all_gather(data.to(self.device)).cpu()
         return [pickle.loads(gathered[r * longest:r * longest + n].numpy().tobytes())
                 for r, n in enumerate(sizes)]
 
@@ -325,7 +404,8 @@ class XlaCollectives(Collectives):
         if self.world_size == 1:
             return
         flag = torch.ones(1, dtype=torch.int32, device=self.device)
-        got = int(self._all_reduced(flag, "sum").cpu()[0])
+        with self._host_read():
+            got = int(self._all_reduced(flag, "sum").cpu()[0])
         if got != self.world_size:
             raise RuntimeError(f"zeroopt: XLA barrier counted {got} of {self.world_size} "
                                "replicas")
