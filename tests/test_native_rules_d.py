@@ -92,6 +92,23 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((ia - ib).abs().max()) if a.numel() else 0
 
 
+def _both_phases_match(monkeypatch, group, native, other, step, decoupled, what):
+    """Phase 1 natively and on the torch path: sums within 1e-12; then phase 2 on the same
+    statistics: bit for bit (the grads phase 1 left are, too)."""
+    stats = ao.statistics(group, native, step, decoupled)
+    with _torch_path(monkeypatch):
+        want = ao.statistics(group, other, step, decoupled)
+    torch.testing.assert_close(stats, want, rtol=1e-12, atol=1e-300)
+    for a, b in zip(native.grads, other.grads):
+        assert torch.equal(a, b), f"{what}: phase 1's gradients differ"
+    ao.fused_step(group, native, step, want, decoupled)
+    with _torch_path(monkeypatch):
+        ao.fused_step(group, other, step, want, decoupled)
+    for (name, xs), (_, ys) in zip(_states(native), _states(other)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            assert torch.equal(x, y), f"{what}: {name}[{i}] off by {_ulps(x, y)} ulps"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("maximize,wd,decoupled", [(False, 0.0, True), (True, 0.1, True),
                                                    (False, 0.1, False)])
@@ -105,20 +122,7 @@ def test_native_matches_torch_path(monkeypatch, case, maximize, wd, decoupled):
         step = torch.tensor(float(k))
         for which in (native, other):
             _gradients(which, 100 + k)
-        stats = ao.statistics(group, native, step, decoupled)
-        with _torch_path(monkeypatch):
-            want = ao.statistics(group, other, step, decoupled)
-        torch.testing.assert_close(stats, want, rtol=1e-12, atol=1e-300)
-        # phase 2 on the same statistics: bit for bit (the grads phase 1 left are, too)
-        for a, b in zip(native.grads, other.grads):
-            assert torch.equal(a, b), f"{case}: phase 1's gradients differ"
-        ao.fused_step(group, native, step, want, decoupled)
-        with _torch_path(monkeypatch):
-            ao.fused_step(group, other, step, want, decoupled)
-        for (name, xs), (_, ys) in zip(_states(native), _states(other)):
-            for i, (x, y) in enumerate(zip(xs, ys)):
-                assert torch.equal(x, y), f"{case} step {k}: {name}[{i}] off by " \
-                                          f"{_ulps(x, y)} ulps"
+        _both_phases_match(monkeypatch, group, native, other, step, decoupled, f"{case} step {k}")
 
 
 @pytest.mark.parametrize("case", ["all3", "spd_cautious"])
@@ -158,16 +162,4 @@ def test_native_roots_of_tiny_and_zero_moments(monkeypatch, case):
                 grad[: grad.numel() // 2].mul_(1e-21)  # v ~ 1e-45..1e-40: subnormal, tiny
                 grad[::5] = 0.0
                 grad[1::97].mul_(1e-16)  # v ~ 1e-35: normal, below 2^-102
-        stats = ao.statistics(group, native, step, True)
-        with _torch_path(monkeypatch):
-            want = ao.statistics(group, other, step, True)
-        torch.testing.assert_close(stats, want, rtol=1e-12, atol=1e-300)
-        for a, b in zip(native.grads, other.grads):
-            assert torch.equal(a, b), f"{case}: phase 1's gradients differ"
-        ao.fused_step(group, native, step, want, True)
-        with _torch_path(monkeypatch):
-            ao.fused_step(group, other, step, want, True)
-        for (name, xs), (_, ys) in zip(_states(native), _states(other)):
-            for i, (x, y) in enumerate(zip(xs, ys)):
-                assert torch.equal(x, y), f"{case} step {k}: {name}[{i}] off by " \
-                                          f"{_ulps(x, y)} ulps"
+        _both_phases_match(monkeypatch, group, native, other, step, True, f"{case} step {k}")
