@@ -44,7 +44,7 @@ export PJRT_DEVICE=CPU
 # Up to 4 replicas per case; torch_xla's execution pool must hold one thread per replica.
 export XLA_THREAD_POOL_SIZE="${XLA_THREAD_POOL_SIZE:-$(( $(nproc) > 8 ? $(nproc) : 8 ))}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
-timeout "${ZEROOPT_XLA_TEST_TIMEOUT:-420}" "$PY" -m pytest -q -p no:cacheprovider tests/xla "$@"
+timeout "${ZEROOPT_XLA_TEST_TIMEOUT:-1800}" "$PY" -m pytest -q -p no:cacheprovider tests/xla "$@"
 rc=$?
-[[ $rc -eq 124 ]] && echo "FAILED: tests/xla did not finish within ${ZEROOPT_XLA_TEST_TIMEOUT:-420} s"
+[[ $rc -eq 124 ]] && echo "FAILED: tests/xla did not finish within ${ZEROOPT_XLA_TEST_TIMEOUT:-1800} s"
 exit $rc

@@ -92,9 +92,11 @@ def _adam_updates_views(device) -> bool:
     return bool((flat.cpu() != 1).all())
 
 
-def adamw():
-    """ZeroOptimizer (adamw, sharded over the replicas) on the XLA device against
-    torch.optim.AdamW on CPU fed the gradient averaged over the replicas' batches."""
+def train():
+    """ZeroOptimizer (``optimizer``, sharded over the replicas) on the XLA device against an
+    unsharded reference on the CPU fed the gradient averaged over the replicas' batches:
+    torch.optim.AdamW for "adamw", else zeroopt's own optimizer at W = 1 on the CPU (which
+    the main suite holds to each rule's reference package)."""
     import torch
 
     import zeroopt
@@ -102,6 +104,7 @@ def adamw():
 
     args = _args()
     steps, stage = int(args.get("steps", 4)), int(args.get("stage", 1))
+    name = args.get("optimizer", "adamw")
     comm = xla_collectives()
     dev, r, w = comm.device, comm.rank, comm.world_size
     updates_views = _adam_updates_views(dev)
@@ -118,11 +121,26 @@ def adamw():
         g = torch.Generator().manual_seed(1000 * step + rank)
         return torch.randn(6, 37, generator=g), torch.randn(6, 1, generator=g)
 
-    hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    hyper = dict(lr=1e-2, weight_decay=0.1, **args.get("hyper", {}))
+    if name == "adamw":
+        hyper.update(betas=(0.9, 0.99), eps=1e-8)
+    def groups(module):
+        """GaLore: the matrices projected (galore-torch's groups, a ``rank`` in the group)."""
+        params = list(module.parameters())
+        if "galore_rank" not in args:
+            return params
+        projected = dict(rank=int(args["galore_rank"]), update_proj_gap=2, scale=0.25,
+                         proj_type="std")
+        return [dict(params=[p for p in params if p.dim() == 2], **projected),
+                dict(params=[p for p in params if p.dim() != 2])]
+
     ref = model()
-    ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **hyper)
+    if name == "adamw":
+        ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **hyper)
+    else:
+        ref_opt = zeroopt.ZeroOptimizer(groups(ref), optimizer=name, **hyper)
     net = model().to(dev)
-    opt = zeroopt.ZeroOptimizer(net.parameters(), optimizer="adamw", stage=stage, backend="xla",
+    opt = zeroopt.ZeroOptimizer(groups(net), optimizer=name, stage=stage, backend="xla",
                                 bucket_numel=int(args.get("bucket_numel", 600)),
                                 skip_nonfinite=bool(args.get("skip_nonfinite", False)), **hyper)
     clip = float(args.get("clip", 0.0))
@@ -144,8 +162,9 @@ def adamw():
         for rank in range(w):  # the average of every replica's gradient
             xr_, yr_ = batch(rank, step)
             (torch.nn.functional.mse_loss(ref(xr_), yr_) / w).backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        if clip:  # a ZeroOptimizer consumes p.grad in backward: it clips with its own
+            (torch.nn.utils.clip_grad_norm_(ref.parameters(), clip) if name == "adamw"
+             else ref_opt.clip_grad_norm_(clip))
         ref_opt.step()
     got = [p.detach().cpu() for p in net.parameters()]
     init = list(model().parameters())
@@ -172,7 +191,7 @@ def _compile_count() -> int:
     return int(data[0]) if data else 0
 
 
-CHECKS = {"collectives": collectives, "adamw": adamw}
+CHECKS = {"collectives": collectives, "train": train}
 
 
 def _replica(index: int, name: str, results_dir: str) -> None:

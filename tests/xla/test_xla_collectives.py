@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("torch_xla", reason="torch_xla is not installed (see .ci/xla.sh)")
 
 HERE = pathlib.Path(__file__).resolve().parent
-TIMEOUT = int(os.environ.get("ZEROOPT_XLA_CASE_TIMEOUT", "240"))
+TIMEOUT = int(os.environ.get("ZEROOPT_XLA_CASE_TIMEOUT", "600"))
 
 
 def run_replicas(world: int, check: str, args: dict | None = None) -> dict[int, dict]:
@@ -62,27 +62,36 @@ def test_collectives(world):
         assert got["after_steps"] == [3.0 * w] * (2 * w)
 
 
-# ZeroOptimizer on XLA:CPU replicas: not yet reliable. Some multi-step runs deadlock in a
-# collective that one replica never reaches (XLA aborts after 10 s), so these run only when
-# asked for (ZEROOPT_XLA_OPTIMIZER=1), never as a flaky CI step. Observed: W=2 passes, W=3 and
-# W=4 deadlock now and then.
-OPT_IN = pytest.mark.skipif(
-    os.environ.get("ZEROOPT_XLA_OPTIMIZER") != "1",
-    reason="ZeroOptimizer on XLA:CPU thread replicas deadlocks intermittently (known limit, "
-           "see zeroopt/comm/xla.py); run with ZEROOPT_XLA_OPTIMIZER=1")
+# ZeroOptimizer on XLA:CPU replicas, sharded over W = 2, 3, 4 (sizes that do not divide: params
+# straddle the shard boundaries), stage 1 and 2, against an unsharded reference on the CPU fed
+# the replicas' averaged gradient (replicas.train). Tolerances: AdamW and Lion (torch.optim /
+# zeroopt at W = 1 on the CPU) differ only by XLA:CPU's float rounding of the same ops, a few
+# ulps of the ~0.06 the params move in 6 steps (1e-6); 8-bit AdamW within the same bound,
+# since the codes came out the same in every run (a flipped code would move a param by ~1e-4).
+CASES = [
+    ("adamw", 2, {"steps": 4}),
+    ("adamw", 2, {"steps": 6, "stage": 2, "clip": 0.05}),
+    ("adamw", 3, {"steps": 6}),
+    ("adamw", 4, {"steps": 6, "stage": 2, "clip": 0.05}),
+    ("lion", 2, {"steps": 6}),
+    ("lion", 3, {"steps": 6, "stage": 2}),
+    ("adamw_8bit", 2, {"steps": 6, "stage": 2}),
+    ("adamw_8bit", 3, {"steps": 6, "clip": 0.05}),
+]
+# Not yet here (issue 21 is open): stage 1 without clipping at W = 4 stalls in the first step
+# (replica 0 runs two graphs at once, one waiting in an all-gather, one in a reduce-scatter),
+# and GaLore's projected matrices stall at W = 2.
 
 
-@OPT_IN
-@pytest.mark.parametrize("world,args", [
-    (2, {"steps": 4}),
-    (2, {"steps": 6, "stage": 2, "clip": 0.05}),
-    (3, {"steps": 6}),
-    (4, {"steps": 6, "stage": 2, "clip": 0.05}),
-])
-def test_adamw_matches_torch_on_cpu(world, args):
-    results = run_replicas(world, "adamw", args)
+@pytest.mark.parametrize("optimizer,world,args", CASES,
+                         ids=[f"{o}-W{w}-stage{a.get('stage', 1)}" + ("-clip" if "clip" in a
+                              else "") for o, w, a in CASES])
+def test_optimizer_matches_unsharded_reference(optimizer, world, args):
+    results = run_replicas(world, "train", dict(args, optimizer=optimizer))
+    assert sorted(results) == list(range(world))
     for got in results.values():
         assert got["world_size"] == world
         assert got["adam_updates_views"]  # adam.py's foreach path (no fused kernel on XLA)
         assert got["moved"] > 1e-2  # the params did train
         assert got["max_abs_diff"] < 1e-6, got
+        assert got["compiles_in_later_steps"] == 0, got  # one graph shape per step: no retrace
