@@ -21,6 +21,10 @@ the non-finite check makes anyway):
 
 Only when some rank had gradients outside backward is the norm summed again, in a second small
 all-reduce after they are reduced.
+
+On XLA (``comm.lazy``) the flags go alone, through ``comm.host_all_reduce`` (a small graph of
+their own, read on the host), and the norm stays in the step's graph: read together, the host
+read would run the step's gradient collectives in that small graph.
 """
 
 from __future__ import annotations
