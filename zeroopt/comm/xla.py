@@ -35,9 +35,9 @@ multi-step run from deadlocking there (each seen at W = 3 before it was fixed):
   have gradients is read on the host, and neither the collective chain nor xm's all-reduce token
   links that small graph to the step's collectives, which would otherwise run in both graphs;
 - ``cpu_replicas_environment`` selects PJRT's synchronous CPU client: with the asynchronous
-  one a replica that drops a tensor whose buffer is not yet written blocks in the release while
-  holding the GIL, and the graph that would write it waits in a collective for a replica that
-  needs the GIL;
+  one a replica that drops a tensor could block in the release of a buffer a running graph
+  holds, while holding the GIL, and that graph waits in a collective for a replica that needs
+  the GIL;
 - ``mark_step()`` waits for the graph on thread replicas, so no replica traces ahead while
   its last graph runs;
 - every ``XlaCollectives`` keeps one live tensor on its device: torch_xla 2.9 makes a sync
@@ -98,11 +98,10 @@ def cpu_replicas_environment(replicas: int, environ=None) -> dict:
         raise ValueError(f"replicas must be positive, got {replicas}")
     environ["PJRT_DEVICE"] = "CPU"
     environ["CPU_NUM_DEVICES"] = str(replicas)
-    # PJRT's asynchronous CPU client hands a graph's outputs back before they are written;
-    # a replica thread that then drops a tensor whose buffer is not yet defined blocks in the
-    # buffer release holding the GIL, while the graph waits in a collective for a replica
-    # that needs the GIL: a deadlock (most runs at W = 3). The synchronous client defines
-    # every output before the launch returns.
+    # With PJRT's asynchronous CPU client a replica thread that drops a lazy tensor can block
+    # in the release of a buffer a running graph still holds (~DeviceData -> ReleaseBuffer)
+    # while holding the GIL, and that graph waits in a collective for a replica that needs
+    # the GIL: a deadlock (most runs at W = 3). With the synchronous client none was seen.
     environ.setdefault("PJRT_CPU_ASYNC_CLIENT", "0")
     pool = int(environ.get("XLA_THREAD_POOL_SIZE") or 0)
     environ["XLA_THREAD_POOL_SIZE"] = str(max(pool, replicas, os.cpu_count() or 1))
