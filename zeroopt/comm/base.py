@@ -142,17 +142,15 @@ class Collectives:
     def host_all_reduce(self, values: torch.Tensor, device: torch.device,
                         op: str = "sum") -> torch.Tensor:
         """``values`` (a small CPU tensor, the same shape on every rank) reduced over every
-        rank of the job (``all_reduce`` then ``all_reduce_over_replicas``, on ``device``, the
-        device this backend reduces), returned on the CPU: the step's agreement on facts only
-        the host knows.
+        rank of the job (on ``device``, the device this backend reduces), returned on the
+        CPU, in a graph of its own: the step's agreement on facts only the host knows, where
+        ``lazy``. Eager backends fold it into the step's one all-reduce (step_inputs.py).
 
         Raises:
-            ValueError: ``op`` is not "sum", "max" or "min".
+            NotImplementedError: a backend that is not ``lazy``.
         """
-        reduced = values.to(device)
-        self.all_reduce(reduced, op)
-        self.all_reduce_over_replicas(reduced, op)
-        return reduced.cpu()
+        raise NotImplementedError(f"{type(self).__name__} is not lazy: step_inputs.settle "
+                                  "all-reduces the flags with the norm")
 
     def all_reduce_over_replicas(self, tensor: torch.Tensor, op: str = "sum") -> None:
         """Reduce over the ranks that hold the same shard (``hierarchical.py``): what

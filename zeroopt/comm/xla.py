@@ -178,6 +178,8 @@ class _Channels:
         self.last: dict[str, torch.Tensor] = {}  # a piece of each replica's latest result
 
     def take(self, device: str, xm) -> int:
+        """The next channel id (int, from 1) of replica ``device`` ("xla:N"); the first one
+        since a sync also schedules ``reset`` for the end of this step (``xm`` registers it)."""
         with self._lock:
             channel = self._next.get(device)
             if channel is None:  # first since the last sync: restart at the next one
@@ -187,6 +189,7 @@ class _Channels:
             return channel
 
     def reset(self, device: str) -> None:
+        """Forget ``device``'s channel count and latest result: the next step starts at 1."""
         with self._lock:
             self._next.pop(device, None)
             self.last.pop(device, None)
@@ -298,6 +301,7 @@ class XlaCollectives(Collectives):
         XLAC = self._torch_xla._XLAC
 
         def run(t: torch.Tensor, groups, channel_id, use_global_device_ids) -> torch.Tensor:
+            """This rank's chunk of ``t`` (1-D) reduced by ``op``, on channel ``channel_id``."""
             token = XLAC._get_all_reduce_token(XLAC._xla_get_default_device())
             out, _ = XLAC._xla_reduce_scatter(op, t, token, 1.0, 0, self.world_size, groups,
                                               True, channel_id, use_global_device_ids)

@@ -39,25 +39,19 @@
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* Square roots of a block as zk_sqrt_block takes them (torch's), with the MKL_SSE way done
- * sixteen lanes at a time where the target has AVX-512: the same rsqrtps (on each half) and
- * the same rounded operations as zk_mkl_sse_sqrt8, the lanes MKL roots itself found with two
+ * sixteen lanes at a time where the target has AVX-512 (zk_mkl_sse_sqrt8 on each half), the
+ * lanes MKL roots itself found with two
  * integer compares (for x >= 0 and NaN, the float order is the bits' unsigned order), rooted
  * in one MKL call per block as there. Other ways, other targets: zk_sqrt_block itself. */
 #if defined(ZK_HAVE_MKL_SSE) && defined(__AVX512F__)
 #define OPTIONS_FAST_ROOT 1
+/* zk_mkl_sse_sqrt8 on each half: the same operations, lane for lane */
 static inline __m512 options_sse_root16(__m512 x) {
-    const __m512 half = _mm512_set1_ps(0.5f);
-    const __m256 y_lo = _mm256_rsqrt_ps(_mm512_castps512_ps256(x));
-    const __m256 y_hi = _mm256_rsqrt_ps(
+    const __m256 lo = zk_mkl_sse_sqrt8(_mm512_castps512_ps256(x));
+    const __m256 hi = zk_mkl_sse_sqrt8(
         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-    const __m512 y = _mm512_castpd_ps(_mm512_insertf64x4(
-        _mm512_castps_pd(_mm512_castps256_ps512(y_lo)), _mm256_castps_pd(y_hi), 1));
-    __m512 g = _mm512_mul_ps(x, y), h = _mm512_mul_ps(y, half);
-    const __m512 r = _mm512_sub_ps(half, _mm512_mul_ps(g, h));
-    g = _mm512_add_ps(_mm512_mul_ps(g, r), g);
-    h = _mm512_add_ps(_mm512_mul_ps(r, h), h);
-    const __m512 d = _mm512_sub_ps(x, _mm512_mul_ps(g, g));
-    return _mm512_add_ps(_mm512_mul_ps(d, h), g);
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)),
+                                               _mm256_castps_pd(hi), 1));
 }
 
 /* x[0..n) <- roots, n <= BLOCK. */
