@@ -21,10 +21,14 @@ rendezvous, but only 1 of them arrived"): the stall seen with ``xmp.spawn`` and 
 device, drawn by the replica's thread and by autograd's worker thread for its device alike; the
 same sequence on every rank since every rank issues the same collectives in the same order; reset
 at each ``torch_xla.sync()`` so every step's graph is the same and compiles once) with
-``use_global_device_ids`` over the one group of all replicas. Collectives are chained with
-optimization barriers so that each replica runs them in the order issued (XLA may otherwise
-reorder independent collectives differently in the replicas' different graphs), and
-reduce-scatters skip xm's all-reduce token (dropping it at sync blocks with the GIL held).
+``use_global_device_ids`` over the one group of all replicas. Each collective's input is
+computed from the previous collective's result (``_after``: plus a -0.0 derived from it), so
+that each replica runs them in the order issued: XLA:CPU's thunk executor runs the thunks of a
+graph concurrently wherever no buffer links them, and the replicas' graphs differ, so without
+that link one replica entered an all-gather while the others waited in the reduce-scatter
+before it (W = 4). An optimization barrier does not order them: it links values, not the
+buffers the executor sees. Reduce-scatters skip xm's all-reduce token (dropping it at sync
+blocks with the GIL held).
 ``xm.all_reduce`` takes no channel id, so all-reduce is a reduce-scatter plus an all-gather;
 ``xm.rendezvous`` (all-gathers without channel ids) is not used.
 
@@ -258,11 +262,11 @@ class XlaCollectives(Collectives):
     def _in_order(self, run, tensor: torch.Tensor) -> torch.Tensor:
         """``run(tensor, **channel)``, after this replica's previous collective (CPU replicas).
 
-        XLA orders the independent ops of one graph as it likes, and the replicas' graphs
-        differ (each updates its own chunk; a rank may own no element of a bucket), so two
-        replicas could enter the same graph's collectives in different orders and wait for
-        each other for ever. An optimization barrier over (the previous collective's result,
-        this one's input) chains them: every replica runs its collectives in the order it
+        XLA runs the independent ops of one graph in any order, concurrently on CPU, and the
+        replicas' graphs differ (each updates its own chunk; a rank may own no element of a
+        bucket), so two replicas could enter the same graph's collectives in different orders
+        and wait for each other for ever. Taking this input from the previous collective's
+        result (``_after``) chains them: every replica runs its collectives in the order it
         issued them, the same order everywhere."""
         if not self.channel_ids:
             return run(tensor)
@@ -271,8 +275,7 @@ class XlaCollectives(Collectives):
             return run(tensor, **self._channel(device))
         previous = _channels.last.get(device)
         if previous is not None:
-            tensor = tensor.clone()
-            self._xm.optimization_barrier_([previous, tensor])
+            tensor = _after(previous, tensor)
         channel = self._channel(device)
         if _tracing():  # ZEROOPT_XLA_TRACE=1: which collective got which channel, where
             import traceback
@@ -415,6 +418,17 @@ class XlaCollectives(Collectives):
 
 
 __all__ = ["XlaCollectives", "cpu_replicas_environment", "mark_step", "xla_available", "xla_collectives", "xla_device"]
+
+
+def _after(previous: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values, bit for bit, computed from ``previous`` (a one-element tensor) too:
+    plus -0.0 derived from it (x + -0.0 is x for every x, -0.0 included; XLA folds neither the
+    product of a variable by 0 nor its sum with -0.0, since inf and nan make them no-ops only
+    after ``nan_to_num``). The link is a buffer the executor sees, so it orders the two."""
+    zero = torch.nan_to_num(previous.float(), 0.0, 0.0, 0.0).abs().mul(0).neg()
+    if tensor.is_floating_point():
+        return tensor + zero.to(tensor.dtype)
+    return (tensor.to(torch.float64) + zero).to(tensor.dtype)  # integers exact up to 2**53
 
 
 def _tracing() -> bool:
