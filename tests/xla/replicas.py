@@ -182,6 +182,105 @@ def train():
             "cpu_fallbacks": _cpu_fallbacks()}
 
 
+_FAULTY: set[int] = set()  # replicas whose checkpoint writes fail (checkpoint's failing save)
+
+
+def checkpoint_model(torch):
+    """The model of ``checkpoint`` (the same init on every replica and in the test process)."""
+    with _RNG_LOCK:  # the replicas are threads of one process: one global RNG
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.Tanh(),
+                                   torch.nn.Linear(29, 23), torch.nn.Tanh(),
+                                   torch.nn.Linear(23, 1))
+
+
+def checkpoint_batch(step: int, rank: int, world: int):
+    """Rank ``rank``'s rows of step ``step``'s global batch of 12 (the same data at any W, so
+    runs at W = 1, 2, 3, 4 see the same averaged gradient)."""
+    import torch
+
+    g = torch.Generator().manual_seed(500 + step)
+    x, y = torch.randn(12, 37, generator=g), torch.randn(12, 1, generator=g)
+    rows = slice(rank * 12 // world, (rank + 1) * 12 // world)
+    return x[rows], y[rows]
+
+
+def checkpoint():
+    """save_checkpoint / load_checkpoint on XLA replicas. Args: ``dir`` (a directory shared by
+    the runs), ``optimizer``, ``stage``, ``steps``, and either ``save_at`` (train, save
+    ``dir/mid`` after that many steps, then a save that fails on the last replica, then train
+    on and save ``dir/end``) or ``resume`` (load ``dir/mid`` at this W, continue to ``steps``,
+    save ``dir/<tag>``). Returns the params after ``save_at`` steps and at the end, and what
+    the failing save did."""
+    import errno
+
+    import torch
+
+    import zeroopt
+    from zeroopt.checkpoint import errors
+    from zeroopt.comm.xla import mark_step, xla_collectives
+
+    args = _args()
+    root = pathlib.Path(args["dir"])
+    comm = xla_collectives()
+    dev, r, w = comm.device, comm.rank, comm.world_size
+    net = checkpoint_model(torch).to(dev)
+    opt = zeroopt.ZeroOptimizer(net.parameters(), optimizer=args.get("optimizer", "adamw"),
+                                stage=int(args.get("stage", 1)), backend="xla",
+                                bucket_numel=600, lr=1e-2, weight_decay=0.1)
+    mark_step()
+    out = {"world_size": w}
+    first = 0
+    if "resume" in args:
+        out["extra"] = zeroopt.load_checkpoint(str(root / args["resume"]), net, opt)
+        first = out["extra"]["step"]
+        mark_step()
+        out["loaded_params"] = [p.detach().cpu().reshape(-1).tolist() for p in net.parameters()]
+    for step in range(first, int(args["steps"])):
+        x, y = checkpoint_batch(step, r, w)
+        torch.nn.functional.mse_loss(net(x.to(dev)), y.to(dev)).backward()
+        opt.step()
+        opt.zero_grad()
+        mark_step()
+        if step + 1 == args.get("save_at"):
+            zeroopt.save_checkpoint(str(root / "mid"), net, opt, step=step + 1)
+            out["mid_params"] = [p.detach().cpu().reshape(-1).tolist() for p in net.parameters()]
+            out["failed_save"] = _failing_save(zeroopt, errors, errno, root, net, opt, r, w)
+    zeroopt.save_checkpoint(str(root / args.get("tag", "end")), net, opt, step=int(args["steps"]))
+    out["params"] = [p.detach().cpu().reshape(-1).tolist() for p in net.parameters()]
+    out["listing"] = sorted(p.name for p in root.iterdir())
+    return out
+
+
+def _failing_save(zeroopt, errors, errno, root, net, opt, rank, world) -> dict:
+    """A save over ``root/mid`` whose writes fail on the last replica (a full disk there):
+    every replica should raise the same CheckpointError and leave ``mid`` as it was."""
+    with _RNG_LOCK:  # once, for every replica's thread
+        if not getattr(errors.Writer, "_zeroopt_test_fault", False):
+            write = errors.Writer.write_data
+
+            def faulty(self, plan, planner):
+                import torch_xla.runtime as xr
+
+                if xr.global_ordinal() in _FAULTY:
+                    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+                return write(self, plan, planner)
+
+            errors.Writer.write_data = faulty
+            errors.Writer._zeroopt_test_fault = True
+    if rank == world - 1:
+        _FAULTY.add(rank)
+    try:
+        zeroopt.save_checkpoint(str(root / "mid"), net, opt, step=-1)
+        seen = {"raised": None}
+    except Exception as error:  # noqa: BLE001 - the test compares what each replica saw
+        seen = {"raised": type(error).__name__, "message": str(error)}
+    finally:
+        _FAULTY.discard(rank)
+    seen["listing"] = sorted(p.name for p in root.iterdir())
+    return seen
+
+
 def _cpu_fallbacks() -> list[str]:
     """aten ops that XLA ran on the CPU (each one cuts the graph and syncs)."""
     import torch_xla.debug.metrics as met
@@ -196,7 +295,7 @@ def _compile_count() -> int:
     return int(data[0]) if data else 0
 
 
-CHECKS = {"collectives": collectives, "train": train}
+CHECKS = {"checkpoint": checkpoint, "collectives": collectives, "train": train}
 
 
 def _replica(index: int, name: str, results_dir: str) -> None:

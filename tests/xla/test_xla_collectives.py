@@ -97,3 +97,69 @@ def test_optimizer_matches_unsharded_reference(optimizer, world, args):
         assert got["max_abs_diff"] < 1e-6, got
         assert got["compiles_in_later_steps"] == 0, got  # one graph shape per step: no retrace
         assert got["skipped_steps"] == (1 if "inf_step" in args else 0), got
+
+
+# save_checkpoint / load_checkpoint on XLA:CPU replicas (replicas.checkpoint; zeroopt runs DCP's
+# steps over the replicas' own collectives, checkpoint/stepwise.py): trained 3 of 6 steps and
+# saved at W, then a save that fails on the last replica; resumed at W and at another W from
+# the same files (resharding), and on one plain CPU process (SingleRank, no XLA). The global
+# batch is the same at every W, so every resumed run should end where the uninterrupted one
+# did: bit-identical at the same W (as measured), within a few float32 ulps at another W (the
+# gradient is averaged in another order; 3e-8 measured).
+@pytest.mark.parametrize("world,stage,other", [(3, 1, 2), (2, 2, 3)],
+                         ids=["W3-stage1-to-W2", "W2-stage2-to-W3"])
+def test_checkpoint_resumes_at_any_world_size(tmp_path, world, stage, other):
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import replicas
+
+    import zeroopt
+
+    common = {"dir": str(tmp_path), "steps": 6, "stage": stage}
+    saved = run_replicas(world, "checkpoint", dict(common, save_at=3))
+    first = saved[0]
+    for got in saved.values():  # the failing save: the same error everywhere, no debris
+        failed = got["failed_save"]
+        assert failed["raised"] == "CheckpointError", failed
+        assert failed["message"] == first["failed_save"]["message"]
+        assert f"failed on rank {world - 1}" in failed["message"]
+        assert "No space left on device" in failed["message"]
+        assert failed["listing"] == ["mid"], failed
+        assert got["params"] == first["params"] and got["mid_params"] == first["mid_params"]
+
+    def flat(params):
+        return torch.cat([torch.tensor(p) for p in params])
+
+    for resume_world, tolerance in ((world, 0.0), (other, 1e-6)):
+        resumed = run_replicas(resume_world, "checkpoint",
+                               dict(common, resume="mid", tag=f"w{resume_world}"))
+        for got in resumed.values():
+            assert got["extra"] == {"step": 3}
+            assert flat(got["loaded_params"]).equal(flat(first["mid_params"]))
+            assert float((flat(got["params"]) - flat(first["params"])).abs().max()) <= \
+                tolerance, resume_world
+
+    def load(tag):  # one plain process on the CPU: no XLA, no process group
+        net = replicas.checkpoint_model(torch)
+        opt = zeroopt.ZeroOptimizer(net.parameters(), optimizer="adamw", lr=1e-2,
+                                    weight_decay=0.1)
+        return net, opt, zeroopt.load_checkpoint(str(tmp_path / tag), net, opt)
+
+    net, opt, extra = load("mid")
+    assert extra == {"step": 3}
+    for step in range(3, 6):
+        x, y = replicas.checkpoint_batch(step, 0, 1)
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    params = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    assert float((params - flat(first["params"])).abs().max()) < 1e-6
+    states = {tag: load(tag)[1].state_dict()["state"] for tag in ("end", f"w{world}")}
+    states["cpu"] = opt.state_dict()["state"]
+    for tag, tolerance in ((f"w{world}", 0.0), ("cpu", 1e-6)):
+        for index, entry in states["end"].items():
+            for name, value in entry.items():
+                other_value = states[tag][index][name]
+                assert float((other_value.float() - value.float()).abs().max()) <= tolerance, \
+                    (tag, index, name)

@@ -5,6 +5,11 @@ what the whole job uses here: the optimizer's own group (nccl, gloo, hccl), the 
 for hierarchical sharding, and for MPI a gloo group bootstrapped over MPI (it only carries the
 save's small plans and hashes). A single rank with no process group needs none.
 
+XLA replicas have no process group of their own (on XLA:CPU they are threads of one process),
+so their job talks over the replicas' own collectives (``XlaCollectives.all_gather_object``,
+``barrier``: host reads that every replica makes at the same point) and runs DCP's steps over
+them (``stepwise.py``), after a ``mark_step`` that leaves no collective pending in the graph.
+
 A step that can fail on one rank runs through ``Job.gather`` or ``Job.run``: they end in an
 agreement, so a failure anywhere is raised on every rank (``errors.py``).
 """
@@ -15,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from ..comm import Hierarchical, SingleRank, TorchDistributed
-from . import errors
+from . import errors, stepwise
 from .errors import CheckpointError
 
 
@@ -35,6 +41,10 @@ class Job:
         world_size: the number of ranks in ``group``.
         writes_state: whether this rank writes the sharded optimizer state: with
             hierarchical sharding only the ranks of the first replica do; every rank reads.
+        collectives: collectives of the ranks' own (XLA's) to agree over instead of a process
+            group (then ``group`` is None): DCP runs step by step over them (``stepwise.py``).
+        sync: called on every rank before tensors are read to the host or copied back (XLA's
+            ``mark_step``); None: nothing to run.
     """
 
     group: Any  # the process group DCP coordinates over (None: the default group)
@@ -42,6 +52,8 @@ class Job:
     rank: int
     world_size: int
     writes_state: bool  # one replica writes the sharded state; every rank reads it
+    collectives: Any = None  # the ranks' own collectives (XLA), when there is no group
+    sync: Callable[[], None] | None = None
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (``torch.distributed.all_gather_object`` over ``group``).
@@ -54,6 +66,8 @@ class Job:
         """
         if not self.distributed:
             return [obj]
+        if self.collectives is not None:
+            return self.collectives.all_gather_object(obj)
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
@@ -61,8 +75,38 @@ class Job:
     def barrier(self) -> None:
         """Wait for every rank of ``group`` (``torch.distributed.barrier``); nothing when not
         distributed."""
-        if self.distributed:
+        if self.collectives is not None:
+            self.collectives.barrier()
+        elif self.distributed:
             dist.barrier(group=self.group)
+
+    def save(self, items: dict, writer) -> None:
+        """``torch.distributed.checkpoint.save`` of ``items`` with ``writer`` over this job's
+        ranks (step by step over ``collectives`` where there is no group: ``stepwise.save``).
+
+        Raises:
+            CheckpointException (DCP's) or CheckpointError (``stepwise``): the same on every
+            rank, if any rank fails.
+        """
+        if self.collectives is not None:
+            stepwise.save(items, writer, self)
+        else:
+            dcp.save(items, storage_writer=writer, process_group=self.group,
+                     no_dist=not self.distributed)
+
+    def load(self, items: dict, reader) -> dict:
+        """``torch.distributed.checkpoint.load`` into ``items`` (filled in place, and returned)
+        with ``reader`` over this job's ranks; raises as ``save`` does."""
+        if self.collectives is not None:
+            return stepwise.load(items, reader, self)
+        dcp.load(items, storage_reader=reader, process_group=self.group,
+                 no_dist=not self.distributed)
+        return items
+
+    def settle(self) -> None:
+        """Run ``sync`` (on every rank alike), if there is one."""
+        if self.sync is not None:
+            self.sync()
 
     def gather(self, what: str, fn: Callable[[], Any],
                keep: tuple[type, ...] = (CheckpointError,)) -> list[Any]:
@@ -107,17 +151,22 @@ def job_for(comm) -> Job:
             ``SingleRank``: one rank, no process group; ``Hierarchical``: the default group,
             the first replica writing the state; ``TorchDistributed``: its own group; MPI:
             the default group, a gloo one bootstrapped over MPI if torch.distributed is not
-            initialised.
+            initialised; XLA: no group, the replicas' own collectives, ``mark_step`` as sync.
 
     Returns:
         The ``Job``.
 
     Raises:
-        NotImplementedError: collectives with no torch.distributed process group (XLA).
+        NotImplementedError: other collectives with no torch.distributed process group.
         RuntimeError: the default group is needed and torch.distributed is not initialised.
     """
     if isinstance(comm, SingleRank):
         return Job(None, False, 0, 1, True)
+    if comm.backend == "xla":
+        from ..comm.xla import mark_step
+
+        return Job(None, comm.world_size > 1, comm.rank, comm.world_size, True,
+                   collectives=comm, sync=mark_step)
     writes = True
     if isinstance(comm, Hierarchical):
         writes = comm.replicas.rank == 0

@@ -55,8 +55,7 @@ def save_checkpoint(path: str, model: torch.nn.Module | None, optimizer, **extra
     try:
         staging = directory.staging_dir(path, job)
         with _quiet(), _dcp_errors("writing the tensors", job):
-            dcp.save(items, storage_writer=errors.Writer(staging), process_group=job.group,
-                     no_dist=not job.distributed)
+            job.save(items, errors.Writer(staging))
         directory.write_manifest(staging, job, {"world_size": job.world_size,
                                                 **compat.describe(model, optimizer)})
         directory.publish(staging, path, job)
@@ -94,9 +93,7 @@ def load_checkpoint(path: str, model: torch.nn.Module | None, optimizer) -> dict
 
     def read(items: dict) -> dict:
         with _quiet(), _dcp_errors(f"reading checkpoint {path}", job):
-            dcp.load(items, storage_reader=reader, process_group=job.group,
-                     no_dist=not job.distributed)
-        return items
+            return job.load(items, reader)
 
     if optimizer is not None:
         optimizer.finish_param_gather()  # no gather may land on the loaded params
@@ -139,10 +136,12 @@ def _dcp_errors(what: str, job):
 @contextlib.contextmanager
 def _quiet():
     """DCP's notices that are not news here: ShardedTensor's deprecation (it is what DCP reads
-    for uneven ranges) and "no process group: single process" (that is the intent)."""
+    for uneven ranges), "no process group: single process" (that is the intent), and the
+    TypedStorage deprecation that DCP's own file writer triggers (torch 2.9)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*ShardedTensor", FutureWarning)
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
         yield
 
 
