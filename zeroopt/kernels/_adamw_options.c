@@ -45,13 +45,22 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
  * in one MKL call per block as there. Other ways, other targets: zk_sqrt_block itself. */
 #if defined(ZK_HAVE_MKL_SSE) && defined(__AVX512F__)
 #define OPTIONS_FAST_ROOT 1
-/* zk_mkl_sse_sqrt8 on each half: the same operations, lane for lane */
+/* zk_mkl_sse_sqrt8's arithmetic sixteen lanes at a time: rsqrtps on each half (its
+ * approximation is the 256-bit instruction's, which the 512-bit rsqrt14 is not), then the
+ * same operations, lane for lane, on the whole vector. */
 static inline __m512 options_sse_root16(__m512 x) {
-    const __m256 lo = zk_mkl_sse_sqrt8(_mm512_castps512_ps256(x));
-    const __m256 hi = zk_mkl_sse_sqrt8(
+    const __m256 ylo = _mm256_rsqrt_ps(_mm512_castps512_ps256(x));
+    const __m256 yhi = _mm256_rsqrt_ps(
         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)),
-                                               _mm256_castps_pd(hi), 1));
+    const __m512 y = _mm512_castpd_ps(_mm512_insertf64x4(
+        _mm512_castps_pd(_mm512_castps256_ps512(ylo)), _mm256_castps_pd(yhi), 1));
+    const __m512 half = _mm512_set1_ps(0.5f);
+    __m512 g = _mm512_mul_ps(x, y), h = _mm512_mul_ps(y, half);
+    const __m512 r = _mm512_sub_ps(half, _mm512_mul_ps(g, h));
+    g = _mm512_add_ps(_mm512_mul_ps(g, r), g);
+    h = _mm512_add_ps(_mm512_mul_ps(r, h), h);
+    const __m512 d = _mm512_sub_ps(x, _mm512_mul_ps(g, g));
+    return _mm512_add_ps(_mm512_mul_ps(d, h), g);
 }
 
 /* x[0..n) <- roots, n <= BLOCK. */
@@ -67,7 +76,11 @@ static void options_sse_roots(int64_t n, float *x, zk_vml_sqrt fn) {
         const __m512i bits = _mm512_castps_si512(v);
         const __mmask16 normal = _mm512_cmple_epu32_mask(_mm512_sub_epi32(bits, lo), span);
         const __mmask16 zero = _mm512_testn_epi32_mask(bits, magnitude);
-        _mm512_mask_storeu_ps(x + i, normal & in, options_sse_root16(v));
+        const __m512 r = _mm512_mask_mov_ps(v, normal, options_sse_root16(v));
+        if (in == 0xffff)  /* a masked store is slow (Zen 4): the other lanes as they were */
+            _mm512_storeu_ps(x + i, r);
+        else
+            _mm512_mask_storeu_ps(x + i, in, r);
         for (unsigned rest = ~(unsigned)(normal | zero) & in; rest; rest &= rest - 1) {
             const int j = __builtin_ctz(rest);
             vals[count] = x[i + j];
@@ -293,40 +306,108 @@ typedef struct {
     float S, inv_s, neg_p, c, gamma, k, wd;
 } transform_hyper;
 
-static inline __attribute__((always_inline)) void transform_block_t(
-        const transform_hyper *th, int64_t e, float *restrict x, const float *restrict gb,
-        float *restrict mb, float *restrict vb, float *restrict sb, zk_vml_sqrt root,
+/* The step's two halves of one element, the options constants: first, the gradient's
+ * transforms, the decay, s, m and v (dir[i] <- v, gs[i] <- the gradient the moments saw,
+ * with grams); second, after the root of dir[i], the direction and x's update. */
+#define TRANSFORM_LOCALS(th)                                                               \
+    const adam_hyper a = (th)->a;                                                          \
+    const float S = (th)->S, inv_s = (th)->inv_s, neg_p = (th)->neg_p, c = (th)->c;       \
+    const float gamma = (th)->gamma, k = (th)->k, wd = (th)->wd;                           \
+    (void)S; (void)inv_s; (void)neg_p; (void)c; (void)gamma; (void)k; (void)wd
+
+#define TRANSFORM_FIRST(i, x, gb, mb, vb, sb, dir, gs)                                     \
+    do {                                                                                   \
+        float gi = gb[i], mi = mb[i];                                                      \
+        const float xi = x[i];                                                             \
+        if (AGR) gi = gi * ((-fabsf(gi) + S) * inv_s);  /* g.mul_(g.abs().neg_().add_(S).mul_(1 / S)) */ \
+        if (ORTHO) gi = fmaf(neg_p, xi, gi) * c;        /* g.add_(x, alpha=-p).mul_(c) */  \
+        if (L2) gi = fmaf(wd, xi, gi);                                                     \
+        if (GRAMS) gs[i] = gi;                                                             \
+        x[i] = xi * a.decay;  /* 1 without decay: exact */                                 \
+        if (TAM) {  /* s <- gamma s + (1 - gamma) cos; damping (s + 1) / 2 + eps */        \
+            const float si = sb[i] * gamma + k;                                            \
+            sb[i] = si;                                                                    \
+            mi = fmaf(a.omb1, (((si + 1.0f) * 0.5f) + a.eps) * gi, mi * a.b1);             \
+        } else {                                                                           \
+            mi = fmaf(a.lerp_coef, gi - mi, a.lerp_from_m ? mi : gi);                      \
+        }                                                                                  \
+        mb[i] = mi;                                                                        \
+        const float vi = fmaf(a.omb2 * gi, gi, vb[i] * a.b2);                              \
+        vb[i] = vi;                                                                        \
+        dir[i] = vi;                                                                       \
+    } while (0)
+
+#define TRANSFORM_SECOND(i, x, mb, dir, gs)                                                \
+    do {                                                                                   \
+        float d = (1.0f / (dir[i] / a.c2 + a.eps)) * mb[i] * a.bc1;                        \
+        if (GRAMS) d = fabsf(d) * ((float)(gs[i] > 0.0f) - (float)(gs[i] < 0.0f));         \
+        x[i] = fmaf(a.neg_lr, d, x[i]);                                                    \
+    } while (0)
+
+/* A whole block's first half and the previous block's second half in one loop: the first is
+ * multiplications, the second two divisions an element, and the core runs them side by side
+ * (in two loops the divider waited through the first). */
+static inline __attribute__((always_inline)) void transform_pair_t(
+        const transform_hyper *th, float *restrict x, const float *restrict gb,
+        float *restrict mb, float *restrict vb, float *restrict sb, float *restrict dir,
+        float *restrict gs, float *restrict xp, const float *restrict mp,
+        const float *restrict dp, const float *restrict gp,
         const int AGR, const int ORTHO, const int L2, const int TAM, const int GRAMS) {
-    const adam_hyper a = th->a;
-    const float S = th->S, inv_s = th->inv_s, neg_p = th->neg_p, c = th->c;
-    const float gamma = th->gamma, k = th->k, wd = th->wd;
-    float gs[BLOCK], dir[BLOCK];
-    for (int64_t i = 0; i < e; i++) {
-        float gi = gb[i], mi = mb[i];
-        const float xi = x[i];
-        if (AGR) gi = gi * ((-fabsf(gi) + S) * inv_s);  /* g.mul_(g.abs().neg_().add_(S).mul_(1 / S)) */
-        if (ORTHO) gi = fmaf(neg_p, xi, gi) * c;       /* g.add_(x, alpha=-p).mul_(c) */
-        if (L2) gi = fmaf(wd, xi, gi);
-        if (GRAMS) gs[i] = gi;
-        x[i] = xi * a.decay;  /* 1 without decay: exact */
-        if (TAM) {  /* s <- gamma s + (1 - gamma) cos; damping (s + 1) / 2 + eps */
-            const float si = sb[i] * gamma + k;
-            sb[i] = si;
-            mi = fmaf(a.omb1, (((si + 1.0f) * 0.5f) + a.eps) * gi, mi * a.b1);
+    TRANSFORM_LOCALS(th);
+    for (int64_t i = 0; i < BLOCK; i++) {
+        TRANSFORM_FIRST(i, x, gb, mb, vb, sb, dir, gs);
+        TRANSFORM_SECOND(i, xp, mp, dp, gp);
+    }
+}
+
+static inline __attribute__((always_inline)) void transform_first_t(
+        const transform_hyper *th, int64_t e, float *restrict x, const float *restrict gb,
+        float *restrict mb, float *restrict vb, float *restrict sb, float *restrict dir,
+        float *restrict gs, const int AGR, const int ORTHO, const int L2, const int TAM,
+        const int GRAMS) {
+    TRANSFORM_LOCALS(th);
+    for (int64_t i = 0; i < e; i++) TRANSFORM_FIRST(i, x, gb, mb, vb, sb, dir, gs);
+}
+
+static inline __attribute__((always_inline)) void transform_second_t(
+        const transform_hyper *th, int64_t e, float *restrict x, const float *restrict mb,
+        const float *restrict dir, const float *restrict gs, const int GRAMS) {
+    TRANSFORM_LOCALS(th);
+    for (int64_t i = 0; i < e; i++) TRANSFORM_SECOND(i, x, mb, dir, gs);
+}
+
+/* The step of n elements without ADOPT, BLOCK at a time, pipelined: block b's first half,
+ * with block b - 1's second half (transform_pair_t), then block b's roots. The options are
+ * constants (inlined into one function per combination, TRANSFORM_BLOCKS): an option that is
+ * off costs nothing, and a select (not a branch: -ftrapping-math forbids converting one) is
+ * not computed on both sides. The scalars are locals: in the OpenMP region GCC reloads them
+ * each iteration (they might alias the stores) and does not vectorize. */
+static inline __attribute__((always_inline)) void transform_span_t(
+        const transform_hyper *th, int64_t n, float *restrict x, const float *restrict g,
+        float *restrict m, float *restrict v, float *restrict s, zk_vml_sqrt root,
+        const int AGR, const int ORTHO, const int L2, const int TAM, const int GRAMS) {
+    float dir[2][BLOCK], gs[2][BLOCK];
+    int64_t prev = -1, prev_e = 0;
+    for (int64_t b = 0, q = 0; b < n; b += BLOCK, q ^= 1) {
+        const int64_t e = min64(BLOCK, n - b);
+        float *sb = TAM ? s + b : 0;
+        if (prev >= 0 && e == BLOCK) {
+            transform_pair_t(th, x + b, g + b, m + b, v + b, sb, dir[q], gs[q], x + prev,
+                             m + prev, dir[q ^ 1], gs[q ^ 1], AGR, ORTHO, L2, TAM, GRAMS);
         } else {
-            mi = fmaf(a.lerp_coef, gi - mi, a.lerp_from_m ? mi : gi);
+            if (prev >= 0)
+                transform_second_t(th, prev_e, x + prev, m + prev, dir[q ^ 1], gs[q ^ 1],
+                                   GRAMS);
+            transform_first_t(th, e, x + b, g + b, m + b, v + b, sb, dir[q], gs[q], AGR,
+                              ORTHO, L2, TAM, GRAMS);
         }
-        mb[i] = mi;
-        const float vi = fmaf(a.omb2 * gi, gi, vb[i] * a.b2);
-        vb[i] = vi;
-        dir[i] = vi;
+        options_roots(e, dir[q], root);
+        prev = b;
+        prev_e = e;
     }
-    options_roots(e, dir, root);
-    for (int64_t i = 0; i < e; i++) {
-        float d = (1.0f / (dir[i] / a.c2 + a.eps)) * mb[i] * a.bc1;
-        if (GRAMS) d = fabsf(d) * ((float)(gs[i] > 0.0f) - (float)(gs[i] < 0.0f));
-        x[i] = fmaf(a.neg_lr, d, x[i]);
-    }
+    if (prev >= 0)
+        transform_second_t(th, prev_e, x + prev, m + prev, dir[(n - 1) / BLOCK & 1],
+                           gs[(n - 1) / BLOCK & 1], GRAMS);
 }
 
 typedef void (*transform_block_fn)(const transform_hyper *, int64_t, float *, const float *,
@@ -336,7 +417,7 @@ typedef void (*transform_block_fn)(const transform_hyper *, int64_t, float *, co
     static void transform_block_##A##O##L##T##G(                                           \
             const transform_hyper *th, int64_t e, float *restrict x, const float *restrict gb, \
             float *restrict mb, float *restrict vb, float *restrict sb, zk_vml_sqrt root) { \
-        transform_block_t(th, e, x, gb, mb, vb, sb, root, A, O, L, T, G);                   \
+        transform_span_t(th, e, x, gb, mb, vb, sb, root, A, O, L, T, G);                    \
     }
 #define TRANSFORM_BLOCKS_G(A, O, L, T) TRANSFORM_BLOCK(A, O, L, T, 0) TRANSFORM_BLOCK(A, O, L, T, 1)
 #define TRANSFORM_BLOCKS_T(A, O, L) TRANSFORM_BLOCKS_G(A, O, L, 0) TRANSFORM_BLOCKS_G(A, O, L, 1)
@@ -375,9 +456,12 @@ void zk_options_transform_step(int64_t n, float *const *t, const double *h, doub
         const transform_hyper th = {a, S, inv_s, neg_p, c, gamma, k, wd};
         const transform_block_fn block =
             TRANSFORM_BLOCKS[agr | ortho << 1 | l2 << 2 | (s != 0) << 3 | a.grams << 4];
+        const int64_t chunks = zk_chunks(n);  /* ZK_CHUNK: a multiple of BLOCK */
         ZK_PARALLEL_FOR
-        for (int64_t b = 0; b < n; b += BLOCK)
-            block(&th, min64(BLOCK, n - b), p + b, g + b, m + b, v + b, s ? s + b : 0, root);
+        for (int64_t q = 0; q < chunks; q++) {
+            const int64_t b = q * ZK_CHUNK;
+            block(&th, min64(ZK_CHUNK, n - b), p + b, g + b, m + b, v + b, s ? s + b : 0, root);
+        }
         return;
     }
     ZK_PARALLEL_FOR
