@@ -66,7 +66,8 @@ class RegionStates:
         self._mapped = None
         self._saved_forms: dict[str, weakref.ref] = {}  # 4-bit: encoded()'s fp32 values
         if not kind.paged:
-            self.tensors = {name: torch.zeros(n, dtype=dtype, device=device)
+            order = {name: k for k, name in enumerate(names)}
+            self.tensors = {name: _zeros(n, dtype, device, order.get(name))
                             for name, (n, dtype) in sizes.items()}
         elif device.type == "cpu":
             self._mapped = paging.MappedFile(sizes, page_dir)
@@ -213,6 +214,44 @@ class RegionStates:
 
 
 _DECODE_NUMEL = 1 << 20  # elements decoded at a time for the saved form (whole 4-bit blocks)
+
+# Where a CPU state's first byte lies in its 4 KiB page: state k of a region at
+# _PAGE_OFFSET + (k + 1) _STAGGER. Every large buffer (params, gradients, each state) would
+# otherwise start at the same offset in its page (the allocator's), and a kernel streaming
+# five of them in step has its loads and stores 4 KiB apart: the CPU takes them for the same
+# address until the full addresses are compared (4K aliasing). Staggered 768 bytes apart, on
+# a 12.6M-element shard (AMD EPYC, one thread), torch's fused AdamW step and adamw_options.c's
+# steps ran up to 12% faster (0-12% between runs: it also depends on where the pages land).
+_PAGE = 4096
+_STAGGER = 768
+_PAGE_OFFSET = 64
+
+
+def _zeros(numel: int, dtype: torch.dtype, device: torch.device,
+           k: int | None) -> torch.Tensor:
+    """``torch.zeros(numel, dtype=dtype, device=device)``; on the CPU, state number ``k`` of
+    its region (None: a per-block scale, left where it falls) starts at its own offset in a
+    page (see ``_STAGGER``).
+
+    The tensor is a view of a slightly larger zeroed buffer (at most a page more) made with
+    ``torch.frombuffer``: its storage is exactly ``numel`` elements (``torch.save`` writes
+    those, as for a plain tensor) and keeps the buffer alive.
+
+    Returns:
+        A 1-D zeroed tensor of ``numel`` elements.
+    """
+    if device.type != "cpu" or k is None or numel == 0:
+        return torch.zeros(numel, dtype=dtype, device=device)
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.zeros(numel * size + _PAGE, dtype=torch.uint8)
+    try:
+        buffer = raw.numpy()
+    except RuntimeError:  # torch without numpy: where the allocator puts it
+        return torch.zeros(numel, dtype=dtype)
+    target = (_PAGE_OFFSET + (k + 1) * _STAGGER) % _PAGE
+    shift = (target - raw.data_ptr()) % _PAGE
+    shift -= shift % size  # element-aligned (the allocator's pointers are)
+    return torch.frombuffer(buffer, dtype=dtype, count=numel, offset=shift)
 
 
 def _zero_code(signed: bool) -> int:
