@@ -67,8 +67,14 @@ def transform_sums(group: dict, shard: ShardTensors, rows: int) -> list[list[flo
         Per piece, the ``rows`` sums adamw_options' ``_transform_sums`` takes.
     """
     moments = shard.states["exp_avg"] if group["tam"] else shard.params
-    return LIB.each("zk_options_transform_sums", [shard.grads, shard.params, moments],
-                    [_sign(group)], outputs=rows)
+    lists = [shard.grads, shard.params, moments]
+    spans = _spans(lists)
+    if spans is None:  # a call per piece
+        return LIB.each("zk_options_transform_sums", lists, [_sign(group)], outputs=rows)
+    sizes = [g.numel() for g in shard.grads]
+    flat = LIB.run("zk_options_transform_sums_pieces", spans,
+                   [_sign(group), len(sizes)] + sizes, outputs=rows * len(sizes))
+    return [flat[i:i + rows] for i in range(0, len(flat), rows)]
 
 
 def projection_sums(group: dict, shard: ShardTensors, t: int, rows: int) -> list[list[float]]:
@@ -99,13 +105,51 @@ def transform_step(group: dict, shard: ShardTensors, t: int, wd: float, decouple
     base = adam_hyper(group, t, decay)
     gamma, first = group["tam_decay_rate"], bool(group["adopt"] and t == 1)
     tam = shard.states["tam_s"] if group["tam"] else shard.params
-    for i, tensors in enumerate(zip(shard.params, shard.grads, shard.states["exp_avg"],
-                                    shard.states["exp_avg_sq"], tam)):
+    lists = [shard.params, shard.grads, shard.states["exp_avg"], shard.states["exp_avg_sq"],
+             tam]
+    hyper = []
+    for i in range(len(shard.params)):
         inv_s = scalars["inv_s"][i]
-        LIB.run("zk_options_transform_step", tensors, base + [
+        hyper.append(base + [
             bool(group["agr"] and inv_s), scalars["sums"][i], inv_s, bool(group["orthograd"]),
             -scalars["p"][i], scalars["c"][i], bool(group["tam"]), gamma,
             (1 - gamma) * scalars["cos"][i], wd != 0 and not decoupled, wd, first])
+    spans = _spans(lists)
+    if spans is None:  # a call per piece
+        for tensors, h in zip(zip(*lists), hyper):
+            LIB.run("zk_options_transform_step", tensors, h)
+        return
+    pieces = [len(hyper)]
+    for x, h in zip(shard.params, hyper):
+        pieces += [x.numel()] + h
+    LIB.run("zk_options_transform_step_pieces", spans, pieces)
+
+
+def _spans(lists: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+    """Each list's pieces as one tensor, where every list's pieces lie end to end in one
+    buffer (a window's pieces of the flat buffers and states do): the ``_pieces`` kernels
+    then take a whole window in one call.
+
+    Args:
+        lists: parallel lists of contiguous fp32 CPU tensors (``usable``'s).
+
+    Returns:
+        One 1-D view per list, over all its pieces; None where some list's pieces are not
+        adjacent in one storage (or are empty).
+    """
+    spans = []
+    for pieces in lists:
+        first = pieces[0]
+        at = first.data_ptr()
+        for t in pieces:
+            if t.numel() == 0 or t.data_ptr() != at:
+                return None
+            at += 4 * t.numel()  # fp32
+        try:  # raises where the pieces are not all in the first one's storage
+            spans.append(first.as_strided(((at - first.data_ptr()) // 4,), (1,)))
+        except RuntimeError:
+            return None
+    return spans
 
 
 def projection_apply(shard: ShardTensors, anchors: list[torch.Tensor], steps: list[float],

@@ -376,6 +376,81 @@ static inline __attribute__((always_inline)) void transform_second_t(
     for (int64_t i = 0; i < e; i++) TRANSFORM_SECOND(i, x, mb, dir, gs);
 }
 
+#ifdef OPTIONS_FAST_ROOT
+/* options_sse_roots on one whole group of sixteen: roots in place, the lanes MKL roots itself
+ * appended to vals / where (their index: at + lane), for one MKL call per block. */
+static inline void options_root_group(float *x, int at, float *vals, int *where, int *count) {
+    const __m512i lo = _mm512_set1_epi32(0x0c800000);
+    const __m512i span = _mm512_set1_epi32(0x7f7ff000 - 0x0c800000);
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    const __m512 v = _mm512_loadu_ps(x);
+    const __m512i bits = _mm512_castps_si512(v);
+    const __mmask16 normal = _mm512_cmple_epu32_mask(_mm512_sub_epi32(bits, lo), span);
+    const __mmask16 zero = _mm512_testn_epi32_mask(bits, magnitude);
+    _mm512_storeu_ps(x, _mm512_mask_mov_ps(v, normal, options_sse_root16(v)));
+    for (unsigned rest = ~(unsigned)(normal | zero) & 0xffffu; rest; rest &= rest - 1) {
+        const int j = __builtin_ctz(rest);
+        vals[*count] = x[j];
+        where[(*count)++] = at + j;
+    }
+}
+
+/* Three whole blocks, each in another stage, sixteen elements at a time: block t's first
+ * half (x, ...), block t - 1's roots (rdir, MKL_SSE's way), block t - 2's second half (xp,
+ * ...). The stages' operations are independent, so the core overlaps the first's
+ * multiplications, the roots' and the second's divisions. */
+static inline __attribute__((always_inline)) void transform_triple_t(
+        const transform_hyper *th, float *restrict x, const float *restrict gb,
+        float *restrict mb, float *restrict vb, float *restrict sb, float *restrict dir,
+        float *restrict gs, float *restrict rdir, float *restrict xp, const float *restrict mp,
+        const float *restrict dp, const float *restrict gp, zk_vml_sqrt root,
+        const int AGR, const int ORTHO, const int L2, const int TAM, const int GRAMS) {
+    TRANSFORM_LOCALS(th);
+    float vals[BLOCK];
+    int where[BLOCK], count = 0;
+    for (int64_t j = 0; j < BLOCK; j += 16) {
+        for (int64_t i = j; i < j + 16; i++) TRANSFORM_FIRST(i, x, gb, mb, vb, sb, dir, gs);
+        options_root_group(rdir + j, (int)j, vals, where, &count);
+        for (int64_t i = j; i < j + 16; i++) TRANSFORM_SECOND(i, xp, mp, dp, gp);
+    }
+    if (count) {
+        float roots[BLOCK];
+        root(count, vals, roots, ZK_VML_MODE);
+        for (int q = 0; q < count; q++) rdir[where[q]] = roots[q];
+    }
+}
+
+static inline __attribute__((always_inline)) void transform_span3_t(
+        const transform_hyper *th, int64_t n, float *restrict x, const float *restrict g,
+        float *restrict m, float *restrict v, float *restrict s, zk_vml_sqrt root,
+        const int AGR, const int ORTHO, const int L2, const int TAM, const int GRAMS) {
+    float dir[3][BLOCK], gs[3][BLOCK];
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    for (int64_t t = 0; t < blocks + 2; t++) {
+        const int64_t b = t * BLOCK, e = t < blocks ? min64(BLOCK, n - b) : 0;
+        const int q0 = (int)(t % 3), q1 = (int)((t + 2) % 3), q2 = (int)((t + 1) % 3);
+        float *sb = TAM ? s + b : 0;
+        if (t >= 2 && e == BLOCK) {  /* blocks t - 1 and t - 2 are whole: not the last */
+            const int64_t bp = b - 2 * BLOCK;
+            transform_triple_t(th, x + b, g + b, m + b, v + b, sb, dir[q0], gs[q0], dir[q1],
+                               x + bp, m + bp, dir[q2], gs[q2], root, AGR, ORTHO, L2, TAM,
+                               GRAMS);
+            continue;
+        }
+        if (t >= 2) {
+            const int64_t bp = b - 2 * BLOCK;
+            transform_second_t(th, min64(BLOCK, n - bp), x + bp, m + bp, dir[q2], gs[q2],
+                               GRAMS);
+        }
+        if (t >= 1 && t - 1 < blocks)
+            options_roots(min64(BLOCK, n - (b - BLOCK)), dir[q1], root);
+        if (t < blocks)
+            transform_first_t(th, e, x + b, g + b, m + b, v + b, sb, dir[q0], gs[q0], AGR,
+                              ORTHO, L2, TAM, GRAMS);
+    }
+}
+#endif
+
 /* The step of n elements without ADOPT, BLOCK at a time, pipelined: block b's first half,
  * with block b - 1's second half (transform_pair_t), then block b's roots. The options are
  * constants (inlined into one function per combination, TRANSFORM_BLOCKS): an option that is
@@ -386,6 +461,12 @@ static inline __attribute__((always_inline)) void transform_span_t(
         const transform_hyper *th, int64_t n, float *restrict x, const float *restrict g,
         float *restrict m, float *restrict v, float *restrict s, zk_vml_sqrt root,
         const int AGR, const int ORTHO, const int L2, const int TAM, const int GRAMS) {
+#ifdef OPTIONS_FAST_ROOT
+    if (root && __atomic_load_n(&zk_sqrt_mode, __ATOMIC_RELAXED) == ZK_SQRT_MKL_SSE) {
+        transform_span3_t(th, n, x, g, m, v, s, root, AGR, ORTHO, L2, TAM, GRAMS);
+        return;
+    }
+#endif
     float dir[2][BLOCK], gs[2][BLOCK];
     int64_t prev = -1, prev_e = 0;
     for (int64_t b = 0, q = 0; b < n; b += BLOCK, q ^= 1) {
@@ -491,6 +572,43 @@ void zk_options_transform_step(int64_t n, float *const *t, const double *h, doub
         }
         adam_direction(&a, e, gs, s ? damp : 0, mb, vb, dir, root);
         for (int64_t i = 0; i < e; i++) x[i] = fmaf(a.neg_lr, dir[i], x[i]);
+    }
+}
+
+/* Both phases over a window's pieces lying end to end in every buffer, in one call (a call
+ * from Python costs ~6 us; a window has a piece per param): t as the one-piece kernels' t,
+ * each pointer at the first piece. Each piece is computed by the one-piece kernel on it alone
+ * (its own chunks and blocks), so the results are those of a call per piece.
+ *
+ * Phase 1: h[0] sign, h[1] P (pieces), h[2..2+P) their lengths; out: 11 sums a piece, piece
+ * after piece. */
+void zk_options_transform_sums_pieces(int64_t n, float *const *t, const double *h,
+                                      double *out, int threads) {
+    const int64_t pieces = (int64_t)h[1];
+    int64_t at = 0;
+    for (int64_t q = 0; q < pieces; q++) {
+        const int64_t len = (int64_t)h[2 + q];
+        if (len < 0 || at + len > n) return;  /* not the caller's tensors: touch nothing */
+        float *const tq[3] = {t[0] + at, t[1] + at, t[2] + at};
+        zk_options_transform_sums(len, tq, h, out + q * T_ROWS, threads);
+        at += len;
+    }
+}
+
+/* Phase 2: h[0] P, then per piece TRANSFORM_PIECE values: its length and
+ * zk_options_transform_step's 24 hyperparameters. */
+#define TRANSFORM_PIECE 25
+void zk_options_transform_step_pieces(int64_t n, float *const *t, const double *h,
+                                      double *out, int threads) {
+    const int64_t pieces = (int64_t)h[0];
+    int64_t at = 0;
+    for (int64_t q = 0; q < pieces; q++) {
+        const double *hq = h + 1 + q * TRANSFORM_PIECE;
+        const int64_t len = (int64_t)hq[0];
+        if (len < 0 || at + len > n) return;
+        float *const tq[5] = {t[0] + at, t[1] + at, t[2] + at, t[3] + at, t[4] + at};
+        zk_options_transform_step(len, tq, hq + 1, out, threads);
+        at += len;
     }
 }
 
