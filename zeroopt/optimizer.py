@@ -29,7 +29,7 @@ import weakref
 
 import torch
 
-from . import gradient_source, modes, ownership, shard_windows, unfreezing
+from . import gradient_source, lazy_skip, modes, ownership, shard_windows, unfreezing
 from .algorithms import ShardTensors, get_preset
 from .algorithms.base import resolve_defaults
 from .checkpoint import state_dict as state_io
@@ -206,8 +206,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                            self.device, self.window_numel, page_dir, skip_nonfinite)
         gradient_source.connect_layerwise(self.grads, self.shard.whole)
         self._inputs: StepInputs | None = None  # agreed by clip_grad_norm_, reused by step()
-        self.skipped_steps = 0
-        self.last_step_skipped = False
+        self._skipped_steps = 0
+        self._last_step_skipped = False
         # Only a fully built optimizer takes the params over (one that raised above leaves the
         # older holder as it was).
         ownership.take_over([p for group in trainable for _, p in group], self)
@@ -262,13 +262,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if inputs is None:
             inputs = self._settle(2.0 if self.skip_nonfinite else None)
         norm = inputs.norm
-        self.last_step_skipped = norm is not None and not bool(torch.isfinite(norm))
-        if self.last_step_skipped or not inputs.active:
-            if self.last_step_skipped:
-                self.skipped_steps += 1
-                if self.comm.rank == 0:
-                    log.warning("zeroopt: gradient norm is %s; step skipped, states untouched "
-                                "(%d skipped so far)", norm.item(), self.skipped_steps)
+        on_device = norm is not None and self.comm.lazy  # XLA: no host read here (lazy_skip)
+        skipped = norm is not None and not on_device and not bool(torch.isfinite(norm))
+        self._last_step_skipped = skipped
+        if skipped or not inputs.active:
+            if skipped:
+                self._count_skipped(f"gradient norm is {norm.item()}")
             elif self.comm.rank == 0:
                 log.warning("zeroopt: step() found no gradient on any rank, so nothing was "
                             "updated (as torch.optim). Call loss.backward() before step(), "
@@ -277,6 +276,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.grads.consume()
             return loss
         self.shard.sync_masters()
+        if on_device:  # kept below only where the norm is finite
+            counts, groups = self.shard.host_counts(), lazy_skip.groups_before(self.param_groups)
+            guard = lazy_skip.Guard(self.shard.step_targets(), self.shard.whole.states.entries)
         for group in self.param_groups:
             if self.rule.before_step:
                 self.rule.before_step(group)
@@ -296,9 +298,42 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                   direct=shard_windows.one_pass_adam(self.rule, group, step,
                                                                      stats))
         self.shard.whole.step({self.layout.slots[k].index for k in inputs.active})
+        if on_device:
+            finite = torch.isfinite(norm)
+            guard.keep_if(finite)
+            self.shard.deferred = lazy_skip.Deferred(
+                finite, lambda: self.shard.restore_host_counts(counts),
+                lazy_skip.changed_keys(groups, self.param_groups), self.param_groups,
+                lambda: self._count_skipped("gradient norm is not finite"))
         self.grads.consume()  # a rule may have overwritten them (as DeepSpeed zeroes them)
         self.publish_params(wait=False)
         return loss
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps ``skip_nonfinite`` skipped (inf/nan gradient norm). On XLA the last
+        step's is counted when first asked (a host read; see lazy_skip.py)."""
+        self.shard.settle_deferred()
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, count: int) -> None:
+        self.shard.settle_deferred()
+        self._skipped_steps = int(count)
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last ``step()`` was skipped (``skip_nonfinite``). On XLA a host read of
+        the step's decision, made on the device (lazy_skip.py)."""
+        self.shard.settle_deferred()
+        return self._last_step_skipped
+
+    def _count_skipped(self, why: str) -> None:
+        self._skipped_steps += 1
+        self._last_step_skipped = True
+        if self.comm.rank == 0:
+            log.warning("zeroopt: %s; step skipped, states untouched (%d skipped so far)", why,
+                        self._skipped_steps)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients taken since the last step, as torch.optim: after
@@ -431,6 +466,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Reduce the rest of this step's gradients and agree with every rank on which params
         have one, and on the norm (step_inputs.py: one small all-reduce). Params frozen at
         construction that have a gradient now are laid out first (unfreezing.py)."""
+        self.shard.settle_deferred()  # the last step's counts first (lazy_skip.py)
         inputs = settle(self.grads, self.comm, norm_type, self._frozen.with_grads())
         if inputs.unfrozen:
             params = self._frozen.take(inputs.unfrozen)

@@ -55,6 +55,7 @@ class Shard:
         self.regions: list[RegionStates] = []
         self._step_counts: list[int] = []
         self._window_cache: dict[tuple[int, frozenset[int]], list[shard_windows.Window]] = {}
+        self.deferred = None  # lazy_skip.Deferred: the last step, its skip not yet counted
         self._add_buffers(0)
         self.whole = WholeTensors(self, skip_nonfinite)
         for g in range(len(param_groups)):
@@ -177,6 +178,7 @@ class Shard:
     def param_steps(self) -> torch.Tensor:
         """torch.optim's per-param ``step`` counts, fp32, indexed by state_dict index (0 for
         params never stepped and params not trained)."""
+        self.settle_deferred()
         counts = torch.zeros(sum(len(g["params"]) for g in self.param_groups))
         for slot, count in zip(self.layout.slots, self._step_counts):
             counts[slot.index] = float(count)
@@ -185,8 +187,42 @@ class Shard:
     def load_param_steps(self, counts) -> None:
         """Set the per-param step counts from ``counts[state_dict index]`` (a sequence or a
         dict, as ``param_steps()`` returns)."""
+        self.settle_deferred()
         for k, slot in enumerate(self.layout.slots):
             self._step_counts[k] = int(counts[slot.index])
+
+    # -- skip_nonfinite on lazy backends (lazy_skip.py) ----------------------------------
+
+    def step_targets(self) -> list[torch.Tensor]:
+        """Every tensor a step writes in place: the 16-bit params' masters, every region's
+        stored states, this rank's chunks of the fp32 flat buffers (the params themselves)
+        and the whole params it owns."""
+        targets = list(self.masters.values())
+        for region in self.regions:
+            targets += list(region.tensors.values())
+        for buffer in self.layout.buffers:
+            if buffer.index not in self.masters:
+                targets += [self.layout.owned_view(buffer.data, bucket)
+                            for bucket in buffer.buckets]
+        return targets + [owned.param for owned in self.whole.all_owned()]
+
+    def host_counts(self) -> tuple[list[int], dict[int, int]]:
+        """The step counts the host keeps (per flat param, per whole param's state), for
+        ``restore_host_counts``."""
+        return list(self._step_counts), self.whole.host_counts()
+
+    def restore_host_counts(self, counts: tuple[list[int], dict[int, int]]) -> None:
+        """Put back what ``host_counts`` returned (params laid out since keep their counts)."""
+        flat, whole = counts
+        self._step_counts[:len(flat)] = flat
+        self.whole.restore_host_counts(whole)
+
+    def settle_deferred(self) -> None:
+        """Count the last step if its skip was decided on the device (``self.deferred``, a
+        ``lazy_skip.Deferred``): a host read, once."""
+        deferred, self.deferred = self.deferred, None
+        if deferred is not None:
+            deferred.settle()
 
     def stepped(self) -> list[int]:
         """Positions (in ``layout.slots``) of the params stepped at least once."""
@@ -244,6 +280,7 @@ class Shard:
         counts (torch.optim's per-param ``step``), as ``(step, windows)``. Almost always one
         class per group. A class's first step sets its initial values. Params stepped during
         backward since the last step (whole_tensors.py) are left out."""
+        self.settle_deferred()
         plan = []
         for g, positions in enumerate(self.positions_in_group):
             by_count: dict[int, list[int]] = {}

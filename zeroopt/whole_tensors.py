@@ -206,6 +206,19 @@ class WholeTensors:
             state["step"] += 1
             self.rule.tensor_step(group, owned.param, owned.grad, state, state["step"])
 
+    def host_counts(self) -> dict[int, int]:
+        """Each per-tensor state's step count, by param index (``restore_host_counts``)."""
+        return {index: entry["step"] for index, entry in self.states.entries.items()}
+
+    def restore_host_counts(self, counts: dict[int, int]) -> None:
+        """Put back what ``host_counts`` returned; states created since are dropped (their
+        step was skipped, so torch.optim would have none)."""
+        for index in list(self.states.entries):
+            if index in counts:
+                self.states.entries[index]["step"] = counts[index]
+            else:
+                self.states.forget(index)
+
     def nbytes(self) -> int:
         """Bytes of the per-tensor states of this rank's whole params, 8-bit ones as stored
         (``TensorStates.nbytes``)."""

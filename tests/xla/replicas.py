@@ -140,9 +140,10 @@ def train():
     else:
         ref_opt = zeroopt.ZeroOptimizer(groups(ref), optimizer=name, **hyper)
     net = model().to(dev)
+    options = {k: args[k] for k in ("skip_nonfinite",) if k in args}  # else the default: on
     opt = zeroopt.ZeroOptimizer(groups(net), optimizer=name, stage=stage, backend="xla",
-                                bucket_numel=int(args.get("bucket_numel", 600)),
-                                skip_nonfinite=bool(args.get("skip_nonfinite", False)), **hyper)
+                                bucket_numel=int(args.get("bucket_numel", 600)), **options,
+                                **hyper)
     clip = float(args.get("clip", 0.0))
     mark_step()
     compiles = []

@@ -27,10 +27,13 @@ that each replica runs them in the order issued: XLA:CPU's thunk executor runs t
 graph concurrently wherever no buffer links them, and the replicas' graphs differ, so without
 that link one replica entered an all-gather while the others waited in the reduce-scatter
 before it (W = 4). An optimization barrier does not order them: it links values, not the
-buffers the executor sees. Reduce-scatters skip xm's all-reduce token (dropping it at sync
-blocks with the GIL held).
-``xm.all_reduce`` takes no channel id, so all-reduce is a reduce-scatter plus an all-gather;
-``xm.rendezvous`` (all-gathers without channel ids) is not used.
+buffers the executor sees. xm's own chain, its all-reduce token, is dropped before each
+collective: torch_xla 2.9 makes each new token ``token * result[0]``, so an inf result (an
+overflowing gradient) turned every later collective's input into nan, the params' all-gather of
+a skipped step included. Reduce-scatters also leave no token behind (dropping one at sync
+blocks with the GIL held). ``xm.all_reduce`` takes no channel id, so all-reduce is a
+reduce-scatter plus an all-gather; ``xm.rendezvous`` (all-gathers without channel ids) is not
+used.
 
 Thread replicas share one process, one GIL and one PJRT client; four things keep a
 multi-step run from deadlocking there (each seen at W = 3 before it was fixed):
@@ -50,8 +53,10 @@ multi-step run from deadlocking there (each seen at W = 3 before it was fixed):
 
 ``ZEROOPT_XLA_TRACE=1`` prints every collective's channel, per rank, to debug a stall.
 
-On TPU / GPU each process compiles for all its replicas and the plain ``xm`` collectives work;
-``channel_ids`` is then off by default (``XlaCollectives(channel_ids=True)`` forces it).
+On TPU / GPU each replica is a process and its collectives meet by the compiled program, so
+``channel_ids`` is off by default there (``XlaCollectives(channel_ids=True)`` forces it); the
+chain, the dropped token and the step's one graph are the same. None of that has run on a TPU
+here (no TPU in CI).
 
 One more limit on CPU: torch_xla runs each replica's graph on its own thread pool, of
 ``XLA_THREAD_POOL_SIZE`` threads (default: the number of CPUs), and a replica blocked in a
@@ -172,6 +177,16 @@ def _check_cpu_pool(replicas: int) -> None:
 class _Channels:
     """The next channel id of each replica, by its XLA device ("xla:0", "xla:1", ...).
 
+    A graph's channel ids must follow from its shape alone: torch_xla's graph cache key leaves
+    them out, so a graph traced with other ids than an earlier graph of the same shape runs the
+    earlier one's executable, with the earlier ids. Were those ids to depend on anything else,
+    a replica whose graph is new (one replica's gradient overflowed: another op) would compile
+    the ids it traced while the others reran old ones, and they would wait on different
+    channels (seen at W = 3 after a barrier had taken ids mid-step). So each step's graph
+    numbers its collectives from 1 in the order issued (``take``, reset at each sync), and
+    each host read's graph numbers its own from 1 (``XlaCollectives._host_read``), leaving
+    the step's numbering alone.
+
     Keyed by device, not by thread: a replica issues collectives from its own thread and from
     autograd's worker thread for its device (the gradient hooks), and both must draw from one
     sequence."""
@@ -228,9 +243,16 @@ class XlaCollectives(Collectives):
     # -- the raw collectives ---------------------------------------------------------------
 
     def _channel(self, device: str) -> dict:
-        """Keyword arguments that pin one collective's rendezvous (CPU replicas)."""
-        # back to 1 after each sync, so that every step traces the same graph
-        channel = _channels.take(device, self._xm)
+        """Keyword arguments that pin one collective's rendezvous: a channel id over the one
+        group of all replicas where the replicas are threads (``channel_ids``), else none.
+        The first of a step also schedules ``_Channels.reset`` for its sync."""
+        if getattr(self._mode, "host_read", False):  # its own graph: numbered from 1
+            self._mode.host_channel += 1
+            channel = self._mode.host_channel
+        else:  # back to 1 after each sync, so that every step traces the same graph
+            channel = _channels.take(device, self._xm)
+        if not self.channel_ids:
+            return dict(groups=None, channel_id=None, use_global_device_ids=None)
         return dict(groups=[list(range(self.world_size))], channel_id=channel,
                     use_global_device_ids=True)
 
@@ -242,35 +264,36 @@ class XlaCollectives(Collectives):
         that graph; whatever the step's later graph also needs of it runs there again. Two
         links would pull the step's collectives into such a small graph (and run them twice,
         on some replicas only when their live tensors differ: a deadlock): the chain of
-        ``_in_order`` and xm's all-reduce token, which every all-gather threads through. So
-        inside this block collectives are not chained, and the token is dropped before (the
-        small graph does not link back) and after (the step's later collectives do not link
-        to it)."""
-        if not self.channel_ids:
-            yield
-            return
+        ``_in_order`` and xm's all-reduce token. So inside this block collectives are not
+        chained, and the token is dropped after it too (the step's later collectives do not
+        link to it). Their channels are numbered from 1 in each such graph, apart from the
+        step's: see ``_Channels``."""
         XLAC = self._torch_xla._XLAC
-        device = XLAC._xla_get_default_device()
-        XLAC._set_all_reduce_token(device, None)
-        self._mode.host_read = True
+        self._mode.host_read, self._mode.host_channel = True, 0
         try:
             yield
         finally:
             self._mode.host_read = False
-            XLAC._set_all_reduce_token(device, None)
+            XLAC._set_all_reduce_token(XLAC._xla_get_default_device(), None)
 
     def _in_order(self, run, tensor: torch.Tensor) -> torch.Tensor:
-        """``run(tensor, **channel)``, after this replica's previous collective (CPU replicas).
+        """``run(tensor, **self._channel(...))``, after this replica's previous collective.
 
         XLA runs the independent ops of one graph in any order, concurrently on CPU, and the
         replicas' graphs differ (each updates its own chunk; a rank may own no element of a
         bucket), so two replicas could enter the same graph's collectives in different orders
         and wait for each other for ever. Taking this input from the previous collective's
         result (``_after``) chains them: every replica runs its collectives in the order it
-        issued them, the same order everywhere."""
-        if not self.channel_ids:
-            return run(tensor)
-        device = self._torch_xla._XLAC._xla_get_default_device()
+        issued them, the same order everywhere.
+
+        xm's own chain, its all-reduce token, is dropped before each collective, so that
+        each one adds a fresh zero token to its input: torch_xla 2.9 makes the next token
+        ``token * result[0]``, which an inf result (an overflowing gradient) turns into nan,
+        and that nan into every later collective's input (the params' all-gather of a step
+        ``skip_nonfinite`` skips included). ``_after`` ignores inf and nan."""
+        XLAC = self._torch_xla._XLAC
+        device = XLAC._xla_get_default_device()
+        XLAC._set_all_reduce_token(device, None)
         if getattr(self._mode, "host_read", False):  # unchained, and not chained after
             return run(tensor, **self._channel(device))
         previous = _channels.last.get(device)
@@ -290,34 +313,31 @@ class XlaCollectives(Collectives):
     def _reduce_scatter(self, flat: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """``flat`` (1-D, numel divisible by world_size) reduced over ranks; returns this
         rank's chunk, a new tensor."""
-        if not self.channel_ids:
-            return self._xm.reduce_scatter(op, flat, 1.0, 0, self.world_size)
         return self._in_order(self._untokened_reduce_scatter(op), flat)
 
     def _untokened_reduce_scatter(self, op: str):
-        """xm.reduce_scatter without its all-reduce token. xm threads a token through every
-        reduce-scatter of a replica and ``torch_xla.sync()`` drops it afterwards; with replicas
-        as threads, dropping it waits for the graph just launched while holding the GIL, and
-        that graph waits in a collective for the other replicas, which need the GIL to launch
-        theirs: a deadlock (seen at W=2 within a few steps). The barrier chain of
-        ``_in_order`` orders the collectives instead."""
+        """xm.reduce_scatter without keeping its new all-reduce token. xm threads a token
+        through every reduce-scatter of a replica and ``torch_xla.sync()`` drops it
+        afterwards; with replicas as threads, dropping it waits for the graph just launched
+        while holding the GIL, and that graph waits in a collective for the other replicas,
+        which need the GIL to launch theirs: a deadlock (seen at W=2 within a few steps).
+        The chain of ``_in_order`` orders the collectives instead."""
         XLAC = self._torch_xla._XLAC
 
         def run(t: torch.Tensor, groups, channel_id, use_global_device_ids) -> torch.Tensor:
             """This rank's chunk of ``t`` (1-D) reduced by ``op``, on channel ``channel_id``."""
             token = XLAC._get_all_reduce_token(XLAC._xla_get_default_device())
-            out, _ = XLAC._xla_reduce_scatter(op, t, token, 1.0, 0, self.world_size, groups,
-                                              True, channel_id, use_global_device_ids)
+            out, _ = XLAC._xla_reduce_scatter(op, t, token, 1.0, 0, self.world_size,
+                                              groups or [], True, channel_id,
+                                              use_global_device_ids)
             return out
 
         return run
 
     def _all_gather(self, chunk: torch.Tensor) -> torch.Tensor:
         """Every rank's 1-D ``chunk``, concatenated in rank order (a new tensor)."""
-        if self.channel_ids:
-            return self._in_order(lambda t, **channel: self._xm.all_gather(
-                t, 0, pin_layout=False, **channel), chunk)
-        return self._xm.all_gather(chunk, 0)
+        return self._in_order(lambda t, **channel: self._xm.all_gather(
+            t, 0, pin_layout=False, **channel), chunk)
 
     def _all_reduced(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         """``tensor`` reduced over ranks, as a new tensor of its shape."""
@@ -325,8 +345,6 @@ class XlaCollectives(Collectives):
             raise ValueError(f"all_reduce op must be one of {_REDUCE_TYPES}, got {op!r}")
         if self.world_size == 1:
             return tensor.clone()
-        if not self.channel_ids:
-            return self._xm.all_reduce(op, tensor)
         flat = tensor.reshape(-1)
         n = flat.numel()
         padded = -(-max(n, 1) // self.world_size) * self.world_size
