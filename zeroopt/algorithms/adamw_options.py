@@ -253,7 +253,7 @@ def statistics(group: dict, shard: ShardTensors, step: torch.Tensor,
     elif group["spd"] and not (group["adopt"] and t == 1) and native(group, shard):
         rows = native_kernels.projection_sums(group, shard, t, _PROJECTION_ROWS)
     if rows is not None:  # one pass per piece (maximize's negation included)
-        return _per_param(shard, list(torch.tensor(rows, dtype=torch.float64)), len(rows[0]))
+        return _per_param(shard, torch.tensor(rows, dtype=torch.float64), len(rows[0]))
     if group["maximize"]:
         torch._foreach_neg_(shard.grads)  # consumed; phase 2 takes them as they are
     if _on(group, TRANSFORMS):
@@ -279,11 +279,17 @@ def _sums(vectors: list[torch.Tensor], terms) -> torch.Tensor:
     return out
 
 
-def _per_param(shard: ShardTensors, pieces: list[torch.Tensor], rows: int) -> torch.Tensor:
-    if not pieces:
+def _per_param(shard: ShardTensors, pieces: list[torch.Tensor] | torch.Tensor,
+               rows: int) -> torch.Tensor:
+    """``[rows, num_params]``: each row's values per piece (a tensor per piece, or a
+    ``[pieces, rows]`` table) summed per param, as ``shard.per_param`` sums one row (the same
+    additions, in the same order), all rows in one ``index_add_``."""
+    if len(pieces) == 0:
         return torch.zeros(rows, shard.num_params, dtype=torch.float64)
-    table = torch.stack(pieces)
-    return torch.stack([shard.per_param(table[:, r]) for r in range(rows)])
+    table = torch.stack(pieces) if isinstance(pieces, list) else pieces
+    out = torch.zeros(shard.num_params, rows, dtype=torch.float64, device=table.device)
+    out.index_add_(0, shard.param_index.to(table.device), table.double())
+    return out.t().contiguous()
 
 
 # vectors: 0 g, 1 x, 2 m, then 3 a = |g|, 4 g a   (m = x where tam is off: its rows unused)
@@ -367,8 +373,9 @@ def _transform_step(group: dict, shard: ShardTensors, t: int, totals: torch.Tens
                     decoupled: bool) -> None:
     wd = effective_weight_decay(group, t)
     scalars = transform_scalars(group, totals, 0.0 if decoupled else wd)
-    inv_s, p, c, cos = (shard.per_piece(scalars[k]) for k in ("inv_s", "p", "c", "cos"))
-    sums = shard.per_piece(totals[0])
+    rows = [scalars[k] for k in ("inv_s", "p", "c", "cos")] + [totals[0]]
+    # shard.per_piece of each row, in one gather and one host read
+    inv_s, p, c, cos, sums = torch.stack(rows)[:, shard.param_index].tolist()
     if native(group, shard):
         return native_kernels.transform_step(group, shard, t, wd, decoupled,
                                              dict(inv_s=inv_s, p=p, c=c, cos=cos, sums=sums))

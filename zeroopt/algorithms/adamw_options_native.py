@@ -68,11 +68,11 @@ def transform_sums(group: dict, shard: ShardTensors, rows: int) -> list[list[flo
     """
     moments = shard.states["exp_avg"] if group["tam"] else shard.params
     lists = [shard.grads, shard.params, moments]
-    spans = _spans(lists)
-    if spans is None:  # a call per piece
+    whole = spans(lists)
+    if whole is None:  # a call per piece
         return LIB.each("zk_options_transform_sums", lists, [_sign(group)], outputs=rows)
     sizes = [g.numel() for g in shard.grads]
-    flat = LIB.run("zk_options_transform_sums_pieces", spans,
+    flat = LIB.run("zk_options_transform_sums_pieces", whole,
                    [_sign(group), len(sizes)] + sizes, outputs=rows * len(sizes))
     return [flat[i:i + rows] for i in range(0, len(flat), rows)]
 
@@ -114,18 +114,18 @@ def transform_step(group: dict, shard: ShardTensors, t: int, wd: float, decouple
             bool(group["agr"] and inv_s), scalars["sums"][i], inv_s, bool(group["orthograd"]),
             -scalars["p"][i], scalars["c"][i], bool(group["tam"]), gamma,
             (1 - gamma) * scalars["cos"][i], wd != 0 and not decoupled, wd, first])
-    spans = _spans(lists)
-    if spans is None:  # a call per piece
+    whole = spans(lists)
+    if whole is None:  # a call per piece
         for tensors, h in zip(zip(*lists), hyper):
             LIB.run("zk_options_transform_step", tensors, h)
         return
     pieces = [len(hyper)]
     for x, h in zip(shard.params, hyper):
         pieces += [x.numel()] + h
-    LIB.run("zk_options_transform_step_pieces", spans, pieces)
+    LIB.run("zk_options_transform_step_pieces", whole, pieces)
 
 
-def _spans(lists: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+def spans(lists: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
     """Each list's pieces as one tensor, where every list's pieces lie end to end in one
     buffer (a window's pieces of the flat buffers and states do): the ``_pieces`` kernels
     then take a whole window in one call.
@@ -137,7 +137,7 @@ def _spans(lists: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
         One 1-D view per list, over all its pieces; None where some list's pieces are not
         adjacent in one storage (or are empty).
     """
-    spans = []
+    out = []
     for pieces in lists:
         first = pieces[0]
         at = first.data_ptr()
@@ -146,10 +146,10 @@ def _spans(lists: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
                 return None
             at += 4 * t.numel()  # fp32
         try:  # raises where the pieces are not all in the first one's storage
-            spans.append(first.as_strided(((at - first.data_ptr()) // 4,), (1,)))
+            out.append(first.as_strided(((at - first.data_ptr()) // 4,), (1,)))
         except RuntimeError:
             return None
-    return spans
+    return out
 
 
 def projection_apply(shard: ShardTensors, anchors: list[torch.Tensor], steps: list[float],
