@@ -23,7 +23,10 @@
  * Tensors go through in blocks of BLOCK elements: each option is one short loop over the
  * block (vectorized, the block in L1), so memory is still read and written once. The options
  * are compile-time constants of the loops (one function per combination), so an option that
- * is off costs nothing; the float64 sums are explicit 8-lane vectors in registers.
+ * is off costs nothing; the float64 sums are explicit 8-lane vectors in registers. The
+ * transform step runs three blocks at once, each in another stage (first half, roots, second
+ * half: transform_span3_t), so that its multiplications and divisions overlap; the
+ * *_pieces kernels take a whole window's pieces in one call.
  */
 #include "kernels.h"
 #include "_torch_sqrt.h"
