@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import threading
 
 import torch
 
@@ -20,6 +21,10 @@ except ImportError:
     tqdm = None
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+# XLA:CPU replicas are threads of one process (launchers/xla_spawn.py) and share torch's global
+# generator: seeding and building the model under this lock gives each the same weights.
+SEEDED_INIT = threading.Lock()
 
 
 def parse_config(argv, default_config, description: str, add_arguments=lambda parser: None):
@@ -52,6 +57,13 @@ def parse_config(argv, default_config, description: str, add_arguments=lambda pa
         parser.error(f"--optimizer {cfg['optimizer']!r} is not in zeroopt: "
                      f"choose one of {zeroopt.available_optimizers()}")
     return cfg, args, parser
+
+
+def mean_over_ranks_of(comm, value: float) -> float:
+    """The mean over ranks of a number read on the host (the ranks' own values gathered:
+    on XLA no collective joins the graph that computed ``value``, whose compile time differs
+    between replicas)."""
+    return sum(comm.all_gather_object(float(value))) / comm.world_size
 
 
 def mean_over_ranks(comm, t: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying: one tensor, listed once
+        self.tie_weights()
         self.apply(self._init_weights)
         # GPT-2: scale the init of projections that write into the residual stream
         # so its variance does not grow with depth.
@@ -90,6 +90,12 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+    def tie_weights(self) -> None:
+        """The LM head's weight is the token embedding's: one tensor, listed once. Call it
+        again after moving the model to an XLA device (``model.to(xla)`` gives each module a
+        new Parameter there, which splits the tie in two, as Transformers' ``tie_weights``)."""
+        self.lm_head.weight = self.wte.weight
 
     def forward(self, idx, targets=None):
         B, T = idx.shape

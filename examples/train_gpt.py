@@ -103,7 +103,7 @@ def evaluate(comm, model, batches, n_batches, device):
         x, y = batches.next(device)
         total += model(x, y)[1]
     model.train()
-    return mean_over_ranks(comm, total / n_batches).item()
+    return common.mean_over_ranks_of(comm, (total / n_batches).item())
 
 
 # ----------------------------------------------------------------------------- main
@@ -118,9 +118,6 @@ def main(argv=None):
     log = common.printer(is_main)  # rank 0 only; keeps the progress bar intact
     log(common.job_line("train_gpt.py", comm, device))
 
-    # Same seed on every rank, so all ranks build identical initial weights.
-    torch.manual_seed(cfg["seed"])
-
     # Data: the same byte stream on every rank; different random windows per rank.
     tokens = load_stdlib_bytes(cfg["data_max_bytes"])
     train_tokens, val_tokens = train_val_split(tokens, cfg["val_fraction"])
@@ -129,9 +126,13 @@ def main(argv=None):
     val_batches = ByteBatches(val_tokens, T, bs, seed=cfg["seed"] + 100_000 + rank)
 
     # Model: bf16 params if asked; zeroopt keeps the fp32 master copy of its shard.
-    model = GPT(GPTConfig(vocab_size=256, block_size=T, n_layer=cfg["n_layer"],
-                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"]))
+    with common.SEEDED_INIT:  # same seed on every rank: identical initial weights
+        torch.manual_seed(cfg["seed"])
+        model = GPT(GPTConfig(vocab_size=256, block_size=T, n_layer=cfg["n_layer"],
+                              n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                              dropout=cfg["dropout"]))
     model.to(device=device, dtype=DTYPES[cfg["dtype"]])
+    model.tie_weights()  # an XLA device splits it (see GPT.tie_weights)
     log(f"model: GPT, {model.num_params():,} params ({cfg['dtype']}, {cfg['n_layer']} layers x "
         f"{cfg['n_embd']}) | data: {len(train_tokens):,} + {len(val_tokens):,} validation bytes")
 

@@ -134,13 +134,18 @@ def train():
         return [dict(params=[p for p in params if p.dim() == 2], **projected),
                 dict(params=[p for p in params if p.dim() != 2])]
 
-    ref = model()
+    options = {k: args[k] for k in ("skip_nonfinite",) if k in args}  # else the default: on
+    # "reference": "xla" - the unsharded run on this replica's own XLA device (zeroopt at W = 1:
+    # no launcher, so a single rank), for rules whose result depends on the backend's own
+    # arithmetic beyond rounding (GaLore: the signs of the SVD's singular vectors)
+    on_xla = args.get("reference") == "xla"
+    ref_device = dev if on_xla else torch.device("cpu")
+    ref = model().to(ref_device)
     if name == "adamw":
         ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **hyper)
     else:
-        ref_opt = zeroopt.ZeroOptimizer(groups(ref), optimizer=name, **hyper)
+        ref_opt = zeroopt.ZeroOptimizer(groups(ref), optimizer=name, **options, **hyper)
     net = model().to(dev)
-    options = {k: args[k] for k in ("skip_nonfinite",) if k in args}  # else the default: on
     opt = zeroopt.ZeroOptimizer(groups(net), optimizer=name, stage=stage, backend="xla",
                                 bucket_numel=int(args.get("bucket_numel", 600)), **options,
                                 **hyper)
@@ -148,7 +153,9 @@ def train():
     mark_step()
     compiles = []
     for step in range(steps):
-        if step in (2, steps - 1):  # graphs compiled by all replicas so far
+        # graphs compiled by all replicas so far, once every graph shape a step takes was seen
+        # (from step 2; GaLore's projector refresh every other step: from step 4)
+        if step in (int(args.get("steady_from", 2)), steps - 1):
             comm.barrier()
             compiles.append(_compile_count())
         x, y = batch(r, step)
@@ -166,14 +173,17 @@ def train():
             continue
         for rank in range(w):  # the average of every replica's gradient
             xr_, yr_ = batch(rank, step)
-            (torch.nn.functional.mse_loss(ref(xr_), yr_) / w).backward()
+            (torch.nn.functional.mse_loss(ref(xr_.to(ref_device)), yr_.to(ref_device))
+             / w).backward()
         if clip:  # a ZeroOptimizer consumes p.grad in backward: it clips with its own
             (torch.nn.utils.clip_grad_norm_(ref.parameters(), clip) if name == "adamw"
              else ref_opt.clip_grad_norm_(clip))
         ref_opt.step()
+        if on_xla:  # the reference's own graph, apart from the next step's
+            mark_step()
     got = [p.detach().cpu() for p in net.parameters()]
     init = list(model().parameters())
-    want = [p.detach() for p in ref.parameters()]
+    want = [p.detach().cpu() for p in ref.parameters()]
     diff = max(float((a - b).abs().max()) for a, b in zip(got, want))
     moved = max(float((a - b).abs().max()) for a, b in zip(want, init))
     return {"max_abs_diff": diff, "moved": moved, "world_size": w,

@@ -174,6 +174,31 @@ def _check_cpu_pool(replicas: int) -> None:
             "zeroopt.comm.xla.cpu_replicas_environment(n) or launchers/xla_spawn.py")
 
 
+_HOST_READ_WAIT_S = 1800.0  # torch.distributed's default timeout: a replica that never comes
+_host_read_barriers: dict[int, threading.Barrier] = {}
+_host_read_barriers_lock = threading.Lock()
+
+
+def _meet_before_host_read(world_size: int) -> None:
+    """Thread replicas: wait here, in Python, until every replica reaches the same host read.
+
+    XLA:CPU aborts the whole process when a replica is 10 s late to a collective (the limit is
+    XLA's own, with no flag on CPU); before a host read a replica may still be compiling or
+    running a large graph the others have finished (the first step, an evaluation), so they
+    meet here first, where waiting has no such limit, and then run the read's small graph
+    together."""
+    with _host_read_barriers_lock:
+        barrier = _host_read_barriers.setdefault(world_size, threading.Barrier(world_size))
+    try:
+        barrier.wait(timeout=_HOST_READ_WAIT_S)
+    except threading.BrokenBarrierError:
+        raise RuntimeError(
+            f"zeroopt: a host read on XLA:CPU replicas waited {_HOST_READ_WAIT_S:.0f} s for "
+            f"the other replicas of {world_size}: one of them stopped (an error in its "
+            "thread) or took another path (every replica must make the same host reads)") \
+            from None
+
+
 class _Channels:
     """The next channel id of each replica, by its XLA device ("xla:0", "xla:1", ...).
 
@@ -269,6 +294,8 @@ class XlaCollectives(Collectives):
         link to it). Their channels are numbered from 1 in each such graph, apart from the
         step's: see ``_Channels``."""
         XLAC = self._torch_xla._XLAC
+        if self.channel_ids and self.world_size > 1:
+            _meet_before_host_read(self.world_size)
         self._mode.host_read, self._mode.host_channel = True, 0
         try:
             yield
