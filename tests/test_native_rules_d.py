@@ -1,5 +1,5 @@
 """The C kernels of AdamW's fine-tuning options with whole-param statistics (agr, orthograd,
-tam; spd with or without cautious: zeroopt/kernels/_adamw_options.c) held to the
+tam: zeroopt/kernels/_adamw_options.c; spd with or without cautious: _adamw_spd.c) held to the
 torch._foreach_ path of adamw_options.py: the same random shards stepped both ways (the torch
 path by turning the kernels off), over several steps, at sizes that are not multiples of the
 vector width, the kernels' blocks (256) or their chunks (16384).

@@ -1,6 +1,7 @@
 """AdamW's fine-tuning options (adamw_options.py) on the CPU: each phase one pass per piece.
 
-The C kernels (zeroopt/kernels/_adamw_options.c) compute what adamw_options.py's torch path
+The C kernels (zeroopt/kernels/_adamw_options.c: agr, orthograd, tam; _adamw_spd.c: spd and
+cautious) compute what adamw_options.py's torch path
 computes, op for op with ATen's roundings and torch's own square root (_torch_sqrt.h): phase 2
 bit for bit; phase 1's sums add the same products in float64 in another order (fixed chunks,
 independent of the thread count). adamw_options.py decides when they run (``usable``) and keeps
@@ -17,7 +18,14 @@ from ..kernels import sqrt_check
 from ..kernels.library import Library
 from .base import ShardTensors
 
-LIB = Library("_adamw_options.c")
+LIB = Library("_adamw_options.c")  # agr, orthograd, tam
+SPD_LIB = Library("_adamw_spd.c")  # spd (with or without cautious)
+
+
+def _library(group: dict) -> Library:
+    """The kernels of the options on in ``group`` (agr/orthograd/tam take precedence, as in
+    adamw_options.statistics)."""
+    return LIB if group["agr"] or group["orthograd"] or group["tam"] else SPD_LIB
 
 
 def usable(group: dict, shard: ShardTensors) -> bool:
@@ -35,8 +43,9 @@ def usable(group: dict, shard: ShardTensors) -> bool:
     if not shard.params or isinstance(group["lr"], torch.Tensor):
         return False
     extra = [shard.states[k] for k in ("initial_param", "tam_s") if k in shard.states]
-    return LIB.usable(shard.params, shard.grads, shard.states["exp_avg"],
-                      shard.states["exp_avg_sq"], *extra) and sqrt_check.matches_torch(LIB)
+    lib = _library(group)
+    return lib.usable(shard.params, shard.grads, shard.states["exp_avg"],
+                      shard.states["exp_avg_sq"], *extra) and sqrt_check.matches_torch(lib)
 
 
 def adam_hyper(group: dict, t: int, decay: float) -> list[float]:
@@ -84,7 +93,7 @@ def projection_sums(group: dict, shard: ShardTensors, t: int, rows: int) -> list
     Returns:
         Per piece, the ``rows`` sums adamw_options' ``_projection_sums`` takes.
     """
-    return LIB.each("zk_options_projection_sums",
+    return SPD_LIB.each("zk_options_projection_sums",
                     [shard.params, shard.grads, shard.states["exp_avg"],
                      shard.states["exp_avg_sq"], shard.states["initial_param"]],
                     adam_hyper(group, t, 1.0) + [_sign(group), bool(group["cautious"])],
@@ -165,8 +174,8 @@ def projection_apply(shard: ShardTensors, anchors: list[torch.Tensor], steps: li
     Returns:
         False (nothing done) where the kernels do not take these tensors.
     """
-    if not LIB.usable(shard.params, shard.grads, anchors):
+    if not SPD_LIB.usable(shard.params, shard.grads, anchors):
         return False
     for x, u, x0, step, k in zip(shard.params, shard.grads, anchors, steps, pull):
-        LIB.run("zk_options_projection_apply", [x, u, x0], [step, k != 0, k])
+        SPD_LIB.run("zk_options_projection_apply", [x, u, x0], [step, k != 0, k])
     return True

@@ -26,7 +26,7 @@ graph that one rank's reads would run and another's not.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
@@ -120,27 +120,32 @@ def load(items: dict, reader, job) -> dict:
     return items
 
 
-def host_items(items: dict) -> dict:
-    """``items`` with every tensor on the host: device tensors and ShardedTensor ranges copied
-    (in key order, the same on every rank); host tensors and other values as they are."""
+def _each_tensor(items: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """``items`` with ``fn`` applied to every tensor, a ShardedTensor's ranges included, in
+    key order (the same on every rank); other values as they are."""
     out = {}
     for key in sorted(items):
         value = items[key]
         ranges = sharded_ranges(value)
         if ranges:
             out[key] = flat_tensor(value.metadata().size.numel(),
-                                   {r: _host(t) for r, t in ranges.items()})
+                                   {r: fn(t) for r, t in ranges.items()})
         elif isinstance(value, torch.Tensor):
-            out[key] = _host(value)
+            out[key] = fn(value)
         else:
             out[key] = value
     return out
 
 
+def host_items(items: dict) -> dict:
+    """``items`` with every tensor on the host: device tensors and ShardedTensor ranges copied
+    (in key order, the same on every rank); host tensors and other values as they are."""
+    return _each_tensor(items, _host)
+
+
 def host_targets(items: dict) -> tuple[dict, Callable[[], None]]:
     """Host tensors to read ``items``' device tensors into, and the function that copies them
     onto the device once read. Host tensors and other values are read in place."""
-    host: dict[str, Any] = {}
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def twin(tensor: torch.Tensor) -> torch.Tensor:
@@ -150,16 +155,7 @@ def host_targets(items: dict) -> tuple[dict, Callable[[], None]]:
         pairs.append((tensor, mirror))
         return mirror
 
-    for key in sorted(items):
-        value = items[key]
-        ranges = sharded_ranges(value)
-        if ranges:
-            host[key] = flat_tensor(value.metadata().size.numel(),
-                                    {r: twin(t) for r, t in ranges.items()})
-        elif isinstance(value, torch.Tensor):
-            host[key] = twin(value)
-        else:
-            host[key] = value
+    host = _each_tensor(items, twin)
 
     def copy_back() -> None:
         with torch.no_grad():
