@@ -312,7 +312,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @property
     def skipped_steps(self) -> int:
         """How many steps ``skip_nonfinite`` skipped (inf/nan gradient norm). On XLA the last
-        step's is counted when first asked (a host read; see lazy_skip.py)."""
+        step's is counted when first asked (a host read; see lazy_skip.py): read it after
+        ``mark_step()``, or on every replica, since before it the read runs the step's graph,
+        collectives included, which a replica alone would wait in."""
         self.shard.settle_deferred()
         return self._skipped_steps
 
@@ -324,7 +326,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @property
     def last_step_skipped(self) -> bool:
         """Whether the last ``step()`` was skipped (``skip_nonfinite``). On XLA a host read of
-        the step's decision, made on the device (lazy_skip.py)."""
+        the step's decision, made on the device (lazy_skip.py): as ``skipped_steps``, read it
+        after ``mark_step()`` or on every replica."""
         self.shard.settle_deferred()
         return self._last_step_skipped
 
