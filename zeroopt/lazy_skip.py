@@ -100,6 +100,7 @@ def snapshot_entries(entries: dict[int, dict]) -> dict[int, dict]:
     """Copies of every per-tensor state's tensors (``Encoded``: its codes and scales), for
     ``select_entries``."""
     def copy(value):
+        """A tensor's clone, an ``Encoded``'s with its codes and scales cloned; else itself."""
         if isinstance(value, torch.Tensor):
             return value.clone()
         if dataclasses.is_dataclass(value):

@@ -320,6 +320,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @skipped_steps.setter
     def skipped_steps(self, count: int) -> None:
+        """Set the count (a loaded checkpoint's), after settling the last step's."""
         self.shard.settle_deferred()
         self._skipped_steps = int(count)
 

@@ -80,6 +80,8 @@ def load_checkpoint(path: str, model: torch.nn.Module | None, optimizer) -> dict
     job = _job(optimizer)
 
     def check() -> tuple[str, dict]:
+        """This rank's checkpoint directory and manifest, checked against the model and
+        optimizer (raises CheckpointError / FileNotFoundError)."""
         where = directory.resolve(path)
         manifest = directory.read_manifest(where)
         compat.check_matches(where, manifest, model, optimizer)
@@ -92,6 +94,7 @@ def load_checkpoint(path: str, model: torch.nn.Module | None, optimizer) -> dict
     metadata = job.run(f"reading checkpoint {path}'s metadata", reader.read_metadata)
 
     def read(items: dict) -> dict:
+        """``items`` filled from the checkpoint (``job.load``), DCP's errors made agreed."""
         with _quiet(), _dcp_errors(f"reading checkpoint {path}", job):
             return job.load(items, reader)
 
@@ -107,6 +110,8 @@ def load_checkpoint(path: str, model: torch.nn.Module | None, optimizer) -> dict
     apply = None
     if optimizer is not None:
         def targets() -> tuple:
+            """The optimizer's tensors to read and the function applying them
+            (``load_targets``)."""
             try:
                 return load_targets(optimizer, metadata)
             except KeyError as missing:

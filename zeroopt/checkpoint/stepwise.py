@@ -52,6 +52,7 @@ def save(items: dict, writer, job) -> None:
     planner = DefaultSavePlanner()
 
     def local_plan():  # the host copies too: a failure there must reach every rank
+        """This rank's save plan, over host copies of ``items``."""
         planner.set_up_planner(state_dict=host_items(items), storage_meta=writer.storage_meta(),
                                is_coordinator=coordinator)
         writer.set_up_storage_writer(coordinator, rank=job.rank, use_collectives=True)
@@ -61,6 +62,7 @@ def save(items: dict, writer, job) -> None:
     metadata = None
 
     def global_plan():
+        """Rank 0: every rank's final plan (and the checkpoint's metadata); others: None."""
         nonlocal metadata
         if not coordinator:
             return None
@@ -70,6 +72,7 @@ def save(items: dict, writer, job) -> None:
     mine = job.gather("planning the save (rank 0)", global_plan)[0][job.rank]
 
     def write():
+        """This rank's tensors written; returns DCP's write results."""
         writes = writer.write_data(planner.finish_plan(mine), planner)
         writes.wait()
         return writes.value()
@@ -99,6 +102,7 @@ def load(items: dict, reader, job) -> dict:
     planner = DefaultLoadPlanner()
 
     def local_plan():
+        """This rank's load plan into the host tensors."""
         metadata = reader.read_metadata()
         planner.set_up_planner(host, metadata, coordinator)
         reader.set_up_storage_reader(metadata, coordinator, rank=job.rank, use_collectives=True)
@@ -109,6 +113,7 @@ def load(items: dict, reader, job) -> dict:
         planner.create_global_plan(plans)) if coordinator else None)[0]
 
     def read():
+        """This rank's reads, then the host tensors copied onto the device."""
         reads = reader.read_data(planner.finish_plan(approved[job.rank]), planner)
         reads.wait()
         copy_back()
@@ -149,6 +154,7 @@ def host_targets(items: dict) -> tuple[dict, Callable[[], None]]:
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def twin(tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` itself on the host, else an empty host tensor to read it into."""
         if tensor.device.type == "cpu":
             return tensor
         mirror = torch.empty(tensor.shape, dtype=tensor.dtype)
@@ -158,6 +164,7 @@ def host_targets(items: dict) -> tuple[dict, Callable[[], None]]:
     host = _each_tensor(items, twin)
 
     def copy_back() -> None:
+        """Every host tensor read copied into its device tensor."""
         with torch.no_grad():
             for device_tensor, mirror in pairs:
                 device_tensor.copy_(mirror)
