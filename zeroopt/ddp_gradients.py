@@ -49,6 +49,14 @@ class LocalGradients:
         got there."""
         pass  # every gradient is read from param.grad
 
+    def staged_late(self) -> bool:
+        """False: nothing is staged here."""
+        return False
+
+    def unreduced(self) -> list[int]:
+        """None: DDP reduced every gradient (``complete`` only copies)."""
+        return []
+
     def used(self) -> torch.Tensor:
         """fp64 flags, one per slot (``layout.slots`` order): 1 where the param's ``grad`` is
         not None on this rank, or where torch.optim would hold a zeroed grad for it

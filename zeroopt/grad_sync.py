@@ -94,6 +94,7 @@ class BucketedReducer:
         n = len(layout.buckets)
         self._staging: list[torch.Tensor | None] = [None] * n
         self._written: list[set[ParamSlot]] = [set() for _ in range(n)]  # staged, not launched
+        self._staged_late: set[int] = set()  # buckets staged since the last synced backward
         self._arrived = [0] * n  # gradients seen in the current backward pass
         self._work: list[Handle | None] = [None] * n
         self._shard_filled = [False] * n
@@ -125,7 +126,7 @@ class BucketedReducer:
         self._stage(position, slot)
         b = slot.bucket
         self._arrived[b] += 1
-        if self.sync:
+        if self.sync and self.launches_in_backward:
             while (self._next_launch < len(self._arrived) and self._arrived[self._next_launch]
                    == len(self.layout.buckets[self._next_launch].slots)):
                 self._launch(self._next_launch)
@@ -155,6 +156,8 @@ class BucketedReducer:
         else:
             view.copy_(grad.reshape(-1))
         self._written[b].add(slot)
+        if not (self._in_backward and self.sync):
+            self._staged_late.add(b)
         slot.param.grad = None
         self._used[position] = self._had[position] = 1
 
@@ -168,11 +171,22 @@ class BucketedReducer:
 
     def _on_backward_end(self) -> None:
         self._in_backward = False
-        if self.sync:
+        if self.sync and self.launches_in_backward:
             while self._next_launch < len(self._arrived):
                 self._launch(self._next_launch)
         self._arrived = [0] * len(self._arrived)
         self._next_launch = 0
+        if self.sync:  # (where it launches, this backward launched every bucket)
+            self._staged_late.clear()
+
+    @property
+    def launches_in_backward(self) -> bool:
+        """False on a lazy backend with several ranks (XLA): there backward only stages, and
+        ``step()`` reduces every bucket once (``unreduced``), whatever this rank staged, so
+        every replica traces the same collectives without a host read to agree on which
+        buckets hold gradients (step_inputs.py). Nothing is lost: the whole step is one graph,
+        which XLA schedules as it likes."""
+        return not (self.comm.lazy and self.comm.world_size > 1)
 
     def _staging_of(self, b: int) -> torch.Tensor:
         if self._staging[b] is None:
@@ -285,6 +299,17 @@ class BucketedReducer:
             if work is not None:
                 self._harvest(b)
 
+    def staged_late(self) -> bool:
+        """Whether a gradient was staged since the last synchronised backward (by hand, or
+        inside ``no_sync()`` with no backward after it): what ``pending`` shows where backward
+        launches its buckets."""
+        return bool(self._staged_late)
+
+    def unreduced(self) -> list[int]:
+        """Buckets whose chunk of the shard holds no reduced gradient of this step yet."""
+        return [b for b, filled in enumerate(self._shard_filled)
+                if not filled and self._work[b] is None]
+
     def used(self) -> torch.Tensor:
         """fp64 flags, one per slot (``layout.slots`` order): 1 where this rank has staged a
         gradient for the param this step, or where torch.optim would hold a zeroed grad for it
@@ -307,6 +332,8 @@ class BucketedReducer:
         for b in launch:
             self._launch(b)
         self.finish()
+        if not (self.keep_staging or self.launches_in_backward):  # every bucket was staged
+            del self._pool[self.max_staged_buckets:]
         for b, filled in enumerate(self._shard_filled):
             if not filled:
                 bucket = self.layout.buckets[b]
@@ -377,6 +404,7 @@ class BucketedReducer:
             if work is not None:
                 self._wait(b)
         self._written = [set() for _ in self._written]
+        self._staged_late.clear()
         self._shard_filled = [False] * len(self._shard_filled)
         self._sums.forget()
         self._used[:] = bytes(len(self._used))

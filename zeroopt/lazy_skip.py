@@ -1,16 +1,20 @@
-"""``skip_nonfinite`` on lazy backends (XLA): skipped on the device, counted on the host later.
+"""What ``step()`` decides on the device on lazy backends (XLA), and the host settles later.
 
 On eager backends ``step()`` reads ``isfinite(norm)`` on the host and returns early when the
-norm is inf or nan. On XLA that read would cut the step's graph in two and run the gradients'
-reduce-scatters twice (once for the norm, once more for the update). So there the step always
-runs, whole, and every tensor it writes is kept only where the norm is finite:
-``t = torch.where(finite, t_new, t_old)``, inside the step's graph - as torch_xla's own
-optimizers take ``found_inf`` into their update (``torch_xla.amp.syncfree``).
+norm is inf or nan, and the ranks agree on which params have gradients in one host-read
+all-reduce (step_inputs.py). On XLA either read would cut the step's graph in two and run the
+gradients' reduce-scatters twice (once for the read, once more for the update). So there the
+step always runs, whole, and every tensor it writes is kept only where the step stands:
+``t = torch.where(keep, t_new, t_old)``, inside the step's graph - as torch_xla's own optimizers
+take ``found_inf`` into their update (``torch_xla.amp.syncfree``). ``keep`` is "the norm is
+finite" (``skip_nonfinite``) and, with several replicas, "the replicas agreed on the params
+with gradients" (``step_inputs.settle_on_device``).
 
 What the host counts - per-param step counts, ``skipped_steps``, the hyperparameters a rule's
 ``before_step`` advances (schedule-free's weight sum) - is settled when the host next needs it:
 at the next step, or when ``skipped_steps``, ``last_step_skipped``, a state dict or a checkpoint
-is read. By then the step's graph has run, so reading ``finite`` runs nothing.
+is read. By then the step's graph has run, so reading its verdict runs nothing. A disagreement
+raises then, on every replica alike, with the step undone.
 """
 
 from __future__ import annotations
@@ -26,35 +30,76 @@ log = logging.getLogger("zeroopt")
 
 @dataclasses.dataclass
 class Deferred:
-    """One step whose writes are kept only if its gradient norm is finite (see the module
-    notes), awaiting the host's count of it.
+    """One step whose writes are kept only where its verdict holds (see the module notes),
+    awaiting the host's count of it.
 
     Attributes:
-        finite: 0-d bool tensor on the device: whether the step's norm was finite.
+        verdict: bool tensor of 2 on the device, computed in the step's graph: whether the
+            step's norm was finite (True when no norm was checked), and whether the replicas
+            agreed on which params have gradients (True with one replica).
         restore_counts: puts the per-param step counts back as they were before the step
             (``Shard.restore_host_counts`` with what ``Shard.host_counts`` returned).
         group_changes: per param group, ``{key: value before the step}`` for every key the
             rule's ``before_step`` rebound.
-        param_groups: the optimizer's param groups (written back on a skip).
-        on_skipped: called once if the step turns out skipped (counts it, logs it).
+        param_groups: the optimizer's param groups (written back when the step is undone).
+        on_skipped: called once if the norm was not finite (counts the skip, logs it).
+        on_disagreed: called once if the replicas disagreed, after the step is undone; it
+            raises (``disagreement_error``).
     """
 
-    finite: torch.Tensor
+    verdict: torch.Tensor
     restore_counts: Callable[[], None]
     group_changes: list[dict]
     param_groups: list[dict]
     on_skipped: Callable[[], None]
+    on_disagreed: Callable[[], None]
 
     def settle(self) -> bool:
-        """Read whether the step was skipped (a host read of ``finite``) and, if so, undo
-        its host-side counting. Returns True if it was skipped."""
-        if bool(self.finite.cpu()):
+        """Read the verdict (a host read of what the step's graph computed) and, if the step
+        was not kept, undo its host-side counting. Returns True if it was skipped.
+
+        Raises:
+            RuntimeError: from ``on_disagreed``, when the replicas disagreed.
+        """
+        finite, agreed = self.verdict.cpu().tolist()
+        if finite and agreed:
             return False
         self.restore_counts()
         for group, changes in zip(self.param_groups, self.group_changes):
             group.update(changes)
+        if not agreed:
+            self.on_disagreed()
         self.on_skipped()
         return True
+
+
+def disagreement_error(used_counts: torch.Tensor, world_size: int, slots,
+                       param_groups: list[dict]) -> RuntimeError:
+    """The error for a step whose replicas disagreed on which params have gradients.
+
+    Args:
+        used_counts: per slot, on how many replicas the param had a gradient
+            (``StepInputs.used_counts``, read after the step's graph ran).
+        world_size: the replica count.
+        slots: ``layout.slots`` (each slot's ``index`` is its state-dict index).
+        param_groups: the optimizer's groups, for ``param_names`` where given.
+    """
+    names = [name for group in param_groups
+             for name in (group.get("param_names") or [None] * len(group["params"]))]
+    odd = [(slot, int(count)) for slot, count in zip(slots, used_counts.cpu().tolist())
+           if 0 < count < world_size]
+    listed = ", ".join(
+        f"param {slot.index}{f' ({names[slot.index]})' if names[slot.index] else ''} "
+        f"of shape {list(slot.param.shape)} on {count} of {world_size}"
+        for slot, count in odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+    return RuntimeError(
+        f"zeroopt: the XLA replicas disagreed on which params had a gradient in the last "
+        f"step: {listed} replicas had one. That step was not applied (every param and state "
+        "is as before it). On XLA, step() takes each replica's own view of which params have "
+        "gradients and checks it on the device, since agreeing on the host would cut the "
+        "step's graph in two: give such a param a gradient on every replica (p.grad = "
+        "torch.zeros_like(p) where it got none, which is what it counts as on eager "
+        "backends), or on none")
 
 
 class Guard:
@@ -71,28 +116,28 @@ class Guard:
         self._saved = [(t, t.clone()) for t in targets]
         self._entries, self._saved_entries = entries, snapshot_entries(entries)
 
-    def keep_if(self, finite: torch.Tensor) -> None:
-        """Everything keeps its new value where ``finite`` (0-d bool), else gets back the one
-        it had: ``target.copy_(torch.where(finite, target, saved))``."""
+    def keep_if(self, keep: torch.Tensor) -> None:
+        """Everything keeps its new value where ``keep`` (0-d bool), else gets back the one
+        it had: ``target.copy_(torch.where(keep, target, saved))``."""
         for target, saved in self._saved:
-            target.copy_(torch.where(finite, target, saved))
-        select_entries(self._entries, finite, self._saved_entries)
+            target.copy_(torch.where(keep, target, saved))
+        select_entries(self._entries, keep, self._saved_entries)
         self._saved, self._saved_entries = [], {}
 
 
-def select_entries(entries: dict[int, dict], finite: torch.Tensor, saved: dict[int, dict]) -> None:
+def select_entries(entries: dict[int, dict], keep: torch.Tensor, saved: dict[int, dict]) -> None:
     """Per-tensor states (``TensorStates.entries``, written by replacing values as well as in
     place): each tensor, and each 8-bit ``Encoded``'s codes and scales, back to its value in
-    ``saved`` (``snapshot_entries``, taken before the step) where ``finite`` is False. States
+    ``saved`` (``snapshot_entries``, taken before the step) where ``keep`` is False. States
     the step created have no saved value; the host drops them if the step was skipped."""
     for index, entry in entries.items():
         for name, value in entry.items():
             old = saved.get(index, {}).get(name)
             if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor):
-                entry[name] = torch.where(finite, value, old)
+                entry[name] = torch.where(keep, value, old)
             elif dataclasses.is_dataclass(value) and dataclasses.is_dataclass(old):
                 entry[name] = dataclasses.replace(value, **{
-                    field: torch.where(finite, getattr(value, field), getattr(old, field))
+                    field: torch.where(keep, getattr(value, field), getattr(old, field))
                     for field in ("codes", "absmax") if getattr(value, field) is not None})
 
 

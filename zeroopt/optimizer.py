@@ -262,21 +262,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if inputs is None:
             inputs = self._settle(2.0 if self.skip_nonfinite else None)
         norm = inputs.norm
-        on_device = norm is not None and self.comm.lazy  # XLA: no host read here (lazy_skip)
+        agreeing = inputs.used_counts is not None  # XLA replicas: agreement checked on device
+        # XLA: no host read here; the step is kept on the device or not (lazy_skip.py)
+        lazy = self.comm.lazy or self.device.type == "xla"  # (one XLA device: no XLA comm)
+        on_device = lazy and (norm is not None or agreeing)
         skipped = norm is not None and not on_device and not bool(torch.isfinite(norm))
         self._last_step_skipped = skipped
-        if skipped or not inputs.active:
+        if not inputs.active and not skipped and self.comm.rank == 0:
+            log.warning("zeroopt: step() found no gradient on any rank, so nothing was "
+                        "updated (as torch.optim). Call loss.backward() before step(), "
+                        "and zero_grad() after it, not before it")
+        if skipped or not (inputs.active or agreeing):  # a replica alone may not return
             if skipped:
                 self._count_skipped(f"gradient norm is {norm.item()}")
-            elif self.comm.rank == 0:
-                log.warning("zeroopt: step() found no gradient on any rank, so nothing was "
-                            "updated (as torch.optim). Call loss.backward() before step(), "
-                            "and zero_grad() after it, not before it")
             self.shard.whole.end_step()
             self.grads.consume()
             return loss
         self.shard.sync_masters()
-        if on_device:  # kept below only where the norm is finite
+        if on_device:  # kept below only where the verdict holds
             counts, groups = self.shard.host_counts(), lazy_skip.groups_before(self.param_groups)
             guard = lazy_skip.Guard(self.shard.step_targets(), self.shard.whole.states.entries)
         for group in self.param_groups:
@@ -299,15 +302,31 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                                                      stats))
         self.shard.whole.step({self.layout.slots[k].index for k in inputs.active})
         if on_device:
-            finite = torch.isfinite(norm)
-            guard.keep_if(finite)
-            self.shard.deferred = lazy_skip.Deferred(
-                finite, lambda: self.shard.restore_host_counts(counts),
-                lazy_skip.changed_keys(groups, self.param_groups), self.param_groups,
-                lambda: self._count_skipped("gradient norm is not finite"))
+            self._defer_verdict(guard, inputs, counts, groups)
         self.grads.consume()  # a rule may have overwritten them (as DeepSpeed zeroes them)
         self.publish_params(wait=False)
         return loss
+
+    def _defer_verdict(self, guard, inputs: StepInputs, counts, groups) -> None:
+        """Keep the step's writes only where its norm is finite and the replicas agreed on
+        the params with gradients, on the device; the host settles the counts later
+        (lazy_skip.py)."""
+        yes = torch.ones((), dtype=torch.bool, device=self.device)
+        finite = yes if inputs.norm is None else torch.isfinite(inputs.norm).reshape(())
+        agreed = yes if inputs.used_counts is None else inputs.agreed(self.comm.world_size)
+        verdict = torch.stack([finite, agreed])
+        guard.keep_if(verdict.all())
+        slots, world = list(self.layout.slots), self.comm.world_size
+
+        def disagreed() -> None:
+            """Raise the disagreement, naming the params (lazy_skip.disagreement_error)."""
+            raise lazy_skip.disagreement_error(inputs.used_counts, world, slots,
+                                               self.param_groups)
+
+        self.shard.deferred = lazy_skip.Deferred(
+            verdict, lambda: self.shard.restore_host_counts(counts),
+            lazy_skip.changed_keys(groups, self.param_groups), self.param_groups,
+            lambda: self._count_skipped("gradient norm is not finite"), disagreed)
 
     @property
     def skipped_steps(self) -> int:

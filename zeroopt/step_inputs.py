@@ -20,11 +20,19 @@ the non-finite check makes anyway):
     [ norm partial | a flag per bucket | a flag per slot | a flag per param frozen at build ]
 
 Only when some rank had gradients outside backward is the norm summed again, in a second small
-all-reduce after they are reduced.
+all-reduce after they are reduced. With one data-parallel rank the flags never leave the host
+(nothing to agree on; on a GPU or an XLA device, no sync for them).
 
-On XLA (``comm.lazy``) the flags go alone, through ``comm.host_all_reduce`` (a small graph of
-their own, read on the host), and the norm stays in the step's graph: read together, the host
-read would run the step's gradient collectives in that small graph.
+On XLA with several replicas (``comm.lazy``) no host read happens here: a read would run the
+graph so far (the gradients' reductions included) on its own, cutting the step in two. There each
+replica takes the facts it knows itself, as every SPMD program does, and the agreement is checked
+on the device instead (``settle_on_device``): every bucket is reduced once in every step, whatever
+each replica staged (so the collectives are the same everywhere), the per-param flags are summed
+over the replicas inside the step's graph with the norm, and the step is kept only where every
+flag's sum is 0 or the replica count (lazy_skip.py). A disagreement is reported, on every replica
+at once, when the host next settles the step: an error naming the params, that step not applied.
+Only a param frozen at construction that has a gradient here (the layout must grow, on every
+replica alike) still agrees on the host first, through ``comm.host_all_reduce``.
 """
 
 from __future__ import annotations
@@ -44,11 +52,22 @@ class StepInputs:
         unfrozen: positions in the list of params frozen at construction of those that have
             a gradient on some rank now. When not empty, nothing else was agreed: the caller
             lays them out and settles again.
+        used_counts: None where ``active`` was agreed on the host. From ``settle_on_device``:
+            per slot, on the device (fp64), on how many replicas the param has a gradient;
+            ``active`` is then this replica's own view, right only where every count is 0 or
+            the replica count (``agreed``).
     """
 
     active: frozenset[int]
     norm: torch.Tensor | None = None
     unfrozen: frozenset[int] = frozenset()
+    used_counts: torch.Tensor | None = None
+
+    def agreed(self, world_size: int) -> torch.Tensor:
+        """0-d bool on the device: whether the replicas agreed on ``active`` (only where
+        ``used_counts`` is set): each param has a gradient on all of them or on none."""
+        counts = self.used_counts
+        return ((counts == 0) | (counts == world_size)).all()
 
 
 def settle(grads, comm, norm_type: float | None, frozen_with_grads: torch.Tensor) -> StepInputs:
@@ -68,14 +87,19 @@ def settle(grads, comm, norm_type: float | None, frozen_with_grads: torch.Tensor
     """
     grads.finish()
     grads.take_detached()
+    if comm.lazy and comm.world_size > 1 and not frozen_with_grads.any():
+        return settle_on_device(grads, comm, norm_type)
     grads.complete([])  # backward's buckets into the shard; untouched chunks zeroed
     op = "max" if norm_type == float("inf") else "sum"
     norm_part = ([] if norm_type is None else [grads.squared_norm()] if norm_type == 2.0
                  else [local_norm_part(grads.shard, norm_type)])
     pending, used = grads.pending(), grads.used()
     device = grads.shard.device  # NCCL and XLA reduce device tensors only
-    if comm.lazy:  # XLA: the flags in a small graph of their own, the norm in the step's
-        flags = comm.host_all_reduce(torch.cat([pending, used, frozen_with_grads]), device, op)
+    alone = comm.data_parallel_size == 1
+    if comm.lazy or alone:  # the norm in the step's graph, the flags apart from it
+        flags = torch.cat([pending, used, frozen_with_grads])
+        if not alone:  # XLA: in a small graph of their own (when the layout grows, see above)
+            flags = comm.host_all_reduce(flags, device, op)
         vector = torch.cat(norm_part) if norm_part else None
         if vector is not None:
             comm.all_reduce(vector, op)
@@ -103,6 +127,36 @@ def settle(grads, comm, norm_type: float | None, frozen_with_grads: torch.Tensor
         norm = finish_norm(vector[:1], norm_type)
     active = frozenset((used > 0).nonzero().flatten().tolist())
     return StepInputs(active, norm)
+
+
+def settle_on_device(grads, comm, norm_type: float | None) -> StepInputs:
+    """``settle`` without a host read, for lazy backends with several replicas (see the module
+    notes): this replica's own active params, checked on the device (``StepInputs.agreed``).
+
+    Every bucket not reduced yet in this step is reduced now, on every replica (a replica
+    with nothing staged in one sends zeros); the per-slot flags and the norm's partial share
+    one all-reduce (two for the inf norm, whose partials are maxed, not summed). The norm's
+    partial is taken as ``settle`` takes it, so the result is the same bit for bit.
+    """
+    late = grads.staged_late()
+    grads.complete(grads.unreduced())
+    used = grads.used()
+    flags = used.to(grads.shard.device)
+    op = "max" if norm_type == float("inf") else "sum"
+    norm_part = ([] if norm_type is None else [grads.squared_norm()]
+                 if norm_type == 2.0 and not late else [local_norm_part(grads.shard, norm_type)])
+    if op == "sum":
+        vector = torch.cat([*norm_part, flags])
+        comm.all_reduce(vector, "sum")
+        total, counts = vector[:len(norm_part)], vector[len(norm_part):]
+    else:
+        total = torch.cat(norm_part)
+        comm.all_reduce(total, "max")
+        counts = flags
+        comm.all_reduce(counts, "sum")
+    norm = finish_norm(total, norm_type) if norm_type is not None else None
+    active = frozenset((used > 0).nonzero().flatten().tolist())
+    return StepInputs(active, norm, used_counts=counts)
 
 
 def local_norm_part(shard: torch.Tensor, norm_type: float) -> torch.Tensor:

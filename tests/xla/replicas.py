@@ -68,6 +68,15 @@ def collectives():
 
 
 _RNG_LOCK = threading.Lock()
+_MEETINGS: dict[int, threading.Barrier] = {}
+_MEETINGS_LOCK = threading.Lock()
+
+
+def _all_replicas_here(world: int) -> None:
+    """Wait until every replica (a thread of this process) is here."""
+    with _MEETINGS_LOCK:
+        meeting = _MEETINGS.setdefault(world, threading.Barrier(world))
+    meeting.wait(timeout=600)
 
 
 def _args() -> dict:
@@ -129,8 +138,8 @@ def train():
         params = list(module.parameters())
         if "galore_rank" not in args:
             return params
-        projected = dict(rank=int(args["galore_rank"]), update_proj_gap=2, scale=0.25,
-                         proj_type="std")
+        projected = dict(rank=int(args["galore_rank"]), scale=0.25, proj_type="std",
+                         update_proj_gap=int(args.get("update_proj_gap", 2)))
         return [dict(params=[p for p in params if p.dim() == 2], **projected),
                 dict(params=[p for p in params if p.dim() != 2])]
 
@@ -151,13 +160,18 @@ def train():
                                 **hyper)
     clip = float(args.get("clip", 0.0))
     mark_step()
-    compiles = []
+    compiles, executions = [], []
     for step in range(steps):
         # graphs compiled by all replicas so far, once every graph shape a step takes was seen
         # (from step 2; GaLore's projector refresh every other step: from step 4)
         if step in (int(args.get("steady_from", 2)), steps - 1):
             comm.barrier()
+            # The counts are the process's (every replica's): read them while no replica
+            # runs a graph, so that each reading sees every replica's barrier and nothing more.
+            _all_replicas_here(w)
             compiles.append(_compile_count())
+            executions.append(_metric_count("ExecuteTime"))
+            _all_replicas_here(w)
         x, y = batch(r, step)
         loss = torch.nn.functional.mse_loss(net(x.to(dev)), y.to(dev))
         if step == args.get("inf_step") and r == w - 1:  # one replica's gradient overflows
@@ -190,6 +204,9 @@ def train():
             "skipped_steps": opt.skipped_steps,
             "adam_updates_views": updates_views,
             "compiles_in_later_steps": compiles[-1] - compiles[0] if len(compiles) == 2 else None,
+            # graphs run by all replicas from then on (process-wide), and the steps they cover
+            "executions_in_later_steps": executions[-1] - executions[0] if len(executions) == 2
+            else None, "later_steps": steps - 1 - int(args.get("steady_from", 2)),
             "cpu_fallbacks": _cpu_fallbacks()}
 
 
@@ -300,9 +317,14 @@ def _cpu_fallbacks() -> list[str]:
 
 
 def _compile_count() -> int:
+    return _metric_count("CompileTime")
+
+
+def _metric_count(name: str) -> int:
+    """How many samples torch_xla's metric ``name`` took in this process (all replicas)."""
     import torch_xla.debug.metrics as met
 
-    data = met.metric_data("CompileTime")
+    data = met.metric_data(name)
     return int(data[0]) if data else 0
 
 

@@ -143,8 +143,10 @@ class Collectives:
                         op: str = "sum") -> torch.Tensor:
         """``values`` (a small CPU tensor, the same shape on every rank) reduced over every
         rank of the job (on ``device``, the device this backend reduces), returned on the
-        CPU, in a graph of its own: the step's agreement on facts only the host knows, where
-        ``lazy``. Eager backends fold it into the step's one all-reduce (step_inputs.py).
+        CPU, in a graph of its own: where ``lazy``, the agreement on params frozen at
+        construction that have gradients now (the layout grows; every other step agrees on the
+        device, step_inputs.settle_on_device). Eager backends fold it into the step's one
+        all-reduce (step_inputs.py).
 
         Raises:
             NotImplementedError: a backend that is not ``lazy``.

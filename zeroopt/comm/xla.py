@@ -38,9 +38,10 @@ used.
 Thread replicas share one process, one GIL and one PJRT client; four things keep a
 multi-step run from deadlocking there (each seen at W = 3 before it was fixed):
 
-- host reads are graphs of their own (``_host_read``): the step's agreement on which params
-  have gradients is read on the host, and neither the collective chain nor xm's all-reduce token
-  links that small graph to the step's collectives, which would otherwise run in both graphs;
+- host reads are graphs of their own (``_host_read``): ``step()`` makes none (only when params
+  frozen at construction get gradients, and the layout grows), but checkpoints and
+  ``all_gather_object`` do, and neither the collective chain nor xm's all-reduce token links
+  such a small graph to the step's collectives, which would otherwise run in both graphs;
 - ``cpu_replicas_environment`` selects PJRT's synchronous CPU client: with the asynchronous
   one a replica that drops a tensor could block in the release of a buffer a running graph
   holds, while holding the GIL, and that graph waits in a collective for a replica that needs
