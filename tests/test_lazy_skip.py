@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
+from identical import identical
 
 
 def _lazy(opt) -> None:
@@ -62,16 +63,6 @@ def _train(optimizer: str, stage: int, lazy: bool, inf_steps: tuple[int, ...]) -
             "state": state["state"], "skipped": opt.skipped_steps, "seen": skipped_seen}
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 @pytest.mark.parametrize("optimizer,stage,world", [
     ("adamw", 2, 3), ("adamw_8bit", 1, 2), ("schedule_free_adamw", 1, 2),  # before_step
     ("muon", 2, 2),  # whole matrices (per-tensor states)
@@ -83,6 +74,6 @@ def test_device_side_skip_matches_host_skip(optimizer, stage, world):
     for h, d in zip(host, device):
         assert h["skipped"] == d["skipped"] == 2
         assert h["seen"] == d["seen"] == [True, False, False, True, False, False]
-        assert _same(h["params"], d["params"])
-        assert _same(h["state"], d["state"])
+        assert identical(h["params"], d["params"])
+        assert identical(h["state"], d["state"])
         assert all(torch.isfinite(p).all() for p in d["params"])

@@ -246,7 +246,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             RuntimeError: in eval mode (schedule-free), after a newer ZeroOptimizer took over
                 these params, or when the model was moved or cast after the optimizer was
                 built. (A param frozen at construction that gets a gradient is laid out and
-                trained from fresh state, as torch.optim would.)
+                trained from fresh state, as torch.optim would.) On XLA replicas also at the
+                step after one in which the replicas disagreed on which params have gradients,
+                on every replica, with that step undone (step_inputs.py says why).
         """
         self._check_can_step("step()")
         self.param_gather.finish()  # a second step() with no forward between
