@@ -102,6 +102,52 @@ def disagreement_error(used_counts: torch.Tensor, world_size: int, slots,
         "backends), or on none")
 
 
+class HeldStep:
+    """A step on the device that is kept only where its verdict holds: what it saves before
+    the step (the host's counts, the groups' values, a ``Guard`` of the device tensors), and
+    the verdict it takes after it (``decide``).
+
+    Args:
+        shard: the optimizer's ``Shard`` (its step targets and host counts).
+        param_groups: the optimizer's param groups.
+    """
+
+    def __init__(self, shard, param_groups: list[dict]):
+        self._shard, self._param_groups = shard, param_groups
+        self._counts = shard.host_counts()
+        self._groups = groups_before(param_groups)
+        self._guard = Guard(shard.step_targets(), shard.whole.states.entries)
+
+    def decide(self, inputs, world_size: int, slots, on_skipped: Callable[[], None]) -> Deferred:
+        """After the step: keep its writes only where the norm (``inputs.norm``, if taken) is
+        finite and the replicas agreed on the params with gradients (``inputs.used_counts``,
+        if set), all on the device.
+
+        Args:
+            inputs: the step's ``step_inputs.StepInputs``.
+            world_size: the replica count.
+            slots: ``layout.slots``, to name the params of a disagreement.
+            on_skipped: counts a skip (called when the host finds the norm was not finite).
+
+        Returns:
+            The ``Deferred`` the host settles later (``Shard.settle_deferred``).
+        """
+        yes = torch.ones((), dtype=torch.bool, device=self._shard.device)
+        finite = yes if inputs.norm is None else torch.isfinite(inputs.norm).reshape(())
+        agreed = yes if inputs.used_counts is None else inputs.agreed(world_size)
+        verdict = torch.stack([finite, agreed])
+        self._guard.keep_if(verdict.all())
+        slots, param_groups = list(slots), self._param_groups
+
+        def disagreed() -> None:
+            """Raise the disagreement, naming the params."""
+            raise disagreement_error(inputs.used_counts, world_size, slots, param_groups)
+
+        return Deferred(verdict, lambda: self._shard.restore_host_counts(self._counts),
+                        changed_keys(self._groups, param_groups), param_groups, on_skipped,
+                        disagreed)
+
+
 class Guard:
     """The device side of one deferred step: copies of everything the step may write, taken
     before it, selected against after it.

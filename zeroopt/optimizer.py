@@ -282,8 +282,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             return loss
         self.shard.sync_masters()
         if on_device:  # kept below only where the verdict holds
-            counts, groups = self.shard.host_counts(), lazy_skip.groups_before(self.param_groups)
-            guard = lazy_skip.Guard(self.shard.step_targets(), self.shard.whole.states.entries)
+            held = lazy_skip.HeldStep(self.shard, self.param_groups)
         for group in self.param_groups:
             if self.rule.before_step:
                 self.rule.before_step(group)
@@ -304,31 +303,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                                                      stats))
         self.shard.whole.step({self.layout.slots[k].index for k in inputs.active})
         if on_device:
-            self._defer_verdict(guard, inputs, counts, groups)
+            self.shard.deferred = held.decide(
+                inputs, self.comm.world_size, self.layout.slots,
+                lambda: self._count_skipped("gradient norm is not finite"))
         self.grads.consume()  # a rule may have overwritten them (as DeepSpeed zeroes them)
         self.publish_params(wait=False)
         return loss
-
-    def _defer_verdict(self, guard, inputs: StepInputs, counts, groups) -> None:
-        """Keep the step's writes only where its norm is finite and the replicas agreed on
-        the params with gradients, on the device; the host settles the counts later
-        (lazy_skip.py)."""
-        yes = torch.ones((), dtype=torch.bool, device=self.device)
-        finite = yes if inputs.norm is None else torch.isfinite(inputs.norm).reshape(())
-        agreed = yes if inputs.used_counts is None else inputs.agreed(self.comm.world_size)
-        verdict = torch.stack([finite, agreed])
-        guard.keep_if(verdict.all())
-        slots, world = list(self.layout.slots), self.comm.world_size
-
-        def disagreed() -> None:
-            """Raise the disagreement, naming the params (lazy_skip.disagreement_error)."""
-            raise lazy_skip.disagreement_error(inputs.used_counts, world, slots,
-                                               self.param_groups)
-
-        self.shard.deferred = lazy_skip.Deferred(
-            verdict, lambda: self.shard.restore_host_counts(counts),
-            lazy_skip.changed_keys(groups, self.param_groups), self.param_groups,
-            lambda: self._count_skipped("gradient norm is not finite"), disagreed)
 
     @property
     def skipped_steps(self) -> int:
