@@ -68,7 +68,6 @@ def test_collectives(world):
 # zeroopt at W = 1 on the CPU) differ only by XLA:CPU's float rounding of the same ops, a few
 # ulps of the ~0.06 the params move in 6 steps (1e-6); 8-bit AdamW within the same bound,
 # since the codes came out the same in every run (a flipped code would move a param by ~1e-4).
-# Every rule at W = 2, 3, 4 in stage 1 and in stage 2.
 CASES = [
     ("adamw", 2, {"steps": 4}),
     ("adamw", 2, {"steps": 6, "stage": 2, "clip": 0.05}),
@@ -76,20 +75,15 @@ CASES = [
     ("adamw", 4, {"steps": 6}),
     ("adamw", 4, {"steps": 6, "stage": 2, "clip": 0.05}),
     ("lion", 2, {"steps": 6}),
-    ("lion", 3, {"steps": 6}),
     ("lion", 3, {"steps": 6, "stage": 2}),
     ("lion", 4, {"steps": 6}),
-    ("adamw_8bit", 2, {"steps": 6}),
     ("adamw_8bit", 2, {"steps": 6, "stage": 2}),
     ("adamw_8bit", 3, {"steps": 6, "clip": 0.05}),
-    ("adamw_8bit", 3, {"steps": 6, "stage": 2}),
-    ("adamw_8bit", 4, {"steps": 6}),
     # skip_nonfinite (on by default everywhere here) decided on the device: one replica's
     # gradient is inf at step 2, so every replica skips it (lazy_skip.py)
     ("adamw", 3, {"steps": 6, "stage": 2, "inf_step": 2}),
-    ("lion", 2, {"steps": 6, "stage": 2, "clip": 0.05, "inf_step": 2}),
-    ("lion", 4, {"steps": 6, "stage": 2, "inf_step": 3}),
-    ("adamw_8bit", 4, {"steps": 6, "stage": 2, "inf_step": 3}),
+    ("lion", 2, {"steps": 6, "clip": 0.05, "inf_step": 2}),
+    ("adamw_8bit", 4, {"steps": 6, "inf_step": 3}),
     # GaLore's projected matrices (galore-torch's groups), against zeroopt unsharded on the
     # same XLA device: XLA's SVD picks other signs than LAPACK's for some singular vectors,
     # and the moments carry across projector refreshes, so the CPU run differs by more than
@@ -101,7 +95,7 @@ CASES = [
     # refreshing at step 4). Two graph shapes (the refresh's, then the steady one).
     *[("galore_adamw", w, {"steps": 6, "stage": stage, "galore_rank": 4, "reference": "xla",
                            "update_proj_gap": 100})
-      for w, stage in ((2, 1), (2, 2), (3, 1), (3, 2), (4, 1), (4, 2))],
+      for w, stage in ((2, 1), (3, 2), (4, 1))],
 ]
 
 
